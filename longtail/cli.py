@@ -1,0 +1,152 @@
+"""The ``longtail`` command line: data stats | data split | train | eval.
+
+A user mistake (bad config key, missing data, unwritable folder) prints one paragraph saying what
+is wrong and how to fix it, and exits with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from longtail.errors import LongtailError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="cifar10, cifar100, mnist, fashion-mnist, each also with -lt")
+    p.add_argument("--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)")
+    p.add_argument("--profile", choices=["exp", "step"], default="exp")
+    p.add_argument("--data-root", default=None, help="data folder (else $LONGTAIL_DATA, else the cache)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtail", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset statistics and split export")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    stats = dsub.add_parser("stats", help="per-class counts, imbalance factor, many/medium/few classes")
+    _add_data_args(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    split = dsub.add_parser("split", help="write the training subset as 'index label' lines")
+    _add_data_args(split)
+    split.add_argument("--out", required=True, help="output text file")
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 optim.lr=0.05")
+    train.add_argument("--data-root", default=None)
+    train.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+
+    ev = sub.add_parser("eval", help="recompute a run's metrics from its saved weights")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_data_stats(args) -> int:
+    from longtail.data.stats import dataset_stats
+
+    stats = dataset_stats(args.dataset, args.imbalance_factor, args.profile, args.data_root)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{stats['dataset']}: {stats['num_classes']} classes, {stats['total']} training images, "
+          f"imbalance factor {stats['imbalance_factor']:.1f}")
+    width = len(str(stats["num_classes"] - 1))
+    group_of = {c: g for g, cs in stats["groups"].items() for c in cs}
+    for c, n in enumerate(stats["counts"]):
+        print(f"  class {c:>{width}}  {n:>6}  {group_of[c]}")
+    for g, cs in stats["groups"].items():
+        print(f"{g:>6}: {len(cs)} classes {cs if len(cs) <= 20 else ''}")
+    return 0
+
+
+def cmd_data_split(args) -> int:
+    from longtail.data.stats import export_split
+
+    n = export_split(args.dataset, Path(args.out), args.imbalance_factor, args.profile, args.data_root)
+    print(f"wrote {n} lines 'index label' to {args.out}")
+    return 0
+
+
+def _split_overrides(config: Optional[str], overrides: List[str]):
+    """argparse puts a first 'key=value' into ``config`` when no config file is given."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from longtail.config import load_config, validate, apply_overrides, load_yaml_tree
+    from longtail.data.paths import resolve_data_root
+    from longtail.engine.trainer import fit
+
+    config, overrides = _split_overrides(args.config, args.overrides)
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass the folder that "
+                                f"`longtail train` wrote, e.g. --resume runs/<name>.")
+        cfg = validate(apply_overrides(load_yaml_tree(saved), overrides), f"config {saved}")
+    else:
+        if config is None:
+            raise LongtailError("No config given. Usage: longtail train CONFIG [key=value ...], e.g. "
+                                "longtail train configs/cifar10_lt/ce.yaml train.epochs=2.")
+        cfg = load_config(config, overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / (
+            f"{Path(config).parent.name}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    fit(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from longtail.data.paths import resolve_data_root
+    from longtail.engine.evaluate_run import evaluate_run
+    from longtail.engine.report import results_table
+
+    results = evaluate_run(Path(args.run_dir), resolve_data_root(args.data_root))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(results_table({k: v for k, v in results.items() if isinstance(v, dict)}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (train CONFIG --out DIR a.b=1): argparse leaves them over
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if args.command != "train" and overrides or len(overrides) != len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":
+        args.overrides = [*args.overrides, *overrides]
+    try:
+        if args.command == "data":
+            return {"stats": cmd_data_stats, "split": cmd_data_split}[args.data_command](args)
+        return COMMANDS[args.command](args)
+    except LongtailError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    finally:
+        from longtail.engine.distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Batch iterators over images held as one uint8 tensor on the training device.
+
+Training: sampler order -> this rank's slice of each global batch -> gather -> batched augment.
+Augmentation choices are drawn per global position from (seed, epoch), so a sample gets the same
+crop and flip whether it is trained by one process or by rank r of N, and resume is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from longtail.data.augment import AugmentParams, normalize, random_crop_flip, sample_params
+from longtail.data.samplers import BaseSampler
+
+
+class Batch(NamedTuple):
+    """images: float [B, C, H, W] normalised; labels: int64 [B]; indices: int64 [B] positions
+    into the training set (for methods that track per-sample state)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, stream, 0xA06]).generate_state(1)[0]))
+    return g
+
+
+class TrainLoader:
+    """Iterates over one epoch of augmented training batches for this rank.
+
+    Args:
+        images: uint8 [N, C, H, W] (moved to ``device`` once); labels: int64 [N].
+        sampler: gives the global order of an epoch; batch_size: the global batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BaseSampler,
+                 batch_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 padding: int = 4, flip: bool = True, drop_last: bool = False,
+                 channels_last: bool = False):
+        if batch_size % world_size:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of "
+                             f"processes ({world_size}).")
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.device = device
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.padding, self.flip, self.drop_last = padding, flip, drop_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every rank)."""
+        return self.sampler.num_batches(self.batch_size, self.drop_last)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        order = torch.as_tensor(self.sampler.global_order(epoch), dtype=torch.long)
+        params = sample_params(len(order), self.padding, self.flip, _generator(self.seed, epoch, 1))
+        for pos in self.sampler.rank_positions(order.numpy(), self.batch_size, self.rank,
+                                               self.world_size, self.drop_last):
+            pos_t = torch.from_numpy(pos)
+            idx = order[pos_t].to(self.device, non_blocking=True)
+            x = self.images.index_select(0, idx)
+            x = random_crop_flip(x, AugmentParams(params.offsets[pos_t], params.flips[pos_t]),
+                                 self.padding)
+            x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+            yield Batch(x, self.labels.index_select(0, idx), idx)
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> Iterator[Batch]:
+    """This rank's contiguous shard of an evaluation set, in order, normalised, not augmented."""
+    n = len(labels)
+    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        x = normalize(images[start:stop].to(device), mean, std).contiguous(memory_format=fmt)
+        idx = torch.arange(start, stop, device=device)
+        yield Batch(x, labels[start:stop].to(device), idx)
+

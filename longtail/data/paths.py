@@ -1,0 +1,186 @@
+"""Where datasets live and how missing files are obtained: data-root resolution, local mirror, download.
+
+Order for a missing dataset: the local mirror (``shared/data/materialize.py``), then the official URL
+(temp file + rename, md5 ``hashlib.md5(file) == expected``), else a :class:`DataError` naming the paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from longtail.errors import DataError
+
+ENV_VAR = "LONGTAIL_DATA"
+MIRROR_KEYS = ("cifar10", "mnist", "fashion-mnist")  # what materialize.py can write (no full cifar100)
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One official file: where to fetch it from, where it goes, and its published md5."""
+
+    url: str
+    path: Path
+    md5: str
+
+
+def resolve_data_root(cli_root: str | Path | None = None) -> Path:
+    """``--data-root`` if given, else ``$LONGTAIL_DATA``, else ``($XDG_CACHE_HOME or ~/.cache)/longtail``."""
+    if cli_root is not None and str(cli_root) != "":
+        return Path(cli_root).expanduser()
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "longtail"
+
+
+def md5_file(path: Path) -> str:
+    """Hex md5 of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_md5(path: Path, expected: str, fix: str) -> None:
+    """Raise DataError if ``path``'s md5 differs from ``expected``; ``fix`` says what to do."""
+    actual = md5_file(path)
+    if actual != expected:
+        raise DataError(
+            f"{path} has md5 {actual}, but the official file has md5 {expected}: it is truncated, "
+            f"corrupt or not the official file. {fix}"
+        )
+
+
+# ---------------------------------------------------------------------------------- local mirror
+def mirror_candidates() -> list[Path]:
+    """Folders that may hold the local dataset mirror (``shared/data`` with ``materialize.py``)."""
+    checkout = Path(__file__).resolve().parents[2]  # parent of the ``longtail`` package directory
+    cwd = Path.cwd()
+    return [checkout.parent / "shared" / "data", cwd.parent / "shared" / "data", cwd / "shared" / "data"]
+
+
+def find_mirror() -> Path | None:
+    """The first mirror candidate that contains ``materialize.py``, or None."""
+    for candidate in mirror_candidates():
+        if (candidate / "materialize.py").is_file():
+            return candidate
+    return None
+
+
+def materialize_from_mirror(root: Path, key: str) -> str | None:
+    """Run ``materialize.py ROOT key`` from the local mirror.
+
+    Returns None on success (or when no mirror / no such key, i.e. nothing was tried), else a note
+    saying why the mirror failed, for the final error message.
+    """
+    mirror = find_mirror()
+    if mirror is None or key not in MIRROR_KEYS:
+        return None
+    print(f"longtail: {key} is not under {root}; materialising it from the local mirror {mirror}",
+          flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(mirror / "materialize.py"), str(root), key],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"the local mirror {mirror} failed (exit {proc.returncode}: {tail[0]})"
+    return None
+
+
+# -------------------------------------------------------------------------------------- download
+def _progress(total: int | None, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a declared dependency; stay usable without it
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+
+def download_file(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch ``url`` to ``dest`` via a temp file in the same folder, check its md5, then rename.
+
+    Network errors propagate as ``OSError``/``urllib.error.URLError``; an md5 mismatch deletes the
+    file and raises DataError. No partial file is ever left at ``dest`` or beside it.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            bar = _progress(int(length) if length and length.isdigit() else None, dest.name)
+            try:
+                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+        if digest.hexdigest() != md5:
+            raise DataError(
+                f"Downloaded {url} but its md5 is {digest.hexdigest()}, expected {md5}; the file was "
+                f"deleted and not saved as {dest}. The download was corrupted or the server sent "
+                f"something else: re-run to try again, or place the official file at {dest} yourself."
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- orchestration
+def obtain(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Remote],
+           download: bool, expected: Sequence[Path], what: str) -> None:
+    """Make a dataset present under ``root``: already there, else local mirror, else download.
+
+    Args:
+        key: dataset key for the mirror (``cifar10``, ``mnist``, ...).
+        ready: returns True once the needed files are present.
+        remotes: official files to fetch when missing (only the absent ones are fetched).
+        expected: the paths to name if everything fails.
+        what: human name for messages, e.g. ``"CIFAR-10 (train)"``.
+    """
+    if ready():
+        return
+    notes: list[str] = []
+    note = materialize_from_mirror(root, key)
+    if note:
+        notes.append(note)
+    if ready():
+        return
+    if download:
+        for remote in remotes:
+            if remote.path.exists():
+                continue
+            try:
+                download_file(remote.url, remote.path, remote.md5)
+            except (OSError, urllib.error.URLError, ValueError) as err:
+                notes.append(f"downloading {remote.url} failed ({err})")
+                break
+        if ready():
+            return
+    else:
+        notes.append("downloading is disabled (download=False)")
+    shown = " or ".join(str(p) for p in expected)
+    why = "; ".join(notes) or "nothing could be fetched"
+    raise DataError(
+        f"{what} is not available: expected {shown}. {why[0].upper() + why[1:]}. "
+        f"Provide it by pointing --data-root DIR (or the environment variable {ENV_VAR}) at a folder "
+        f"that holds it, by placing the official files at the path above, or by re-running with "
+        f"network access so it can be downloaded."
+    )

@@ -1,0 +1,75 @@
+"""Atomic, safely loadable checkpoints.
+
+Resumable state is written with ``torch.save`` to a temp file, fsynced and renamed, and read back
+with ``torch.load(weights_only=True)`` (no arbitrary unpickling); final weights as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from longtail.errors import LongtailError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """Save a resumable state dict (tensors, numbers, strings, lists, dicts only)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything but plain data."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LongtailError(f"No checkpoint at {path}. Pass the folder of a run that has trained at "
+                            f"least one epoch.") from None
+    except Exception as err:  # corrupt or unsafe file
+        raise LongtailError(f"Checkpoint {path} cannot be loaded safely ({err}). It is corrupt or was "
+                            f"not written by longtail; delete it or resume from another run.") from None
+
+
+def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Model weights as safetensors (contiguous CPU copies), atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(path))

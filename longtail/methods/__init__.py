@@ -1,0 +1,6 @@
+"""Training strategies, registered by name (``method.name`` in the config)."""
+
+from longtail.methods import erm  # noqa: F401  (registers)
+from longtail.methods.base import METHODS, Method, MethodContext, build_method
+
+__all__ = ["METHODS", "Method", "MethodContext", "build_method"]

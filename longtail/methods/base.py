@@ -1,0 +1,128 @@
+"""Training strategies ("methods"): how one step, epoch or stage is run.
+
+The trainer only calls the hooks of :class:`Method`; a method owns its optimiser, its loss and any
+extra state (teacher, feature queue, meta set), so adding one never touches the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from longtail.data.loader import Batch
+from longtail.engine.distributed import DistInfo, unwrap, wrap_ddp
+from longtail.optim import build_optimizer
+from longtail.registry import Registry
+
+METHODS = Registry("method")
+
+
+@dataclass
+class MethodContext:
+    """What every method may use. ``model`` is the bare (unwrapped) model."""
+
+    cfg: Any                       # the validated Config
+    model: nn.Module
+    loss: nn.Module
+    class_counts: List[int]
+    device: torch.device
+    dist: DistInfo = field(default_factory=DistInfo)
+    train_labels: Optional[torch.Tensor] = None  # int64 [N] labels of the training set
+    data: Any = None               # the DataBundle (for methods that need val / meta sets)
+
+
+class Method:
+    """Base class: a plain supervised step with AMP, gradient clipping and DDP.
+
+    Subclasses override :meth:`setup_model` (load/freeze/replace parts before DDP wrapping),
+    :meth:`trainable_parameters`, :meth:`train_step`, and the epoch hooks.
+    """
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.device = ctx.device
+        self.loss = ctx.loss.to(ctx.device)
+        self.setup_model(ctx.model)
+        model = ctx.model.to(ctx.device)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model                             # bare model: eval, checkpoints
+        self.optimizer = build_optimizer(self.cfg.optim, self.trainable_parameters())
+        self.train_model = wrap_ddp(model, ctx.dist, ctx.device)  # what the step runs
+        if self.cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)
+        amp = self.cfg.train.amp
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(amp == "fp16"))
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup_model(self, model: nn.Module) -> None:
+        """Change the model before it is moved, wrapped and optimised (default: nothing)."""
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
+
+    def on_epoch_end(self, epoch: int) -> Dict[str, float]:
+        """Extra per-epoch statistics for history.jsonl."""
+        return {}
+
+    def eval_logits_fn(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A post-processing of logits applied at evaluation (post-hoc adjustment); None: raw."""
+        return None
+
+    def extra_metrics(self) -> Dict[str, Any]:
+        """Method-specific entries for metrics.json (e.g. the tau chosen on val)."""
+        return {}
+
+    # -- the step ----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            out = self.train_model(batch.images)
+        return self.loss(out.logits.float(), batch.labels)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg.optim.grad_clip
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """One optimisation step; returns detached statistics (at least ``loss``)."""
+        loss = self.compute_loss(batch)
+        self.backward_and_step(loss)
+        return {"loss": loss.detach()}
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "loss": self.loss.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss.load_state_dict(state["loss"], strict=False)  # buffers may be None before DRW
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return unwrap(self.model)
+
+
+def build_method(name: str, ctx: MethodContext, params: Dict[str, Any]) -> Method:
+    return METHODS.build(name, ctx, key_prefix="method.", **params)

@@ -1,0 +1,7 @@
+"""Registries of the three model parts: backbone -> neck -> head."""
+
+from longtail.registry import Registry
+
+BACKBONES = Registry("backbone")
+NECKS = Registry("neck")
+HEADS = Registry("head")
