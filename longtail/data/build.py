@@ -144,7 +144,7 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
 
     val = None
     if val_per_class > 0:
-        spare = heldout_indices(labels, train.indices, val_per_class, seed=seed + 1)
+        spare = heldout_indices(labels, train.indices, val_per_class, seed=seed)
         val = full.subset(spare) if len(spare) else None
     if max_test_per_class is not None:
         test = test.subset(first_per_class(test.labels.numpy(), max_test_per_class))

@@ -145,14 +145,14 @@ def download_file(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIME
 
 # ---------------------------------------------------------------------------------- orchestration
 def obtain(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Remote],
-           download: bool, expected: Sequence[Path], what: str) -> None:
+           download: bool, expected: str, what: str) -> None:
     """Make a dataset present under ``root``: already there, else local mirror, else download.
 
     Args:
         key: dataset key for the mirror (``cifar10``, ``mnist``, ...).
         ready: returns True once the needed files are present.
         remotes: official files to fetch when missing (only the absent ones are fetched).
-        expected: the paths to name if everything fails.
+        expected: the path(s) to name if everything fails, as a phrase.
         what: human name for messages, e.g. ``"CIFAR-10 (train)"``.
     """
     if ready():
@@ -176,10 +176,9 @@ def obtain(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Re
             return
     else:
         notes.append("downloading is disabled (download=False)")
-    shown = " or ".join(str(p) for p in expected)
     why = "; ".join(notes) or "nothing could be fetched"
     raise DataError(
-        f"{what} is not available: expected {shown}. {why[0].upper() + why[1:]}. "
+        f"{what} is not available: expected {expected}. {why[0].upper() + why[1:]}. "
         f"Provide it by pointing --data-root DIR (or the environment variable {ENV_VAR}) at a folder "
         f"that holds it, by placing the official files at the path above, or by re-running with "
         f"network access so it can be downloaded."

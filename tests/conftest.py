@@ -1,0 +1,77 @@
+"""Shared test fixtures: one torch thread per process, tiny datasets in the real on-disk formats,
+and the real data (from $LONGTAIL_DATA or the local mirror) for the checks that need it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def write_cifar10_folder(root: Path, train_per_class: int = 30, test_per_class: int = 10,
+                         seed: int = 0) -> Path:
+    """A small CIFAR-10 in the official extracted layout (Python-2 style pickles with bytes keys).
+
+    Images are learnable: class c has a distinct colour mean plus noise. Returns ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(30, 226, size=(10, 3))
+
+    def make(n_per_class: int):
+        labels = np.repeat(np.arange(10), n_per_class)
+        rng.shuffle(labels)
+        pix = colours[labels][:, :, None] + rng.normal(0, 25, size=(len(labels), 3, 1024))
+        return np.clip(pix, 0, 255).astype(np.uint8).reshape(len(labels), 3072), labels
+
+    data, labels = make(train_per_class)
+    for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        batch = {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": labels[part].tolist(),
+                 b"data": data[part], b"filenames": [b"x.png"] * len(part)}
+        with open(folder / f"data_batch_{i + 1}", "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    data, labels = make(test_per_class)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"labels": labels.tolist(),
+                     b"data": data, b"filenames": [b"x.png"] * len(labels)}, fh, protocol=2)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}, fh,
+                    protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_root(tmp_path_factory) -> Path:
+    """A 300-image CIFAR-10 (30 per class, 10 test images per class) in the official layout."""
+    return write_cifar10_folder(tmp_path_factory.mktemp("tiny-cifar"))
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    """The real datasets: $LONGTAIL_DATA, else the default root (filled from the local mirror).
+
+    Skipped where no real data can be had, except in CI, where that is a failure.
+    """
+    from longtail.data.build import load_split
+    from longtail.data.paths import resolve_data_root
+    from longtail.errors import DataError
+
+    root = resolve_data_root(None)
+    try:
+        load_split("cifar10", "test", root)
+    except DataError as err:
+        if IN_CI:
+            pytest.fail(f"CI must have the real data: {err}")
+        pytest.skip(f"real data not available: {err}")
+    return root

@@ -1,0 +1,76 @@
+"""Config loading: _base_ inheritance, dotted overrides, unknown keys named in the error."""
+
+from pathlib import Path
+
+import pytest
+
+from longtail.config import apply_overrides, load_config
+from longtail.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_reference_recipe_from_base_files():
+    cfg = load_config(CONFIGS / "cifar10_lt" / "ce.yaml")
+    assert cfg.data.dataset == "cifar10-lt" and cfg.data.imbalance_factor == 100
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 2e-4)
+    assert cfg.optim.milestones == [160, 180] and cfg.optim.gamma == 0.01
+    assert (cfg.train.epochs, cfg.train.batch_size) == (200, 128)
+    assert cfg.model.backbone == "resnet32" and cfg.loss.name == "ce"
+
+
+def test_child_overrides_base_and_overrides_win(tmp_path):
+    cfg = load_config(CONFIGS / "cifar10_lt" / "quickstart.yaml",
+                      ["train.epochs=2", "optim.lr=0.05", "data.max_per_class=null",
+                       "optim.milestones=[1, 2]"])
+    assert cfg.optim.schedule == "cosine"           # from quickstart.yaml
+    assert cfg.train.epochs == 2 and cfg.optim.lr == 0.05
+    assert cfg.data.max_per_class is None and cfg.optim.milestones == [1, 2]
+
+
+def test_all_shipped_configs_validate():
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts)
+    assert len(files) >= 3
+    for path in files:
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.epochz=3"], "train.epochz"),
+    (["optimizer.lr=0.1"], "optimizer"),
+    (["data.imbalance_factor=abc"], "data.imbalance_factor"),
+    (["data.profile=linear"], "data.profile"),
+])
+def test_bad_keys_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "cifar10_lt" / "ce.yaml", override)
+
+
+def test_suggestion_for_misspelt_key():
+    with pytest.raises(ConfigError, match=r"Did you mean 'train\.epochs'"):
+        load_config(None, ["train.epochz=3"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: %s\ntrain:\n  batchsize: 64\n" % (CONFIGS / "cifar10_lt" / "ce.yaml"))
+    with pytest.raises(ConfigError, match=r"train\.batchsize"):
+        load_config(bad)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_component_options_are_checked_at_build():
+    from longtail.losses import create
+    with pytest.raises(ConfigError, match=r"loss\.gama"):
+        create("focal", class_counts=[10, 1], gama=2.0)
