@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import os
 import pickle
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.data import DATASET_NAMES, build_data, img_num_per_cls, longtail_indices
+from longtail.data import DATASET_NAMES, build_data, heldout_indices, img_num_per_cls, longtail_indices
 from longtail.data import cifar, idx, paths
 from longtail.errors import DataError
 
@@ -83,6 +82,7 @@ def test_cifar10_lt(cifar10_root):
     val = bundle.val
     assert np.bincount(val.labels.numpy(), minlength=10).tolist() == [0] + [5] * 9
     assert not set(val.indices.tolist()) & set(train.indices.tolist())
+    np.testing.assert_array_equal(val.indices, heldout_indices(labels, train.indices, 5, seed=1))
     np.testing.assert_array_equal(val.images.reshape(len(val), -1).numpy(), data[val.indices])
     # test: the full official test split, in file order
     assert len(bundle.test) == 30
@@ -161,12 +161,8 @@ def test_idx_lt_uses_smallest_class(tmp_path, monkeypatch, name, folder, mean, s
 
 
 @pytest.mark.realdata
-def test_real_cifar10_lt_if100():
-    root = os.environ.get("LONGTAIL_DATA")
-    if not root:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but LONGTAIL_DATA is not set: point it at a folder with cifar-10-batches-py/")
-        pytest.skip("set LONGTAIL_DATA to a folder with the real CIFAR-10 to run this test")
+def test_real_cifar10_lt_if100(real_data_root):
+    root = real_data_root
     start = time.perf_counter()
     bundle = build_data("cifar10-lt", root, imbalance_factor=100, download=False)
     elapsed = time.perf_counter() - start

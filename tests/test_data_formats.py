@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 import textwrap
 from pathlib import Path
@@ -303,6 +302,9 @@ def test_idx_wrong_magic_and_size(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="truncated") as err:
         load_split("mnist", "test", tmp_path, download=False)
     assert str(images) in str(err.value)
+    images.write_bytes(gzip.compress(idx_bytes(np.zeros((10, 28, 28)), 2051) + b"\0"))
+    with pytest.raises(DataError, match="7841 data bytes"):
+        load_split("mnist", "test", tmp_path, download=False)
     images.write_bytes(gzip.compress(idx_bytes(np.zeros((10, 32, 32)), 2051)))
     with pytest.raises(DataError, match=r"\(28, 28\)"):
         load_split("mnist", "test", tmp_path, download=False)

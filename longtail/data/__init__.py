@@ -1,6 +1,6 @@
-"""Datasets for long-tailed classification: CIFAR-10/100 (pickled archives), MNIST / Fashion-MNIST (idx).
+"""Data layer: CIFAR-10/100 (pickled archives), MNIST / Fashion-MNIST (idx), long-tailed subsets (LDAM-DRW).
 
-Long-tailed subsets follow LDAM-DRW: ``n_c = int(n_max * (1/IF) ** (c / (C - 1)))``, see :mod:`longtail.data.longtail`.
+exp profile: n_c = int(n_max * (1/IF) ** (c / (C - 1))); see :mod:`longtail.data.longtail` and :func:`build_data`.
 """
 
 from longtail.data.build import DATASET_NAMES, DataBundle, ImageSet, build_data, load_split

@@ -1,7 +1,6 @@
-"""Assemble train / balanced held-out val / test splits for a dataset name (``cifar10``, ``cifar10-lt``, ...).
+"""build_data: train (full or long-tailed) / balanced held-out val / official test for a dataset name.
 
-``-lt`` names use the LDAM-DRW long-tailed subset (:mod:`longtail.data.longtail`); val is carved from the
-training images that subset leaves unused; test is the full official test split.
+``-lt`` names take the LDAM-DRW subset; val uses training images the subset leaves unused; test is the official split.
 """
 
 from __future__ import annotations
@@ -144,7 +143,7 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
 
     val = None
     if val_per_class > 0:
-        spare = heldout_indices(labels, train.indices, val_per_class, seed=seed)
+        spare = heldout_indices(labels, train.indices, val_per_class, seed=seed + 1)
         val = full.subset(spare) if len(spare) else None
     if max_test_per_class is not None:
         test = test.subset(first_per_class(test.labels.numpy(), max_test_per_class))

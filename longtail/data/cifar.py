@@ -1,7 +1,6 @@
 """CIFAR-10 / CIFAR-100 (Krizhevsky, 2009) from the official pickled "python version" archives.
 
-Each batch pickle holds ``b'data'``: uint8 [n, 3072], channel-planar (1024 R, 1024 G, 1024 B, each row-major
-32x32), so ``images = data.reshape(n, 3, 32, 32)``; labels under ``b'labels'`` (CIFAR-10) / ``b'fine_labels'``.
+``b'data'`` uint8 [n, 3072] is channel-planar (1024 R, 1024 G, 1024 B): images = data.reshape(n, 3, 32, 32).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """MNIST (LeCun et al., 1998) and Fashion-MNIST (Xiao et al., 2017) from the official idx ``.gz`` files.
 
-idx format: big-endian uint32 magic ``0x00000800 | ndim`` (2051 = uint8 images [n, rows, cols], 2049 = uint8
-labels [n]), then ndim big-endian uint32 dims, then ``prod(dims)`` bytes; the torchvision layout ROOT/<Name>/raw/.
+idx: big-endian uint32 magic (2051 images, 2049 labels), one big-endian uint32 per dim, then prod(dims) uint8.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Long-tailed subsets as in LDAM-DRW (Cao et al., 2019; kaidic/LDAM-DRW ``imbalance_cifar.py``), held-out splits, shot groups.
+"""Long-tailed subsets of LDAM-DRW (Cao et al., 2019, ``imbalance_cifar.py``), held-out splits, shot groups.
 
-exp profile: ``n_c = int(n_max * (1/IF) ** (c / (C - 1)))``; step: ``n_max`` for the first C//2 classes, then
-``int(n_max * (1/IF))``. Shot groups (Kang et al., 2020): many > 100, medium 20..100, few < 20 training images.
+exp: n_c = int(n_max * (1/IF) ** (c / (C - 1))); step: n_max, then int(n_max * (1/IF)) for the last C - C//2.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Where datasets live and how missing files are obtained: data-root resolution, local mirror, download.
+"""Data-root resolution (--data-root > $LONGTAIL_DATA > user cache), the local mirror, md5-checked downloads.
 
-Order for a missing dataset: the local mirror (``shared/data/materialize.py``), then the official URL
-(temp file + rename, md5 ``hashlib.md5(file) == expected``), else a :class:`DataError` naming the paths.
+Missing files: local mirror ``shared/data/materialize.py``, else the official URL (temp file + rename), else DataError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from longtail.errors import DataError
 
@@ -156,6 +157,33 @@ def obtain(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Re
         what: human name for messages, e.g. ``"CIFAR-10 (train)"``.
     """
     if ready():
+        return
+    if not download and find_mirror() is None:  # nothing will be written: no lock, no folder
+        return _obtain_locked(key, root, ready, remotes, download, expected, what)
+    with _root_lock(root):  # several processes (pytest-xdist, DDP ranks) may ask at once
+        _obtain_locked(key, root, ready, remotes, download, expected, what)
+
+
+@contextlib.contextmanager
+def _root_lock(root: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``root/.longtail.lock`` (no-op where the root is read-only)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".longtail.lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _obtain_locked(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Remote],
+                   download: bool, expected: str, what: str) -> None:
+    if ready():  # another process finished it while we waited for the lock
         return
     notes: list[str] = []
     note = materialize_from_mirror(root, key)

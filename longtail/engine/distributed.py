@@ -2,6 +2,10 @@
 
 ``init_distributed()`` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK, picks NCCL on GPU and gloo
 on CPU; helpers reduce metric tensors across ranks. One process = rank 0 of a world of 1.
+
+BatchNorm is per rank (each rank normalises with the statistics of its share of the batch):
+``nn.SyncBatchNorm`` needs a GPU (its training forward refuses CPU tensors and the kernel it uses,
+``aten::batch_norm_stats``, has no CPU implementation).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+    # buffers (BN running statistics) are broadcast from rank 0 at every forward (the default)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,13 +80,50 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over ranks (in place; returned for chaining)."""
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _on_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` or a copy on the current GPU when the backend (NCCL) only reduces CUDA tensors."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, also for CPU tensors under NCCL; returned for chaining)."""
+    if info.enabled:
+        work = _on_backend(tensor)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensor
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, in place.
+
+    DDP broadcasts them at the start of each training forward, but each rank then updates its
+    own copy from its share of the batch; evaluating after this makes every rank use exactly the
+    statistics that rank 0 saves.
+    """
+    if not info.enabled:
+        return
+    for buf in unwrap(model).buffers():
+        work = _on_backend(buf.data)
+        dist.broadcast(work, src=0)
+        if work is not buf.data:
+            buf.data.copy_(work)
+
+
+def all_ok(ok: bool, info: DistInfo) -> bool:
+    """True on every rank iff ``ok`` is true on every rank (a barrier that carries a verdict)."""
+    if not info.enabled:
+        return ok
+    failed = all_reduce_sum(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64), info)
+    return float(failed) == 0.0
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()

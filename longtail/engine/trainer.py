@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -25,8 +25,8 @@ from longtail.data.loader import TrainLoader
 from longtail.data.longtail import shot_groups
 from longtail.data.samplers import SAMPLERS, build_sampler
 from longtail.engine import checkpoint as ckpt
-from longtail.engine.distributed import (DistInfo, all_reduce_sum, barrier, init_distributed,
-                                         resolve_device)
+from longtail.engine.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
+                                         broadcast_buffers, init_distributed, resolve_device)
 from longtail.engine.evaluate import evaluate
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
 from longtail.errors import ConfigError, LongtailError
@@ -56,7 +56,12 @@ class Run:
 # building
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, is_main: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) -> None:
+    """Check the run folder on every rank; rank 0 creates it while the others wait for its verdict.
+
+    No rank writes into the folder before every rank has passed this point, so the checks below
+    see the same folder on all ranks and fail (or pass) together.
+    """
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass the folder that "
@@ -65,27 +70,38 @@ def prepare_run_dir(run_dir: Path, resume: bool, is_main: bool) -> None:
     if (run_dir / "config.yaml").exists():
         raise LongtailError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
                             f"choose another folder with --out DIR.")
-    if not is_main:
-        return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise LongtailError(f"Cannot write the run folder {run_dir} ({err.strerror}). Choose a "
-                            f"writable folder with --out DIR.") from None
+    error = None
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            error = LongtailError(f"Cannot write the run folder {run_dir} ({err.strerror}). Choose a "
+                                  f"writable folder with --out DIR.")
+    if not all_ok(error is None, info):
+        raise error or LongtailError(f"Rank 0 could not create the run folder {run_dir} (see its "
+                                     f"message). Choose a writable folder with --out DIR.")
 
 
-def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
-    """Build data, model, loss, method and loader for ``cfg`` (no training yet)."""
+def setup_process(cfg: Config) -> Tuple[torch.device, DistInfo]:
+    """This process's device, and its rank in the torchrun process group (joined once)."""
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device asks for CUDA but no CUDA device is available. Use "
                           "train.device=cpu (or auto).")
-    info = init_distributed(device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    return device, init_distributed(device)
+
+
+def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
+    """Build data, model, loss, method and loader for ``cfg`` (no training yet)."""
+    device, info = setup_process(cfg)
+    threads = cfg.train.num_threads
+    if threads is None and info.enabled and device.type == "cpu":
+        threads = 1  # the processes share the CPU cores: one intra-op thread each
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if cfg.train.amp == "bf16" and device.type == "cpu":
@@ -164,10 +180,15 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
     seen = 0
     start = time.perf_counter()
     lr = 0.0
+    world, global_batch, total = run.dist.world_size, loader.batch_size, len(loader.sampler)
     for step, batch in enumerate(loader.epoch(epoch)):
         lr = set_lr(method.optimizer, schedule.factor(epoch, step, steps))
-        stats = method.train_step(batch)
         n = batch.labels.numel()
+        if run.dist.enabled:
+            # DDP averages gradients over ranks: weight each rank by its share of the global batch,
+            # so a last batch split unevenly (e.g. 23 + 22) still gives the single-process step
+            method.grad_scale = n * world / min(global_batch, total - step * global_batch)
+        stats = method.train_step(batch)
         loss_sum += stats["loss"].double() * n
         seen += n
         if bar is not None:
@@ -189,6 +210,7 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
 
 def evaluate_splits(run: Run, splits=("test", "val")) -> Dict[str, Dict[str, Any]]:
     data, cfg = run.data, run.cfg
+    broadcast_buffers(run.method.model, run.dist)  # every rank evaluates rank 0's (saved) weights
     out = {}
     for split in splits:
         subset = getattr(data, split)
@@ -214,8 +236,8 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     ``stop_after_epoch`` ends the process after that many epochs, as a crash would (for tests).
     """
     run_dir = Path(run_dir)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    prepare_run_dir(run_dir, resume, is_main)
+    _, info = setup_process(cfg)
+    prepare_run_dir(run_dir, resume, info)
     run = build_run(cfg, run_dir, data_root)
     info = run.dist
     barrier(info)
@@ -255,6 +277,7 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             return None
 
+    run.method.on_train_end()
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
     if info.is_main:

@@ -59,6 +59,9 @@ class Method:
         amp = self.cfg.train.amp
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=(amp == "fp16"))
+        # set by the trainer before each step under DDP: (this rank's batch / global batch) x world
+        # size; 1.0 unless the ranks' shares differ (a short last batch split unevenly)
+        self.grad_scale = 1.0
 
     # -- hooks -------------------------------------------------------------------------------
     def setup_model(self, model: nn.Module) -> None:
@@ -74,6 +77,9 @@ class Method:
     def on_epoch_end(self, epoch: int) -> Dict[str, float]:
         """Extra per-epoch statistics for history.jsonl."""
         return {}
+
+    def on_train_end(self) -> None:
+        """After the last epoch, before the final evaluation (e.g. pick a tau on val)."""
 
     def eval_logits_fn(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """A post-processing of logits applied at evaluation (post-hoc adjustment); None: raw."""
@@ -95,6 +101,8 @@ class Method:
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scale != 1.0:
+            loss = loss * self.grad_scale
         self.scaler.scale(loss).backward()
         clip = self.cfg.optim.grad_clip
         if clip:
