@@ -1,4 +1,4 @@
-"""The ``longtail`` command line: data stats | data split | train | eval.
+"""The ``longtail`` command line: data stats | data split | train | eval | bench.
 
 A user mistake (bad config key, missing data, unwritable folder) prints one paragraph saying what
 is wrong and how to fix it, and exits with status 2; never a traceback.
@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data-root", default=None)
     ev.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="run a benchmark suite (configs/bench/<name>.yaml)")
+    bench.add_argument("suite", help="suite name (configs/bench/<name>.yaml) or a suite file")
+    bench.add_argument("--out", default="runs/bench", help="runs go to OUT/<suite>/<run> "
+                       "(default runs/bench)")
+    bench.add_argument("--data-root", default=None)
+    bench.add_argument("--only", default=None, metavar="GLOB",
+                       help="only runs whose name matches (comma-separated globs; their stage1 "
+                            "runs are added)")
+    bench.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
+    bench.add_argument("--subprocess", action="store_true",
+                       help="run each as `python -m longtail train ...` (default: in this process)")
+    bench.add_argument("--results", default="benchmarks/results", metavar="DIR",
+                       help="where <suite>.md / <suite>.json go (default benchmarks/results)")
+    bench.add_argument("--report-only", action="store_true",
+                       help="train nothing: rewrite the results files from the run folders and "
+                            "regenerate the docs page")
+    bench.add_argument("--docs", default="docs/results.md", metavar="FILE",
+                       help="the page --report-only regenerates (default docs/results.md)")
     return parser
 
 
@@ -120,7 +139,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def _bench_command(args) -> str:
+    """The bench invocation as a re-runnable command line (options at their defaults left out)."""
+    import shlex
+
+    parts = ["longtail", "bench", args.suite]
+    for flag, value, default in (("--out", args.out, "runs/bench"), ("--data-root", args.data_root, None),
+                                 ("--only", args.only, None), ("--results", args.results,
+                                                               "benchmarks/results"),
+                                 ("--docs", args.docs, "docs/results.md")):
+        if value != default:
+            parts += [flag, str(value)]
+    parts += [flag for flag, on in (("--subprocess", args.subprocess), ("--dry-run", args.dry_run),
+                                    ("--report-only", args.report_only)) if on]
+    return shlex.join(parts)
+
+
+def cmd_bench(args) -> int:
+    from longtail.bench.runner import BenchOptions, run_bench
+
+    return run_bench(BenchOptions(
+        suite=args.suite, out=Path(args.out), data_root=args.data_root, only=args.only,
+        dry_run=args.dry_run, subprocess=args.subprocess, results_dir=Path(args.results),
+        report_only=args.report_only, docs=Path(args.docs) if args.docs else None,
+        command=_bench_command(args)))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -138,6 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except LongtailError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable --out, a full disk, a folder that vanished
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot access{where}: {err.strerror or err}. Check that the path exists and is "
+              f"writable, or choose another one.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)

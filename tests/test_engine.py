@@ -127,3 +127,18 @@ def test_unwritable_run_folder(tmp_path, tiny_cifar_root, capsys):
 def test_ldam_requires_cosine_head(tiny_cifar_root, tmp_path):
     with pytest.raises(LongtailError, match="model.head=cosine"):
         fit(tiny_cfg(1, ["loss.name=ldam"]), tmp_path / "r", tiny_cifar_root)
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path, tiny_cifar_root, capsys):
+    run_dir = tmp_path / "never"
+    code = main(["train", str(CONFIG), "--out", str(run_dir), "--data-root", str(tiny_cifar_root),
+                 "data.dataset=cifar11-lt"])
+    assert code == 2 and not run_dir.exists()
+    assert "data.dataset" in capsys.readouterr().err
+
+
+def test_unwritable_split_output_is_a_clear_error(tmp_path, tiny_cifar_root, capsys):
+    out = tmp_path / "missing-folder" / "split.txt"
+    assert main(["data", "split", "cifar10", "--data-root", str(tiny_cifar_root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing-folder" in err and "Traceback" not in err and not out.exists()

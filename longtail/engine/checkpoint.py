@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)`` (no arbitrary unpickling); final weights 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,6 +22,8 @@ from longtail.errors import LongtailError
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename over ``path``."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

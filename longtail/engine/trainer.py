@@ -56,8 +56,9 @@ class Run:
 # building
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) -> bool:
     """Check the run folder on every rank; rank 0 creates it while the others wait for its verdict.
+    Returns True on the rank that created the folder.
 
     No rank writes into the folder before every rank has passed this point, so the checks below
     see the same folder on all ranks and fail (or pass) together.
@@ -66,12 +67,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
         if not (run_dir / "config.yaml").is_file():
             raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass the folder that "
                                 f"`longtail train` wrote, e.g. --resume runs/<name>.")
-        return
+        return False
     if (run_dir / "config.yaml").exists():
         raise LongtailError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
                             f"choose another folder with --out DIR.")
-    error = None
+    error, created = None, False
     if info.is_main:
+        created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"
@@ -83,6 +85,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
     if not all_ok(error is None, info):
         raise error or LongtailError(f"Rank 0 could not create the run folder {run_dir} (see its "
                                      f"message). Choose a writable folder with --out DIR.")
+    return created
 
 
 def setup_process(cfg: Config) -> Tuple[torch.device, DistInfo]:
@@ -237,8 +240,13 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     """
     run_dir = Path(run_dir)
     _, info = setup_process(cfg)
-    prepare_run_dir(run_dir, resume, info)
-    run = build_run(cfg, run_dir, data_root)
+    created = prepare_run_dir(run_dir, resume, info)
+    try:
+        run = build_run(cfg, run_dir, data_root)
+    except Exception:
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that never started leaves no folder behind
+        raise
     info = run.dist
     barrier(info)
     start_epoch = restore(run) if resume and (run_dir / CHECKPOINT).exists() else 0
@@ -278,6 +286,8 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
             return None
 
     run.method.on_train_end()
+    if info.is_main:  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
+        ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, cfg.train.epochs))
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
     if info.is_main:
