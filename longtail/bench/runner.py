@@ -1,0 +1,318 @@
+"""``longtail bench SUITE``: run a suite's runs in order, skip finished ones, resume interrupted
+ones, and write ``benchmarks/results/<suite>.{md,json}`` after every run.
+
+Each run goes to ``OUT/<suite>/<name>/``. A folder with ``metrics.json`` is finished and skipped;
+a folder with ``config.yaml`` but no ``metrics.json`` was interrupted and is resumed from its
+``last.pt`` exactly as ``longtail train --resume`` does (with the config saved in the folder). So
+a killed suite continues where it stopped when the same command is run again. Runs execute in
+this process (``fit``) or, with ``--subprocess``, each as ``python -m longtail train ...``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from longtail.bench import report
+from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
+from longtail.config import load_yaml_tree, validate
+from longtail.engine.checkpoint import atomic_write_json
+from longtail.errors import LongtailError
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class BenchOptions:
+    suite: str
+    out: Path = Path("runs/bench")
+    data_root: Optional[str] = None
+    only: Optional[str] = None                 # comma-separated globs over run names
+    dry_run: bool = False
+    subprocess: bool = False
+    results_dir: Path = Path("benchmarks/results")
+    report_only: bool = False
+    docs: Optional[Path] = Path("docs/results.md")
+    command: str = ""                          # the command line, for the results files
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
+    """Runs whose name matches one of the comma-separated globs, plus the stage-1 runs they need
+    (in suite order). ``None`` selects every run."""
+    if not only:
+        return list(plan)
+    globs = [g.strip() for g in only.split(",") if g.strip()]
+    wanted = {p.name for p in plan if any(fnmatch.fnmatchcase(p.name, g) for g in globs)}
+    if not wanted:
+        raise LongtailError(f"--only {only!r} matches no run of the suite (runs: "
+                            f"{', '.join(p.name for p in plan)}).")
+    by_name = {p.name: p for p in plan}
+    stack = list(wanted)
+    while stack:
+        stage1 = by_name[stack.pop()].spec.stage1
+        if stage1 and stage1 not in wanted:
+            wanted.add(stage1)
+            stack.append(stage1)
+    return [p for p in plan if p.name in wanted]
+
+
+# ---------------------------------------------------------------------------------------------
+# dry run
+
+
+def nominal_epoch_images(p: PlannedRun) -> Optional[int]:
+    """Training images an epoch of this run draws, from the nominal class counts (no data read)."""
+    if p.cfg is None:
+        return None
+    try:
+        from longtail.data.stats import subset_counts
+
+        d = p.cfg.data
+        counts = subset_counts(d.dataset, d.imbalance_factor, d.profile)
+    except Exception:
+        return None
+    if d.max_per_class:
+        counts = [min(c, d.max_per_class) for c in counts]
+    n = sum(counts)
+    params = d.sampler_params
+    if d.sampler == "class_balanced":
+        length = params.get("epoch_length", "max")
+        if length == "max":
+            return max(counts) * sum(1 for c in counts if c > 0)
+        return n if length == "dataset" else int(length)
+    if d.sampler == "b3rs":
+        batch = p.cfg.train.batch_size
+        return max(1, round(n / batch)) * batch
+    return n
+
+
+def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> str:
+    """The planned runs with their resolved epochs and schedule, state and training images."""
+    lines = [f"suite {suite.name} ({suite.path}): {len(plan)} runs -> {out_dir}/"
+             + (f"; every run shortened to {suite.epochs} epochs unless it sets its own"
+                if suite.epochs else "")]
+    if suite.overrides:
+        lines.append(f"suite overrides: {' '.join(suite.overrides)}")
+    head = f"{'#':>3}  {'run':<22} {'config':<40} {'IF':>4} {'epochs':>9}  {'stage1':<14} {'state':<9} {'train imgs':>11}"
+    lines += [head, "-" * len(head)]
+    totals = {"plain": 0, "stage2": 0}
+    for i, p in enumerate(plan, 1):
+        state = report.run_state(p.run_dir)
+        if state == "partial":
+            state = f"resume@{report.epochs_done(p.run_dir)}"
+        if p.cfg is None:
+            lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<40} ERROR: {p.error}")
+            continue
+        epochs = p.cfg.train.epochs
+        span = f"{p.base_epochs}->{epochs}" if p.base_epochs != epochs else str(epochs)
+        per_epoch = nominal_epoch_images(p)
+        imgs = None if per_epoch is None else per_epoch * epochs
+        if imgs is not None:
+            totals["stage2" if p.spec.stage1 else "plain"] += imgs
+        lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<40} "
+                     f"{report.factor_text(p.cfg.data.imbalance_factor):>4} {span:>9}  "
+                     f"{p.spec.stage1 or '-':<14} {state:<9} "
+                     f"{'?' if imgs is None else format(imgs, ','):>11}")
+        scaled = {k: v for k, v in p.scaled.items() if k != "train.epochs"}
+        if scaled:
+            lines.append(" " * 7 + "scaled: " + "; ".join(f"{k} {a}->{b}" for k, (a, b) in scaled.items()))
+    lines.append(f"training images (nominal class counts): {totals['plain']:,} in runs that train "
+                 f"the whole network, {totals['stage2']:,} in stage-2 runs (frozen backbone)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _saved_config_note(p: PlannedRun) -> Optional[str]:
+    """Which keys of the folder's config.yaml differ from the suite's plan (None if the same)."""
+    try:
+        saved = validate(load_yaml_tree(p.run_dir / "config.yaml"), f"config {p.run_dir}").to_dict()
+    except LongtailError as err:
+        return str(err)
+    keys = _diff(saved, p.cfg.to_dict()) if p.cfg is not None else []
+    return ", ".join(keys) if keys else None
+
+
+def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> None:
+    from longtail.data.paths import resolve_data_root
+    from longtail.engine.trainer import fit
+
+    root = resolve_data_root(data_root)
+    if resume:
+        saved = p.run_dir / "config.yaml"
+        cfg = validate(load_yaml_tree(saved), f"config {saved}")
+        fit(cfg, p.run_dir, root, resume=True)
+    else:
+        fit(p.cfg, p.run_dir, root)
+
+
+def subprocess_argv(p: PlannedRun, data_root: Optional[str], resume: bool) -> List[str]:
+    """``python -m longtail train ...`` for a run (``--resume RUN_DIR`` for an interrupted one)."""
+    if resume:
+        argv = ["train", "--resume", str(p.run_dir)] + (["--data-root", str(data_root)] if data_root else [])
+    else:
+        argv = p.train_argv(data_root)
+    return [sys.executable, "-m", "longtail", *argv]
+
+
+def _write_bench_json(p: PlannedRun, suite: Suite, info: Dict[str, Any], mode: str, resumed: bool,
+                      started: float, wall: float) -> None:
+    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    git = info["git"]
+    atomic_write_json(p.run_dir / report.BENCH_FILE, {
+        "suite": suite.name, "name": p.name, "mode": mode, "resumed": resumed,
+        "wall_seconds": wall, "started_utc": iso(started), "finished_utc": iso(started + wall),
+        "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
+        "machine": info["machine_line"], "bench_command": info["command"],
+        "train_command": "longtail " + " ".join(p.train_argv()),
+    })
+
+
+def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
+    """Run (or plan, or report) a suite; returns the exit status (0 ok, 1 a run failed, 130
+    interrupted). Planning mistakes raise LongtailError before anything is trained."""
+    suite = load_suite(opts.suite)
+    out_root = Path(opts.out)
+    out_dir = out_root / suite.name
+    plan = plan_suite(suite, out_root)
+    chosen = select(plan, opts.only)
+
+    if opts.dry_run:
+        echo(describe_plan(suite, chosen, out_dir))
+        errors = [p.error for p in chosen if p.error]
+        for e in errors:
+            echo(f"error: {e}")
+        return 2 if errors else 0
+
+    if opts.report_only:
+        return _report_only(suite, plan, out_dir, opts, echo)
+
+    check_plan(chosen)
+    from longtail.bench.machine import environment, git_info, machine_info, short_machine
+
+    info = {"machine": machine_info(), "git": git_info(), "env": environment(),
+            "command": opts.command or f"longtail bench {opts.suite}"}
+    info["machine_line"] = short_machine(info["machine"])
+    head = report.header(suite, out_dir, info["command"], info["machine"], info["git"], info["env"])
+    statuses: Dict[str, Tuple[str, str]] = {}
+
+    def flush() -> Tuple[Path, Path]:
+        head["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return report.write_results(opts.results_dir, head, report.collect_rows(plan, statuses))
+
+    mode = "subprocess" if opts.subprocess else "in-process"
+    echo(f"suite {suite.name}: {len(chosen)} of {len(plan)} runs, {mode}, folders under {out_dir}/")
+    interrupted = False
+    try:
+        for i, p in enumerate(chosen, 1):
+            tag = f"[{i}/{len(chosen)}] {p.name}"
+            state = report.run_state(p.run_dir)
+            if state == "done":
+                note = _saved_config_note(p)
+                echo(f"{tag}: finished earlier ({p.run_dir / 'metrics.json'}), skipped"
+                     + (f"; note: its config differs from the suite's plan in {note}" if note else ""))
+                continue
+            if p.spec.stage1:
+                parent = p.stage1_dir
+                if parent is None or report.run_state(parent) != "done":
+                    why = statuses.get(p.spec.stage1, ("not finished", ""))[0]
+                    statuses[p.name] = ("blocked", f"stage1 run '{p.spec.stage1}' {why}")
+                    echo(f"{tag}: blocked, its stage1 run '{p.spec.stage1}' is {why}")
+                    flush()
+                    continue
+            resume = state == "partial"
+            if resume:
+                note = _saved_config_note(p)
+                echo(f"{tag}: resuming after epoch {report.epochs_done(p.run_dir)} "
+                     f"({p.run_dir}, its saved config.yaml)"
+                     + (f"; note: it differs from the suite's plan in {note}" if note else ""))
+            else:
+                echo(f"{tag}: longtail {' '.join(p.train_argv())}")
+            started = time.time()
+            t0 = time.perf_counter()
+            try:
+                if opts.subprocess:
+                    rc = subprocess.run(subprocess_argv(p, opts.data_root, resume)).returncode
+                    if rc != 0:
+                        raise LongtailError(f"`longtail train` exited with status {rc}")
+                else:
+                    _run_in_process(p, opts.data_root, resume)
+                if not (p.run_dir / "metrics.json").is_file():
+                    raise LongtailError("the run ended without writing metrics.json")
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one failed run must not stop the others
+                if not isinstance(err, LongtailError):
+                    traceback.print_exc()
+                statuses[p.name] = ("failed", f"{type(err).__name__}: {err}"
+                                    if not isinstance(err, LongtailError) else str(err))
+                echo(f"{tag}: FAILED: {statuses[p.name][1]}")
+                flush()
+                continue
+            wall = time.perf_counter() - t0
+            _write_bench_json(p, suite, info, mode, resume, started, wall)
+            echo(f"{tag}: done in {report.duration(wall)}")
+            flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    md, js = flush()
+    rows = report.collect_rows(plan, statuses)
+    echo("")
+    echo(report.results_table(rows))
+    echo(f"\nresults: {md}  {js}")
+    if interrupted:
+        echo("interrupted: run the same command again to continue (finished runs are skipped, "
+             "an interrupted run resumes from its last checkpoint)")
+        return 130
+    echo(f"docs: `longtail bench {opts.suite} --report-only` updates {opts.docs or 'docs/results.md'}")
+    failed = [n for n, (s, _) in statuses.items() if s in ("failed", "blocked")]
+    if failed:
+        echo(f"{len(failed)} run(s) did not finish: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def _report_only(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path, opts: BenchOptions,
+                 echo: Printer) -> int:
+    """Rewrite the suite's results files from its run folders (when there are any) and
+    regenerate the docs page from every suite next to this one."""
+    rows = report.collect_rows(plan)
+    if any(r["status"] == "done" for r in rows):
+        from longtail.bench.machine import environment, git_info, machine_info
+
+        existing = report.load_results(opts.results_dir, suite.name) or {}
+        head = report.header(suite, out_dir, existing.get("command") or opts.command,
+                             existing.get("machine") or machine_info(),
+                             existing.get("git") or git_info(), existing.get("env") or environment())
+        head["report_command"] = opts.command
+        md, js = report.write_results(opts.results_dir, head, rows)
+        echo(report.results_table(rows))
+        echo(f"\nresults: {md}  {js}")
+    else:
+        echo(f"no finished run under {out_dir}/: kept {Path(opts.results_dir) / suite.name}.json "
+             f"as it is")
+    if opts.docs:
+        files = sorted(suite.path.parent.glob("*.yaml"))
+        path = report.write_results_doc(Path(opts.docs), files, opts.results_dir, Path(opts.out))
+        echo(f"docs: {path} ({len(files)} suites)")
+    return 0

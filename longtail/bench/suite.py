@@ -1,0 +1,284 @@
+"""Benchmark suites: a YAML list of runs, each a config plus overrides, resolved into a plan.
+
+A suite file (``configs/bench/<name>.yaml``)::
+
+    description: what the suite measures              # optional
+    epochs: 4               # optional: every run shortened to 4 epochs (longtail.bench.scale)
+    overrides: [train.channels_last=true]             # optional: applied to every run
+    runs:
+      - name: c10-ce                                  # folder name, unique in the suite
+        config: configs/cifar10_lt/ce.yaml
+      - name: c10-ce-if50
+        config: configs/cifar10_lt/ce.yaml
+        imbalance_factor: 50                          # sugar for data.imbalance_factor=50
+      - name: c10-crt
+        config: configs/cifar10_lt/crt.yaml
+        stage1: c10-ce                                # an earlier run: stage1=<its folder>
+        epochs: 1                                     # this run's own length (null: the config's)
+        overrides: [optim.lr=0.02]                    # key=value list or {key: value} mapping
+        method: crt                                   # table label (default: the config's name)
+
+A run's config is: the config file, then the suite ``overrides``, then ``imbalance_factor``, then
+the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
+setting is scaled from that config's ``train.epochs`` (:func:`longtail.bench.scale.scale_epochs`);
+last ``stage1=<folder of the named run>``. Relative config paths are looked up next to the suite
+file, then in the project root (the folder holding ``configs/``), then in the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from longtail.bench.scale import scaled_settings
+from longtail.config import Config, apply_overrides, load_yaml_tree, validate
+from longtail.errors import LongtailError
+
+SUITE_KEYS = ("description", "epochs", "overrides", "runs")
+RUN_KEYS = ("name", "config", "overrides", "stage1", "imbalance_factor", "epochs", "method")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_INHERIT = object()          # a run without its own ``epochs`` key takes the suite's
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunSpec:
+    name: str
+    config: Path
+    overrides: List[str] = field(default_factory=list)
+    stage1: Optional[str] = None
+    imbalance_factor: Optional[float] = None
+    epochs: Any = _INHERIT                     # int, None (the config's own), or _INHERIT
+    method: Optional[str] = None
+    config_text: str = ""                      # as written in the suite file
+
+    @property
+    def label(self) -> str:
+        return self.method or self.config.stem
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    description: str = ""
+    epochs: Optional[int] = None
+    overrides: List[str] = field(default_factory=list)
+    runs: List[RunSpec] = field(default_factory=list)
+
+    def run(self, name: str) -> RunSpec:
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+@dataclass
+class PlannedRun:
+    """One run of a suite, resolved: its folder, the full override list and the config."""
+
+    spec: RunSpec
+    run_dir: Path
+    overrides: List[str]                       # everything after the config file, in order
+    cfg: Optional[Config]                      # None when the config could not be loaded
+    base_epochs: Optional[int] = None          # train.epochs before scaling
+    scaled: Dict[str, Any] = field(default_factory=dict)   # key -> (old, new)
+    stage1_dir: Optional[Path] = None
+    error: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def train_argv(self, data_root: Optional[str] = None) -> List[str]:
+        """``longtail train`` arguments that make this run (after ``python -m longtail``)."""
+        argv = ["train", str(self.spec.config), *self.overrides, "--out", str(self.run_dir)]
+        return argv + (["--data-root", str(data_root)] if data_root else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def suite_dirs() -> List[Path]:
+    """Where suite names are looked up: ./configs/bench, then the project's configs/bench."""
+    out = [Path.cwd() / "configs" / "bench", PROJECT_ROOT / "configs" / "bench"]
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+def find_suite(suite: str | Path) -> Path:
+    """A suite file from a path or a name (``configs/bench/<name>.yaml``)."""
+    path = Path(suite).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        for folder in suite_dirs():
+            candidate = folder / f"{suite}.yaml"
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in suite_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise LongtailError(f"No benchmark suite {str(suite)!r}: pass a suite file or one of the names "
+                        f"in configs/bench/ ({', '.join(known) or 'none found'}).")
+
+
+def _overrides(value: Any, where: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        bad = [v for v in value if "=" not in v]
+        if bad:
+            raise LongtailError(f"{where}: override {bad[0]!r} is not of the form key=value "
+                                f"(e.g. optim.lr=0.05).")
+        return list(value)
+    raise LongtailError(f"{where}: 'overrides' must be a list of key=value strings or a mapping "
+                        f"of dotted keys to values, not {type(value).__name__}.")
+
+
+def _epochs(value: Any, where: str, allow_null: bool) -> Optional[int]:
+    if value is None and allow_null:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LongtailError(f"{where}: 'epochs' must be a positive integer"
+                            f"{' or null' if allow_null else ''}, got {value!r}.")
+    return value
+
+
+def _unknown(keys: Sequence[str], allowed: Sequence[str], where: str) -> None:
+    import difflib
+
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise LongtailError(f"{where}: unknown key '{key}'.{hint} Allowed keys: "
+                                f"{', '.join(allowed)}.")
+
+
+def resolve_config_path(text: str, suite_path: Path) -> Path:
+    """A run's config: absolute, next to the suite file, in the project root, or in the cwd."""
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return path
+    roots = [suite_path.parent]
+    for parent in suite_path.parents:                      # the folder holding configs/
+        if parent.name == "configs":
+            roots.append(parent.parent)
+            break
+    roots += [PROJECT_ROOT, Path.cwd()]
+    for root in roots:
+        if (root / path).is_file():
+            return (root / path).resolve()
+    return (roots[-1] / path).resolve()                    # missing: reported by load_suite/plan
+
+
+def load_suite(suite: str | Path) -> Suite:
+    """Read and check a suite file; unknown keys, duplicate names and bad stage1 references fail
+    with a LongtailError naming the run and the key."""
+    path = find_suite(suite)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LongtailError(f"Suite file {path} is not valid YAML: {err}. Fix the syntax.") from None
+    where = f"Suite {path}"
+    if not isinstance(data, dict):
+        raise LongtailError(f"{where} must hold a mapping with a 'runs' list.")
+    _unknown(list(data), SUITE_KEYS, where)
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise LongtailError(f"{where}: 'runs' must be a non-empty list of runs "
+                            f"({{name: ..., config: ...}}).")
+    out = Suite(name=path.stem, path=path, description=str(data.get("description") or "").strip(),
+                epochs=_epochs(data["epochs"], where, True) if "epochs" in data else None,
+                overrides=_overrides(data.get("overrides"), where))
+    seen: Dict[str, int] = {}
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise LongtailError(f"{where}: run #{i + 1} must be a mapping with 'name' and 'config'.")
+        name = run.get("name")
+        rwhere = f"{where}, run '{name}'" if name else f"{where}, run #{i + 1}"
+        _unknown(list(run), RUN_KEYS, rwhere)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise LongtailError(f"{rwhere}: 'name' must be a folder-safe string (letters, digits, "
+                                f"'.', '_', '-'), got {name!r}.")
+        if name in seen:
+            raise LongtailError(f"{where}: two runs are named '{name}' (#{seen[name] + 1} and "
+                                f"#{i + 1}); names must be unique.")
+        seen[name] = i
+        if not isinstance(run.get("config"), str):
+            raise LongtailError(f"{rwhere}: 'config' (a YAML file) is required.")
+        stage1 = run.get("stage1")
+        if stage1 is not None and (not isinstance(stage1, str) or stage1 not in seen or stage1 == name):
+            raise LongtailError(f"{rwhere}: 'stage1: {stage1}' must name an earlier run of the suite "
+                                f"(known before it: {', '.join(n for n in seen if n != name) or 'none'}).")
+        factor = run.get("imbalance_factor")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or factor < 1):
+            raise LongtailError(f"{rwhere}: 'imbalance_factor' must be a number >= 1, got {factor!r}.")
+        method = run.get("method")
+        if method is not None and not isinstance(method, str):
+            raise LongtailError(f"{rwhere}: 'method' (a table label) must be a string.")
+        out.runs.append(RunSpec(
+            name=name, config=resolve_config_path(run["config"], path),
+            overrides=_overrides(run.get("overrides"), rwhere), stage1=stage1,
+            imbalance_factor=factor,
+            epochs=_epochs(run["epochs"], rwhere, True) if "epochs" in run else _INHERIT,
+            method=method, config_text=run["config"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
+    """Resolve one run; a config that cannot be loaded or validated sets ``error``."""
+    run_dir = (suite_dir / spec.name).resolve()
+    overrides = list(suite.overrides)
+    if spec.imbalance_factor is not None:
+        overrides.append(f"data.imbalance_factor={_fmt_number(spec.imbalance_factor)}")
+    overrides += spec.overrides
+    planned = PlannedRun(spec, run_dir, overrides, None)
+    where = f"Suite {suite.path}, run '{spec.name}'"
+    if not spec.config.is_file():
+        planned.error = (f"{where}: config {spec.config_text} not found (looked next to the suite, "
+                         f"in {PROJECT_ROOT} and in {Path.cwd()}).")
+        return planned
+    try:
+        tree = load_yaml_tree(spec.config)
+        cfg = validate(apply_overrides(tree, overrides), f"config {spec.config}")
+        planned.base_epochs = cfg.train.epochs
+        epochs = suite.epochs if spec.epochs is _INHERIT else spec.epochs
+        if epochs is not None:
+            planned.scaled = scaled_settings(cfg, epochs)
+            overrides += [f"{k}={json.dumps(new)}" for k, (_, new) in planned.scaled.items()]
+        if spec.stage1 is not None:
+            planned.stage1_dir = (suite_dir / spec.stage1).resolve()
+            overrides.append(f"stage1={planned.stage1_dir}")
+        planned.cfg = validate(apply_overrides(tree, overrides), f"config {spec.config}")
+    except LongtailError as err:
+        planned.error = f"{where}: {err}"
+    return planned
+
+
+def plan_suite(suite: Suite, out_root: Path) -> List[PlannedRun]:
+    """Every run of the suite resolved against ``out_root/<suite name>/``."""
+    suite_dir = Path(out_root) / suite.name
+    return [plan_run(suite, spec, suite_dir) for spec in suite.runs]
+
+
+def check_plan(plan: Sequence[PlannedRun]) -> None:
+    """Raise the first planning error (config missing, unknown config key, ...)."""
+    for p in plan:
+        if p.error:
+            raise LongtailError(p.error)
