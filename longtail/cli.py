@@ -135,7 +135,9 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(results))
     else:
-        print(results_table({k: v for k, v in results.items() if isinstance(v, dict)}))
+        splits = {"test": results, **{k: v for k, v in results.items()
+                                      if isinstance(v, dict) and "top1" in v}}
+        print(results_table(splits))
     return 0
 
 

@@ -1,0 +1,468 @@
+"""Decoupled classifier learning on a frozen stage-1 representation (Kang et al., ICLR 2020,
+facebookresearch/classifier-balancing): cRT, LWS, tau-normalisation and NCM.
+
+A stage-2 run names its stage-1 run folder with the top-level key ``stage1``::
+
+    longtail train configs/cifar10_lt/ce.yaml --out runs/ce        # stage 1 (instance sampling)
+    longtail train configs/cifar10_lt/crt.yaml stage1=runs/ce      # stage 2
+
+``load_stage1`` reads ``stage1/model.safetensors`` and checks that stage 1 trained on the same
+training set (dataset, imbalance factor, profile, subset seed, cap) and that its tensors fit this
+run's model. Registered methods (``method.name``):
+
+=============  =====================================================================  =========
+name           what it does                                                           trains
+=============  =====================================================================  =========
+``crt``        re-initialise the head, train it with CE on frozen features            head
+``lws``        z_c = f_c (w_c^T x + b_c) with stage-1 W, b frozen (``model.head: lws``)  f only
+``tau_norm``   w_c <- w_c / |w_c|^tau, bias dropped; tau picked on ``val`` by top-1    nothing
+``ncm``        cosine to the class means of L2-normalised training features            nothing
+=============  =====================================================================  =========
+
+cRT and LWS are meant for class-balanced sampling (``data.sampler: class_balanced``); the
+backbone (and neck) stay bit-identical to stage 1: no gradients, BatchNorm in eval mode, and the
+feature forward of a step runs under ``torch.no_grad()``. The methods that train nothing need
+``train.epochs: 0``: their work happens in ``on_train_end``, before the final evaluation, and the
+result is either in the weights (tau_norm, ncm) or in the method state (the chosen tau), so
+``longtail eval RUN_DIR`` reproduces ``metrics.json``. A stage-2 run keeps needing its stage-1
+folder (``longtail eval`` rebuilds the model through the same ``setup_model``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from longtail.data.loader import eval_batches
+from longtail.errors import ConfigError, LongtailError
+from longtail.methods.base import METHODS, Method, MethodContext
+from longtail.models.heads import LinearHead, LWSHead, NCMHead
+from longtail.models.registry import HEADS
+
+WEIGHTS = "model.safetensors"   # the names the trainer writes (kept here to avoid an import cycle)
+CHECKPOINT = "last.pt"
+
+# data options that decide the training set: stage 2 must train on stage 1's images
+DATA_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "max_per_class")
+MODEL_KEYS = ("backbone", "backbone_params", "neck", "neck_params", "head", "head_params")
+DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))   # 0.0, 0.1, ..., 2.0 (tau_norm.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1
+
+
+@dataclass
+class Stage1:
+    """A finished stage-1 run: its folder, final weights and saved config (the raw YAML tree)."""
+
+    run_dir: Path
+    weights: Dict[str, torch.Tensor]
+    config: Dict[str, Any]
+
+
+CONFIG_NAMES = {"posthoc_la": "la_posthoc"}   # method name -> configs/<dataset>/<name>.yaml
+
+
+def _how_to(cfg, method: str) -> str:
+    folder = f"configs/{str(cfg.data.dataset).replace('-', '_')}"
+    return (f"Train stage 1 first and pass its run folder, e.g. `longtail train {folder}/ce.yaml "
+            f"--out runs/ce` then `longtail train {folder}/{CONFIG_NAMES.get(method, method)}.yaml "
+            f"stage1=runs/ce`.")
+
+
+def load_stage1(cfg, method: str) -> Stage1:
+    """Read the stage-1 run named by ``cfg.stage1``; LongtailError if it is unset, unfinished or
+    trained on other data (the message names the key and how to produce a matching run)."""
+    if not cfg.stage1:
+        raise LongtailError(f"method.name={method} builds on a stage-1 run, but the top-level key "
+                            f"`stage1` is not set. {_how_to(cfg, method)}")
+    run_dir = Path(str(cfg.stage1)).expanduser()
+    if not run_dir.is_dir():
+        raise LongtailError(f"stage1={cfg.stage1}: no such folder. {_how_to(cfg, method)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise LongtailError(f"stage1={cfg.stage1} is not a run folder (no config.yaml). "
+                            f"{_how_to(cfg, method)}")
+    if not (run_dir / WEIGHTS).is_file():
+        if (run_dir / CHECKPOINT).is_file():
+            raise LongtailError(f"stage1={cfg.stage1} has not finished (no {WEIGHTS}, only "
+                                f"{CHECKPOINT}). Finish it with `longtail train --resume "
+                                f"{cfg.stage1}`, then run stage 2 again.")
+        raise LongtailError(f"stage1={cfg.stage1} has no weights ({WEIGHTS}). "
+                            f"{_how_to(cfg, method)}")
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LongtailError(f"stage1={cfg.stage1}: its config.yaml is not valid YAML ({err}).") from None
+    check_same_data(cfg, saved, method)
+    try:
+        from safetensors.torch import load_file
+        weights = load_file(str(run_dir / WEIGHTS))
+    except Exception as err:  # truncated / not safetensors
+        raise LongtailError(f"stage1={cfg.stage1}: {WEIGHTS} cannot be read ({err}). Re-run stage 1 "
+                            f"or pass another stage1 folder.") from None
+    return Stage1(run_dir, weights, saved)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+    return a == b
+
+
+def check_same_data(cfg, saved: Dict[str, Any], method: str) -> None:
+    """LongtailError unless stage 1 (its saved config tree) trained on this run's training set."""
+    theirs = saved.get("data") or {}
+    defaults = type(cfg.data)()
+    diffs = []
+    for key in DATA_KEYS:
+        mine = getattr(cfg.data, key)
+        other = theirs.get(key, getattr(defaults, key))
+        if not _same(mine, other):
+            diffs.append((key, other, mine))
+    if diffs:
+        listed = "; ".join(f"data.{k}: stage 1 {o!r}, this run {m!r}" for k, o, m in diffs)
+        fix = " ".join(f"data.{k}={m}" for k, _, m in diffs)
+        raise LongtailError(
+            f"stage1={cfg.stage1} was trained on another training set than this {method} run "
+            f"({listed}). Stage 2 must reuse stage 1's images: train stage 1 with the same data "
+            f"options (add `{fix}` to its command) or pass a matching stage1 folder.")
+
+
+def _model_diffs(cfg, saved: Dict[str, Any], keys: Sequence[str]) -> List[str]:
+    theirs = saved.get("model") or {}
+    defaults = type(cfg.model)()
+    out = []
+    for key in keys:
+        mine, other = getattr(cfg.model, key), theirs.get(key, getattr(defaults, key))
+        if mine != other:
+            out.append(f"model.{key}: stage 1 {other!r}, this run {mine!r}")
+    return out
+
+
+def load_stage1_weights(cfg, model: nn.Module, stage1: Stage1, *, skip_head: bool = False,
+                        allow_missing: Iterable[str] = ()) -> None:
+    """Copy stage 1's tensors into ``model`` after checking keys and shapes.
+
+    ``skip_head``: load everything but ``head.*`` (the head is replaced or refilled);
+    ``allow_missing``: this run's keys stage 1 lacks on purpose (``head.scales`` of LWS).
+    """
+    keep = (lambda k: not k.startswith("head.")) if skip_head else (lambda k: True)
+    own = {k: v for k, v in model.state_dict().items() if keep(k)}
+    theirs = {k: v for k, v in stage1.weights.items() if keep(k)}
+    missing = sorted(set(own) - set(theirs) - set(allow_missing))
+    unexpected = sorted(set(theirs) - set(own))
+    shapes = sorted(k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} tensor(s) differ in shape (e.g. '{k}': stage 1 "
+                         f"{list(theirs[k].shape)}, this run {list(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing in stage 1 (e.g. '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in this run's model (e.g. '{unexpected[0]}')")
+        keys = [k for k in MODEL_KEYS if not (skip_head and k.startswith("head"))]
+        diffs = _model_diffs(cfg, stage1.config, keys)
+        why = (f" The configs differ in: {'; '.join(diffs)}." if diffs else "")
+        raise LongtailError(
+            f"The weights of stage1={cfg.stage1} do not fit this run's model: {', '.join(parts)}."
+            f"{why} Use stage 1's model settings (model.*) for stage 2, or pass a stage1 folder "
+            f"trained with this model.")
+    model.load_state_dict(theirs, strict=False)
+
+
+def freeze_features(model: nn.Module) -> None:
+    """Freeze backbone and neck: no gradients, BatchNorm statistics frozen (eval mode)."""
+    model.freeze_backbone()
+    for p in model.neck.parameters():
+        p.requires_grad_(False)
+    model.neck.eval()
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(getattr(model.neck, "out_features", model.backbone.num_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation-path helpers (same batching, autocast and memory format as engine.evaluate)
+
+
+def eval_forward(method: Method, images: torch.Tensor, labels: torch.Tensor
+                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(features, logits, labels) per evaluation batch of the whole image set, on this process.
+
+    Batches, normalisation and autocast are those of :func:`longtail.engine.evaluate.evaluate`
+    on one process, so numbers computed from these equal the final evaluation's.
+    """
+    model, cfg, data = method.model, method.cfg, method.ctx.data
+    was_training = model.training
+    model.eval()
+    try:
+        for b in eval_batches(images, labels, cfg.train.eval_batch_size, data.mean, data.std,
+                              method.device, channels_last=cfg.train.channels_last):
+            with torch.no_grad(), method.autocast():
+                o = model(b.images)
+            yield o.features, o.logits.float(), b.labels
+    finally:
+        model.train(was_training)
+
+
+def pct(correct: float, total: float) -> float:
+    """Accuracy in percent, computed as the evaluation does (100 * correct / total)."""
+    return 100.0 * float(correct) / float(total)
+
+
+def check_taus(taus: Optional[Sequence[float]], tau: Optional[float], method: str
+               ) -> Tuple[List[float], Optional[float]]:
+    """Validate the ``method.taus`` grid and the fixed ``method.tau`` (None: pick on val)."""
+    def number(v, key):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ConfigError(f"'method.{key}' of {method} must be a finite number, got {v!r}.")
+        return float(v)
+
+    if taus is None:
+        grid = list(DEFAULT_TAUS)
+    else:
+        if not isinstance(taus, (list, tuple)) or not taus:
+            raise ConfigError(f"'method.taus' of {method} must be a non-empty list of numbers, "
+                              f"got {taus!r}.")
+        grid = sorted({round(number(t, "taus"), 10) for t in taus})
+    return grid, (None if tau is None else number(tau, "tau"))
+
+
+def require_val(method: Method, name: str):
+    val = method.ctx.data.val if method.ctx.data is not None else None
+    if val is None or len(val) == 0:
+        raise LongtailError(f"method.name={name} picks tau on the val split, but this run has none "
+                            f"(data.val_per_class={method.cfg.data.val_per_class}). Set "
+                            f"data.val_per_class > 0, or fix tau with method.tau=VALUE.")
+    return val
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+class Stage2Method(Method):
+    """Base of the methods built on a stage-1 run: ``setup_model`` loads and checks it.
+
+    ``trains = False`` methods refuse ``train.epochs > 0`` and do their work in ``on_train_end``.
+    """
+
+    name = "stage2"
+    trains = True
+
+    def __init__(self, ctx: MethodContext):
+        if not self.trains and ctx.cfg.train.epochs != 0:
+            raise ConfigError(f"method.name={self.name} trains nothing: set train.epochs=0 "
+                              f"(configs/*/{self.name}.yaml do), got train.epochs="
+                              f"{ctx.cfg.train.epochs}.")
+        super().__init__(ctx)
+
+    def stage1(self) -> Stage1:
+        return load_stage1(self.cfg, self.name)
+
+
+class FrozenFeatureMethod(Stage2Method):
+    """cRT / LWS: train (part of) the head on the frozen stage-1 backbone and neck."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self.model.neck.eval()   # the trainer's .train() switched it back; the backbone stays eval
+
+    def head_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.ctx.dist.enabled:
+            # DDP synchronises the head's gradients only through its own forward; the frozen
+            # backbone records no graph there either (none of its inputs requires grad)
+            with self.autocast():
+                return self.train_model(images).logits
+        with torch.no_grad(), self.autocast():
+            features = self.model.forward_features(images)
+        with self.autocast():
+            return self.model.head(features)
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        return self.loss(self.head_logits(batch.images).float(), batch.labels)
+
+
+@METHODS.register("crt")
+class ClassifierRetraining(FrozenFeatureMethod):
+    """cRT: re-initialise the configured head (``model.head``; a linear head gets nn.Linear's
+    default init, as the reference) and train only it on frozen stage-1 features, with the
+    configured loss (CE) and sampler (class_balanced)."""
+
+    name = "crt"
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+
+    def setup_model(self, model: nn.Module) -> None:
+        load_stage1_weights(self.cfg, model, self.stage1(), skip_head=True)
+        freeze_features(model)
+        m = self.cfg.model
+        head = HEADS.build(m.head, feature_dim(model), len(self.ctx.class_counts),
+                           key_prefix="model.head_params.", **m.head_params)
+        if isinstance(head, nn.Linear):
+            # the reference's fresh nn.Linear init, U(+-1/sqrt(D)) (LinearHead's kaiming-normal
+            # start gives logits ~2.5x larger: a far higher initial loss on stage-1 features)
+            nn.Linear.reset_parameters(head)
+        model.head = head
+
+    def trainable_parameters(self):
+        return [p for p in self.model.head.parameters() if p.requires_grad]
+
+
+@METHODS.register("lws")
+class LearnableWeightScaling(FrozenFeatureMethod):
+    """LWS: keep stage-1 W, b; learn only per-class scales f (init 1) of ``model.head: lws``."""
+
+    name = "lws"
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+
+    def setup_model(self, model: nn.Module) -> None:
+        if not isinstance(model.head, LWSHead):
+            raise ConfigError(f"method.name=lws learns per-class scales of an LWS head: set "
+                              f"model.head=lws (configs/*/lws.yaml do), got "
+                              f"model.head={self.cfg.model.head}.")
+        load_stage1_weights(self.cfg, model, self.stage1(), allow_missing={"head.scales"})
+        freeze_features(model)
+        for p in model.head.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            model.head.scales.fill_(1.0)
+        model.head.scales.requires_grad_(True)
+
+    def trainable_parameters(self):
+        return [self.model.head.scales]
+
+    def extra_metrics(self) -> Dict[str, Any]:
+        return {"lws_scales": [float(s) for s in self.model.head.scales.detach().cpu()]}
+
+
+def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """w_c / |w_c|^tau per row (tau = 0: ``weight`` unchanged, bit for bit)."""
+    if tau == 0:
+        return weight.clone()
+    norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return weight / norms.pow(tau)
+
+
+@METHODS.register("tau_norm")
+class TauNormalization(Stage2Method):
+    """tau-normalisation of the stage-1 linear head: w_c <- w_c / |w_c|^tau, bias dropped.
+
+    Options:
+        tau: fix tau (skip the search); None (default) picks it on the ``val`` split.
+        taus: the grid searched (default 0, 0.1, ..., 2.0), by val top-1, ties to the smaller tau.
+
+    ``on_train_end`` writes the normalised weights into the head (and zeros its bias), so
+    ``model.safetensors`` holds them; the chosen tau and the val table are in the method state
+    and ``metrics.json``. It always starts from the stage-1 weights, so running it again (resume of
+    a finished run) gives the same head.
+    """
+
+    name = "tau_norm"
+    trains = False
+
+    def __init__(self, ctx: MethodContext, tau: Optional[float] = None,
+                 taus: Optional[List[float]] = None):
+        self.grid, self.fixed_tau = check_taus(taus, tau, "tau_norm")
+        self.tau: Optional[float] = None
+        self.table: List[Dict[str, float]] = []
+        super().__init__(ctx)
+
+    def setup_model(self, model: nn.Module) -> None:
+        head = model.head
+        if not isinstance(head, LinearHead) or isinstance(head, LWSHead):
+            raise ConfigError(f"method.name=tau_norm rescales the rows of a linear head: set "
+                              f"model.head=linear (as stage 1), got model.head={self.cfg.model.head}.")
+        load_stage1_weights(self.cfg, model, self.stage1())
+        self.stage1_weight = head.weight.detach().clone()
+
+    def _set_tau(self, tau: float) -> None:
+        head = self.model.head
+        with torch.no_grad():
+            head.weight.copy_(tau_normalize(self.stage1_weight.to(head.weight.device), tau))
+            if head.bias is not None:
+                head.bias.zero_()
+
+    def on_train_end(self) -> None:
+        val = self.ctx.data.val if self.ctx.data is not None else None
+        if self.fixed_tau is None:
+            val = require_val(self, self.name)
+        self.table = []
+        if val is not None and len(val):
+            batches = list(eval_forward(self, val.images, val.labels))
+            head = self.model.head
+            for tau in self.grid:
+                self._set_tau(tau)
+                correct = 0
+                with torch.no_grad():
+                    for features, _, labels in batches:
+                        with self.autocast():
+                            logits = head(features)
+                        correct += int((logits.float().argmax(1) == labels).sum())
+                self.table.append({"tau": tau, "val_top1": pct(correct, len(val))})
+        if self.fixed_tau is not None:
+            self.tau = self.fixed_tau
+        else:
+            best = max(self.table, key=lambda r: r["val_top1"])   # first maximum: smaller tau
+            self.tau = best["tau"]
+        self._set_tau(self.tau)
+
+    def extra_metrics(self) -> Dict[str, Any]:
+        return {"tau": self.tau, "tau_source": "val" if self.fixed_tau is None else "method.tau",
+                "tau_table": self.table}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["tau_norm"] = {"tau": self.tau, "table": self.table}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        saved = state.get("tau_norm") or {}
+        self.tau, self.table = saved.get("tau"), list(saved.get("table") or [])
+
+
+@METHODS.register("ncm")
+class NearestClassMean(Stage2Method):
+    """NCM: logits = cosine between a feature and each class mean of the L2-normalised stage-1
+    features of the (un-augmented) training images. Needs ``model.head: ncm``; the means are the
+    head's buffer, so ``model.safetensors`` holds them."""
+
+    name = "ncm"
+    trains = False
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+
+    def setup_model(self, model: nn.Module) -> None:
+        if not isinstance(model.head, NCMHead):
+            raise ConfigError(f"method.name=ncm needs model.head=ncm (configs/*/ncm.yaml set it), "
+                              f"got model.head={self.cfg.model.head}.")
+        load_stage1_weights(self.cfg, model, self.stage1(), skip_head=True)
+
+    def on_train_end(self) -> None:
+        train = self.ctx.data.train
+        head = self.model.head
+        sums = torch.zeros_like(head.means, dtype=torch.float64)
+        counts = torch.zeros(head.means.shape[0], dtype=torch.float64, device=sums.device)
+        for features, _, labels in eval_forward(self, train.images, train.labels):
+            f = F.normalize(features.float(), dim=1).double()
+            sums.index_add_(0, labels.to(sums.device), f.to(sums.device))
+            counts += torch.bincount(labels, minlength=len(counts)).to(counts)
+        with torch.no_grad():
+            head.means.copy_((sums / counts.clamp_min(1).unsqueeze(1)).to(head.means.dtype))
