@@ -258,6 +258,11 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
         print(f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
               f"imbalance {max(counts) / max(min(counts), 1):.0f}; "
               f"{group_sizes_line(shot_groups(counts))}")
+        val = run.data.val
+        missing = sorted(set(range(len(counts))) - set(val.labels.tolist())) if val is not None else []
+        if val is not None and missing:
+            print(f"note: val has no images of classes {missing} (the long-tailed subset uses all of "
+                  f"them); anything tuned on val (tau, model selection) cannot see those classes.")
         print(f"run folder: {run_dir}  device: {run.device}  processes: {info.world_size}"
               + (f"  resuming after epoch {start_epoch}" if start_epoch else ""))
 
