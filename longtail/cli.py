@@ -122,6 +122,12 @@ def cmd_train(args) -> int:
         cfg = load_config(config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / (
             f"{Path(config).parent.name}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.stages:  # a multi-stage config: RUN_DIR/<stage>/ each (longtail.engine.pipeline)
+        from longtail.engine.pipeline import run_pipeline
+
+        run_pipeline(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume),
+                     overrides=overrides, source=None if args.resume else Path(config))
+        return 0
     fit(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume))
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,10 +37,15 @@ class DataConfig(_Strict):
     max_per_class: Optional[int] = None     # debugging cap on training images per class
     max_test_per_class: Optional[int] = None
     val_per_class: int = 200                # balanced held-out split from unused training images
+    meta_per_class: int = 0                 # balanced meta set (meta-learning methods); 0 = none
+    meta_from: Literal["unused", "before_subset"] = "unused"  # longtail/data/meta.py
     sampler: str = "instance"
     sampler_params: Dict[str, Any] = Field(default_factory=dict)
     crop_padding: int = 4                   # random crop with zero padding; 0 disables
     flip: bool = True                       # random horizontal flip
+    # residual set: drop these classes' images from the TRAINING set only ("largest": argmax n_c;
+    # a list of class ids); val / test and the class counts (losses, shot groups) stay whole
+    exclude_classes: Union[Literal["largest"], List[int], None] = None
 
 
 class ModelConfig(_Strict):
@@ -68,6 +73,14 @@ class OptimConfig(_Strict):
     gamma: float = 0.01                     # step factor at each milestone (0.01, then 1e-4)
     min_lr: float = 0.0                     # cosine floor
     grad_clip: Optional[float] = None       # max global grad norm
+    # sam / rsam (longtail/optim/sam.py): wrappers around base_optimizer, driven by the step closure
+    base_optimizer: str = "sgd"             # the optimiser sam / rsam wrap (a registered name)
+    rho: float = Field(0.05, ge=0.0)        # neighbourhood radius (SAM |e|; RSAM noise scale)
+    sam_adaptive: bool = False              # sam: ASAM scaling, e = rho w^2 g / | |w| g |
+    rsam_dis_mul: float = Field(0.1, ge=0.0)  # rsam: GNM-PT's dis_mul (noise x rho x dis_mul)
+    rsam_decay_epoch: Optional[int] = Field(None, ge=1)  # rsam: noise x0.5 from this 0-based
+    #                                         epoch on (GNM-PT reweight_epoch + 1); None: loss.drw_epoch
+    rsam_fix_epoch0_quirk: bool = False     # rsam: factor 1 at epoch 0 (GNM-PT's formula gives 2)
 
 
 class TrainConfig(_Strict):
@@ -89,6 +102,16 @@ class MethodConfig(_Open):
     name: str = "erm"
 
 
+class StageConfig(_Strict):
+    """One stage of a multi-stage config (``stages:``; see :mod:`longtail.engine.pipeline`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")   # its folder: RUN_DIR/<name>/
+    config: Optional[str] = None            # a YAML file merged on top of the pipeline's settings
+    overrides: Dict[str, Any] = Field(default_factory=dict)   # {dotted.key: value} or sections
+    lr_scale: Optional[float] = Field(default=None, gt=0)      # optim.lr = x * the pipeline's
+    epochs_scale: Optional[float] = Field(default=None, gt=0)  # epochs = x * the pipeline's
+
+
 class Config(_Strict):
     seed: int = 0
     stage1: Optional[str] = None            # run folder of a previous stage (decoupled, ...)
@@ -98,6 +121,7 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    stages: Optional[List[StageConfig]] = None   # a pipeline: `longtail train` runs them in order
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")

@@ -69,17 +69,35 @@ def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
 
 def nominal_epoch_images(p: PlannedRun) -> Optional[int]:
     """Training images an epoch of this run draws, from the nominal class counts (no data read)."""
+    return None if p.cfg is None else config_epoch_images(p.cfg)
+
+
+def nominal_run_images(p: PlannedRun) -> Optional[int]:
+    """Training images of the whole run (every stage of a multi-stage config)."""
     if p.cfg is None:
         return None
+    parts = [(s.cfg, s.cfg.train.epochs) for s in p.stages] or [(p.cfg, p.cfg.train.epochs)]
+    sizes = [config_epoch_images(c) for c, _ in parts]
+    return None if None in sizes else sum(n * e for n, (_, e) in zip(sizes, parts))
+
+
+def config_epoch_images(cfg) -> Optional[int]:
+    """Training images an epoch of ``cfg`` draws, from the nominal class counts."""
     try:
+        from longtail.data.build import resolve_exclude_classes
         from longtail.data.stats import subset_counts
 
-        d = p.cfg.data
+        d = cfg.data
         counts = subset_counts(d.dataset, d.imbalance_factor, d.profile)
+        if d.max_per_class:
+            counts = [min(c, d.max_per_class) for c in counts]
+        excluded = resolve_exclude_classes(d.exclude_classes, counts)
     except Exception:
         return None
-    if d.max_per_class:
-        counts = [min(c, d.max_per_class) for c in counts]
+    counts = [0 if c in excluded else n for c, n in enumerate(counts)]
+    if d.sampler == "undersample":
+        present = [c for c in counts if c > 0]
+        return (d.sampler_params.get("per_class") or min(present)) * len(present)
     n = sum(counts)
     params = d.sampler_params
     if d.sampler == "class_balanced":
@@ -88,7 +106,7 @@ def nominal_epoch_images(p: PlannedRun) -> Optional[int]:
             return max(counts) * sum(1 for c in counts if c > 0)
         return n if length == "dataset" else int(length)
     if d.sampler == "b3rs":
-        batch = p.cfg.train.batch_size
+        batch = cfg.train.batch_size
         return max(1, round(n / batch)) * batch
     return n
 
@@ -106,14 +124,13 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
     for i, p in enumerate(plan, 1):
         state = report.run_state(p.run_dir)
         if state == "partial":
-            state = f"resume@{report.epochs_done(p.run_dir)}"
+            state = "resume" if p.stages else f"resume@{report.epochs_done(p.run_dir)}"
         if p.cfg is None:
             lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<40} ERROR: {p.error}")
             continue
         epochs = p.cfg.train.epochs
         span = f"{p.base_epochs}->{epochs}" if p.base_epochs != epochs else str(epochs)
-        per_epoch = nominal_epoch_images(p)
-        imgs = None if per_epoch is None else per_epoch * epochs
+        imgs = nominal_run_images(p)
         if imgs is not None:
             totals["stage2" if p.spec.stage1 else "plain"] += imgs
         lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<40} "
@@ -123,6 +140,11 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
         scaled = {k: v for k, v in p.scaled.items() if k != "train.epochs"}
         if scaled:
             lines.append(" " * 7 + "scaled: " + "; ".join(f"{k} {a}->{b}" for k, (a, b) in scaled.items()))
+        if p.stages:
+            lines.append(" " * 7 + "stages: " + "; ".join(
+                f"{st.name} {st.cfg.method.name} {st.cfg.train.epochs} ep lr {st.cfg.optim.lr:g}"
+                + (f" ({report.run_state(p.run_dir / st.name)})" if p.run_dir.exists() else "")
+                for st in p.stages))
     lines.append(f"training images (nominal class counts): {totals['plain']:,} in runs that train "
                  f"the whole network, {totals['stage2']:,} in stage-2 runs (frozen backbone)")
     return "\n".join(lines)
@@ -149,7 +171,12 @@ def _saved_config_note(p: PlannedRun) -> Optional[str]:
         saved = validate(load_yaml_tree(p.run_dir / "config.yaml"), f"config {p.run_dir}").to_dict()
     except LongtailError as err:
         return str(err)
-    keys = _diff(saved, p.cfg.to_dict()) if p.cfg is not None else []
+    planned = p.cfg
+    if p.cfg is not None and p.stages:   # a pipeline's folder records its resolved stages
+        from longtail.engine.pipeline import record
+
+        planned = record(p.cfg, p.stages)
+    keys = _diff(saved, planned.to_dict()) if planned is not None else []
     return ", ".join(keys) if keys else None
 
 
@@ -161,6 +188,14 @@ def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> No
     if resume:
         saved = p.run_dir / "config.yaml"
         cfg = validate(load_yaml_tree(saved), f"config {saved}")
+    else:
+        cfg = p.cfg
+    if cfg.stages:   # a multi-stage config: the pipeline runner (skips finished stages on resume)
+        from longtail.engine.pipeline import run_pipeline
+
+        run_pipeline(cfg, p.run_dir, root, resume=resume,
+                     overrides=() if resume else p.overrides, source=p.spec.config)
+    elif resume:
         fit(cfg, p.run_dir, root, resume=True)
     else:
         fit(p.cfg, p.run_dir, root)

@@ -21,7 +21,10 @@ A suite file (``configs/bench/<name>.yaml``)::
 A run's config is: the config file, then the suite ``overrides``, then ``imbalance_factor``, then
 the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
 setting is scaled from that config's ``train.epochs`` (:func:`longtail.bench.scale.scale_epochs`);
-last ``stage1=<folder of the named run>``. Relative config paths are looked up next to the suite
+last ``stage1=<folder of the named run>``. A multi-stage config (top-level ``stages``,
+:mod:`longtail.engine.pipeline`) is one run: its folder holds a folder per stage, the overrides
+(scaled settings included) are its pipeline settings, so stages with ``epochs_scale`` shrink with
+it, and ``metrics.json`` is its last stage's. Relative config paths are looked up next to the suite
 file, then in the project root (the folder holding ``configs/``), then in the working directory.
 """
 
@@ -90,6 +93,7 @@ class PlannedRun:
     scaled: Dict[str, Any] = field(default_factory=dict)   # key -> (old, new)
     stage1_dir: Optional[Path] = None
     error: Optional[str] = None
+    stages: List[Any] = field(default_factory=list)   # a multi-stage config's resolved stages
 
     @property
     def name(self) -> str:
@@ -266,6 +270,11 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
             planned.stage1_dir = (suite_dir / spec.stage1).resolve()
             overrides.append(f"stage1={planned.stage1_dir}")
         planned.cfg = validate(apply_overrides(tree, overrides), f"config {spec.config}")
+        if planned.cfg.stages:   # a pipeline: its stages follow the scaled settings (epochs_scale)
+            from longtail.engine.pipeline import expand_stages
+
+            planned.stages = expand_stages(planned.cfg, overrides, source=spec.config,
+                                           run_dir=run_dir)
     except LongtailError as err:
         planned.error = f"{where}: {err}"
     return planned

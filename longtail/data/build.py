@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from longtail.data import cifar, idx
+from longtail.data import meta as meta_set
 from longtail.data.longtail import (check_imbalance, first_per_class, heldout_indices, img_num_per_cls,
                                     longtail_indices)
 from longtail.errors import DataError
@@ -73,6 +74,11 @@ class DataBundle:
     std: tuple[float, ...]
     in_channels: int
     image_size: int
+    meta: ImageSet | None = None          # balanced meta set (data.meta_per_class); longtail.data.meta
+    meta_borrowed: list[int] | None = None  # per class: meta images taken out of the training subset
+    # data.exclude_classes, resolved: these classes' images were removed from `train` only (the
+    # residual set); `class_counts` still holds their counts (shot groups, losses), val/test all
+    excluded_classes: tuple[int, ...] = ()
 
 
 def _all_names() -> str:
@@ -111,7 +117,9 @@ def _check_options(max_per_class: int | None, max_test_per_class: int | None, va
 def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.0,
                profile: str = "exp", seed: int = 0, max_per_class: int | None = None,
                max_test_per_class: int | None = None, val_per_class: int = 200,
-               download: bool = True) -> DataBundle:
+               download: bool = True, meta_per_class: int = 0,
+               meta_from: str = "unused",
+               exclude_classes: str | list[int] | None = None) -> DataBundle:
     """Build train / val / test for ``dataset`` (one of :data:`DATASET_NAMES`, optionally ``-lt``).
 
     train: for ``-lt`` names the LDAM-DRW subset with ``n_max = min(images per class)`` (5000 / 500 for
@@ -119,37 +127,94 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
     training split. ``max_per_class`` caps every class count (a debug option; without ``-lt`` the capped
     images are drawn with the same per-class shuffle). val: up to ``val_per_class`` unused training
     images per class, drawn with seed ``seed + 1``. test: the official test split, the first
-    ``max_test_per_class`` images of each class in file order if set.
+    ``max_test_per_class`` images of each class in file order if set. meta: ``meta_per_class``
+    images per class, never in train / val / test, carved as ``meta_from`` says (``unused`` |
+    ``before_subset``; see :mod:`longtail.data.meta`, which also says what happens to a class
+    without spare images). ``exclude_classes`` (``"largest"`` or class ids, see
+    :func:`resolve_exclude_classes`) then removes those classes' images from train only: val, test
+    and ``class_counts`` are those of the whole subset (the residual set of the three-stage
+    strategy; a loss that masks those classes needs no prior for them).
     """
     base, lt = parse_name(dataset)
     check_imbalance(imbalance_factor, profile)
     _check_options(max_per_class, max_test_per_class, val_per_class)
+    meta_set.check_meta_options(meta_per_class, meta_from)
     full = load_split(base, "train", root, download)
     test = load_split(base, "test", root, download)
 
     labels = full.labels.numpy()
     num_classes = full.num_classes
     available = np.bincount(labels, minlength=num_classes)
+    meta_first = None  # meta_from=before_subset: the meta images leave the pool before the subset
+    if meta_per_class > 0 and meta_from == "before_subset":
+        meta_first = meta_set.meta_before_subset(labels, meta_per_class, seed + meta_set.META_SEED_OFFSET)
+        available = available - np.bincount(labels[meta_first], minlength=num_classes)
     if lt:
         counts = img_num_per_cls(int(available.min()), num_classes, imbalance_factor, profile)
     else:
         counts = [int(n) for n in available]
     if max_per_class is not None:
         counts = [min(n, max_per_class) for n in counts]
-    if lt or max_per_class is not None:
+    if meta_first is not None:
+        pool = np.setdiff1d(np.arange(len(labels)), meta_first)
+        train = full.subset(meta_set.longtail_from_pool(labels, pool, counts, seed))
+    elif lt or max_per_class is not None:
         train = full.subset(longtail_indices(labels, counts, seed))
     else:
         train = full
 
     val = None
     if val_per_class > 0:
-        spare = heldout_indices(labels, train.indices, val_per_class, seed=seed + 1)
+        taken = train.indices if meta_first is None else np.concatenate([train.indices, meta_first])
+        spare = heldout_indices(labels, taken, val_per_class, seed=seed + 1)
         val = full.subset(spare) if len(spare) else None
+    meta, meta_borrowed = None, None
+    if meta_per_class > 0:
+        if meta_first is not None:
+            meta_pos, borrowed = meta_first, np.zeros(0, dtype=np.int64)
+        else:
+            meta_pos, borrowed = meta_set.meta_from_unused(
+                labels, train.indices, None if val is None else val.indices, meta_per_class,
+                seed + meta_set.META_SEED_OFFSET)
+        meta = full.subset(meta_pos)
+        meta_borrowed = np.bincount(labels[borrowed], minlength=num_classes).tolist()
+        if len(borrowed):
+            train = train.subset(np.flatnonzero(~np.isin(train.indices, borrowed)))
+            meta_set.warn_borrowed(f"{base}-lt" if lt else base, meta_per_class, meta_borrowed)
     if max_test_per_class is not None:
         test = test.subset(first_per_class(test.labels.numpy(), max_test_per_class))
 
     mean, std = NORMALIZATION[base]
     class_counts = np.bincount(train.labels.numpy(), minlength=num_classes).tolist()
+    excluded = resolve_exclude_classes(exclude_classes, class_counts)
+    if excluded:  # the residual set: after val / meta were drawn, so those stay as without it
+        train = train.subset(np.flatnonzero(~np.isin(train.labels.numpy(), excluded)))
     return DataBundle(name=f"{base}-lt" if lt else base, train=train, val=val, test=test,
                       class_counts=class_counts, mean=mean, std=std,
-                      in_channels=int(full.images.shape[1]), image_size=int(full.images.shape[-1]))
+                      in_channels=int(full.images.shape[1]), image_size=int(full.images.shape[-1]),
+                      meta=meta, meta_borrowed=meta_borrowed, excluded_classes=tuple(excluded))
+
+
+def resolve_exclude_classes(spec: str | list[int] | None, class_counts: list[int]) -> list[int]:
+    """``data.exclude_classes`` as sorted class ids: ``"largest"`` = argmax n_c (the lowest id on a
+    tie; class 0 of a CIFAR-LT subset), a list = those ids, None = none. DataError if an id is out
+    of range or nothing would be left to train on."""
+    if spec is None:
+        return []
+    num_classes = len(class_counts)
+    if spec == "largest":
+        ids = [int(np.argmax(class_counts))]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(c, (int, np.integer))
+                                                 and not isinstance(c, bool) for c in spec):
+        ids = sorted({int(c) for c in spec})
+        bad = [c for c in ids if not 0 <= c < num_classes]
+        if bad:
+            raise DataError(f"data.exclude_classes names class {bad[0]}, but the dataset has classes "
+                            f"0..{num_classes - 1}. Use ids in that range, 'largest' or null.")
+    else:
+        raise DataError(f"data.exclude_classes is {spec!r}; use 'largest', a list of class ids "
+                        f"(e.g. [0, 1]) or null.")
+    if not any(n for c, n in enumerate(class_counts) if c not in ids):
+        raise DataError(f"data.exclude_classes={spec!r} removes every training image; keep at "
+                        f"least one class.")
+    return ids

@@ -15,6 +15,7 @@ name                      class distribution of an epoch                        
 ``square_root``           n_c^q / sum_j n_j^q, q = 0.5                                   N
 ``progressive``           (1 - t/T) n_c / N + (t/T) / C                                 N
 ``b3rs``                  per batch: B_k = B N_k^q / sum_j N_j^q items of block k        ~N (whole batches)
+``undersample``           1 / C: m = min_c n_c distinct items a class, re-drawn per epoch  m * C
 ========================  ============================================================  ============
 """
 
@@ -480,6 +481,52 @@ class B3RSSampler(BaseSampler):
         for k in range(self.num_blocks):
             owner[blk == k] = np.repeat(np.arange(world_size), q[:, k])
         return [np.flatnonzero(owner == r) for r in range(world_size)]
+
+
+@SAMPLERS.register("undersample")
+class UndersampleSampler(BaseSampler):
+    """Random undersampling to a class-balanced set, re-drawn every epoch: the balanced set of
+    the three-stage strategy (Li, Tan, Pan, arXiv 2104.09830; [PROPOSED] reading of METHODS.md §3).
+
+    Every epoch takes m distinct items of each class that has items, uniformly without
+    replacement, and shuffles the m * C' items together (C' = classes with items):
+    m = min_c n_c over those classes (``per_class: null``, the default) or ``per_class``, and
+    p_c = 1 / C' exactly, in every epoch. The draw depends only on (seed, epoch), so each epoch
+    sees another balanced subset of the large classes and resume is exact.
+
+    Args:
+        per_class: m; null (default) = the smallest class count; an integer must not exceed it.
+    """
+
+    def __init__(self, labels, class_counts, seed: int = 0, per_class: Optional[int] = None):
+        super().__init__(labels, class_counts, seed)
+        if len(self.present) == 0:
+            raise ValueError("undersample sampler needs at least one labelled item")
+        smallest = int(self.counts[self.present].min())
+        if per_class is None:
+            self.per_class = smallest
+        else:
+            self.per_class = _require_int(per_class, "per_class", 1)
+            if self.per_class > smallest:
+                raise ConfigError(f"'{_KEY}per_class' = {self.per_class} exceeds the smallest "
+                                  f"class ({smallest} items): undersampling cannot balance it. "
+                                  f"Use at most {smallest}, or null for that.")
+
+    def __len__(self) -> int:
+        return self.per_class * len(self.present)
+
+    def class_distribution(self, epoch: int = 0) -> np.ndarray:
+        p = np.zeros(self.num_classes)
+        p[self.present] = 1.0 / len(self.present)
+        return p
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        rng = epoch_rng(self.seed, epoch)
+        m = self.per_class
+        picked = [self.class_indices[c][np.argsort(rng.random(len(self.class_indices[c])),
+                                                   kind="stable")[:m]] for c in self.present]
+        items = np.concatenate(picked).astype(np.int64)
+        return items[rng.permutation(len(items))]
 
 
 def build_sampler(name: str, labels, class_counts, seed: int = 0, **params) -> BaseSampler:

@@ -21,6 +21,8 @@ def evaluate_run(run_dir: Path, data_root: Path) -> Dict[str, Any]:
         raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass a folder written by "
                             f"`longtail train`.")
     cfg = validate(load_yaml_tree(saved), f"config {saved}")
+    if cfg.stages:   # a multi-stage run: its metrics.json is its last stage's (engine/pipeline.py)
+        return evaluate_run(run_dir / cfg.stages[-1].name, data_root)
     run = build_run(cfg, run_dir, data_root)
     if (run_dir / WEIGHTS).is_file():
         weights = ckpt.load_weights(run_dir / WEIGHTS)

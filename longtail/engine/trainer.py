@@ -114,7 +114,9 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     d = cfg.data
     data = build_data(d.dataset, data_root, imbalance_factor=d.imbalance_factor, profile=d.profile,
                       seed=d.subset_seed, max_per_class=d.max_per_class,
-                      max_test_per_class=d.max_test_per_class, val_per_class=d.val_per_class)
+                      max_test_per_class=d.max_test_per_class, val_per_class=d.val_per_class,
+                      meta_per_class=d.meta_per_class, meta_from=d.meta_from,
+                      exclude_classes=d.exclude_classes)
     counts = list(data.class_counts)
 
     torch.manual_seed(cfg.seed)
@@ -326,6 +328,7 @@ def write_results(run: Run, results: Dict[str, Dict[str, Any]], metrics: Dict[st
     run_dir = run.run_dir
     ckpt.save_weights(run_dir / WEIGHTS, run.method.model.state_dict(),
                       {"format": "longtail", "dataset": run.data.name})
+    run.method.save_artifacts(run_dir)   # method-specific files (e.g. MFM's modulator.safetensors)
     ckpt.atomic_write_json(run_dir / "metrics.json", metrics)
     plot_per_class(run_dir / "per_class_accuracy.png", run.data.class_counts, results,
                    title=f"{run.data.name}: {run.cfg.method.name} / {run.cfg.loss.name}")

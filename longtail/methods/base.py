@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from longtail.data.loader import Batch
 from longtail.engine.distributed import DistInfo, unwrap, wrap_ddp
+from longtail.errors import ConfigError
 from longtail.optim import build_optimizer
 from longtail.registry import Registry
 
@@ -52,7 +54,10 @@ class Method:
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model                             # bare model: eval, checkpoints
-        self.optimizer = build_optimizer(self.cfg.optim, self.trainable_parameters())
+        # run facts an optimiser may ask for by name (rsam: noise seed, the loss's DRW epoch)
+        self.optimizer = build_optimizer(self.cfg.optim, self.trainable_parameters(),
+                                         seed=self.cfg.seed,
+                                         drw_epoch=getattr(self.loss, "drw_epoch", None))
         self.train_model = wrap_ddp(model, ctx.dist, ctx.device)  # what the step runs
         if self.cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
@@ -62,6 +67,11 @@ class Method:
         # set by the trainer before each step under DDP: (this rank's batch / global batch) x world
         # size; 1.0 unless the ranks' shares differ (a short last batch split unevenly)
         self.grad_scale = 1.0
+        if self.scaler.is_enabled() and getattr(self.optimizer, "needs_closure", False):
+            raise ConfigError(
+                f"train.amp=fp16 cannot be combined with optim.name={self.cfg.optim.name}: its step "
+                f"evaluates the closure itself (at perturbed weights), where fp16's GradScaler cannot "
+                f"unscale and check the gradients before the base step. Use train.amp=bf16 (or none).")
 
     # -- hooks -------------------------------------------------------------------------------
     def setup_model(self, model: nn.Module) -> None:
@@ -73,6 +83,8 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         if hasattr(self.loss, "set_epoch"):
             self.loss.set_epoch(epoch)
+        if hasattr(self.optimizer, "set_epoch"):   # e.g. rsam's noise decay
+            self.optimizer.set_epoch(epoch)
 
     def on_epoch_end(self, epoch: int) -> Dict[str, float]:
         """Extra per-epoch statistics for history.jsonl."""
@@ -89,6 +101,10 @@ class Method:
         """Method-specific entries for metrics.json (e.g. the tau chosen on val)."""
         return {}
 
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Write method-specific files into the finished run folder (rank 0, before metrics.json;
+        e.g. MFM's ``modulator.safetensors``). Default: nothing."""
+
     # -- the step ----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -100,6 +116,13 @@ class Method:
         return self.loss(out.logits.float(), batch.labels)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward + step for a loss computed outside a closure (one gradient at the current
+        weights). :meth:`train_step` uses the closure path instead; optimisers that evaluate the
+        closure themselves (sam, rsam) cannot use this."""
+        if getattr(self.optimizer, "needs_closure", False):
+            raise ConfigError(f"{type(self).__name__} computes its loss outside the step closure, "
+                              f"which optim.name={self.cfg.optim.name} needs. Use optim.name=sgd, "
+                              f"or build the step with make_closure() and optimizer_step().")
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scale != 1.0:
             loss = loss * self.grad_scale
@@ -111,11 +134,66 @@ class Method:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The closure's backward: DDP share weighting, fp16 loss scaling, gradient clipping."""
+        if self.grad_scale != 1.0:
+            loss = loss * self.grad_scale
+        self.scaler.scale(loss).backward()
+        clip = self.cfg.optim.grad_clip
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
+
+    @contextlib.contextmanager
+    def frozen_running_stats(self):
+        """Leave BatchNorm running statistics (and num_batches_tracked) as they were before."""
+        saved = [(buf, buf.detach().clone()) for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                 and m.track_running_stats
+                 for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+                 if buf is not None]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, old in saved:
+                    buf.copy_(old)
+
+    def make_closure(self, batch: Batch) -> Callable[[], torch.Tensor]:
+        """PyTorch's closure for this batch: zero the gradients, forward, loss, backward (with
+        grad_scale, AMP, clipping); returns the detached loss. The optimiser calls it once (sgd,
+        rsam) or more (sam: at w, then at w + e); BatchNorm running statistics are updated by the
+        first call of the step only. Under DDP every backward all-reduces (no ``no_sync``)."""
+        calls = 0
+
+        def closure() -> torch.Tensor:
+            nonlocal calls
+            again = calls > 0
+            calls += 1
+            with self.frozen_running_stats() if again else contextlib.nullcontext():
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.compute_loss(batch)
+                self.backward(loss)
+            return loss.detach()
+
+        return closure
+
+    def optimizer_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``optimizer.step(closure)``; returns the closure's (first) loss. With fp16 the closure
+        runs once here and GradScaler unscales, checks and steps (it cannot drive a closure), so
+        optimisers that evaluate the closure themselves are refused at construction."""
+        if self.scaler.is_enabled():
+            loss = closure()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return loss
+        return self.optimizer.step(closure)
+
     def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        """One optimisation step; returns detached statistics (at least ``loss``)."""
-        loss = self.compute_loss(batch)
-        self.backward_and_step(loss)
-        return {"loss": loss.detach()}
+        """One optimisation step through the closure protocol; returns detached statistics
+        (at least ``loss``: the loss at the current weights, or at the perturbed ones for rsam)."""
+        loss = self.optimizer_step(self.make_closure(batch))
+        return {"loss": loss}
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

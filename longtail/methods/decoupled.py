@@ -49,8 +49,12 @@ from longtail.models.registry import HEADS
 WEIGHTS = "model.safetensors"   # the names the trainer writes (kept here to avoid an import cycle)
 CHECKPOINT = "last.pt"
 
-# data options that decide the training set: stage 2 must train on stage 1's images
-DATA_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "max_per_class")
+# data options that decide the training set: stage 2 must train on stage 1's images.
+# data.exclude_classes is left out on purpose: it only removes whole classes from that same
+# subset (val and test unchanged), so a residual stage may follow or precede a full one (the
+# three-stage pipeline, longtail.engine.pipeline)
+DATA_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "max_per_class",
+             "meta_per_class", "meta_from")
 MODEL_KEYS = ("backbone", "backbone_params", "neck", "neck_params", "head", "head_params")
 DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))   # 0.0, 0.1, ..., 2.0 (tau_norm.py)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
@@ -19,9 +20,15 @@ def sgd(params: Iterable[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(cfg, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Optimizer named by ``optim.name``; every param group remembers its base lr as ``base_lr``."""
-    optimizer = OPTIMIZERS.get(cfg.name)(params, cfg)
+def build_optimizer(cfg, params: Iterable[torch.nn.Parameter], **facts) -> torch.optim.Optimizer:
+    """Optimizer named by ``optim.name``; every param group remembers its base lr as ``base_lr``.
+
+    ``facts``: run facts a builder may ask for by name (``seed``, ``drw_epoch`` for rsam); each is
+    passed only to builders whose signature has it.
+    """
+    builder = OPTIMIZERS.get(cfg.name)
+    accepts = inspect.signature(builder).parameters
+    optimizer = builder(params, cfg, **{k: v for k, v in facts.items() if k in accepts})
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     return optimizer
@@ -33,5 +40,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
         group["lr"] = group["base_lr"] * factor
     return optimizer.param_groups[0]["lr"]
 
+
+from longtail.optim import sam as _sam  # noqa: E402,F401  (registers sam, rsam)
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "Schedule", "build_optimizer", "build_schedule", "set_lr"]

@@ -1,0 +1,226 @@
+"""MFM — Meta Feature Modulator (Wang, Hu, Zhu, Shu, Zhao, Meng, arXiv 2008.03428, 2020).
+
+Per-channel scale/shift modulation of intermediate features (``longtail.models.modulator``),
+meta-learned on a small balanced meta set with the bi-level step of ``longtail.engine.meta``.
+The paper's body and code are not public: everything beyond the abstract is [PROPOSED]
+(METHODS.md §1). Per training step t, with α_t the current lr of the model optimiser::
+
+    1. θ̂(φ) = θ − α_t ∇θ L_train(θ, φ)                 virtual SGD step (second order in φ)
+    2. φ ← Adam(φ, ∇φ CE_meta(θ̂(φ)))                    meta batch from data.meta (balanced)
+    3. θ ← SGD(θ, ∇θ L_train(θ, φ_new))                 the real step (momentum, wd, AMP, DDP)
+
+L_train is the configured loss (``loss.name``) on the long-tailed batch, *modulated*; the meta
+loss is plain CE on the meta batch, *unmodulated* (``modulate_meta``); evaluation is unmodulated
+(``modulate_at_test``): the modulation models the long-tailed -> balanced shift during training
+only, and the deployed network is the plain f(·; θ).
+
+Options (``method.*``)::
+
+    variant: network            direct | network (modulator MLP from pooled features)
+    stages: null                stage indices to modulate (null: after every stage)
+    hidden_ratio: 4             network: hidden width C_l / hidden_ratio
+    modulate_meta: false        modulate the meta forward too
+    modulate_at_test: false     modulate evaluation forwards (and `longtail eval`)
+    meta_batch_size: 100        meta images per meta step (global, split over DDP ranks)
+    meta_augment: false         crop/flip the meta images like training images
+    meta_every: 1               one meta update every N training steps
+    meta_optimizer: adam        adam | sgd
+    meta_lr: 1.0e-3
+    meta_weight_decay: 1.0e-4
+    meta_momentum: 0.9          sgd only
+    meta_grad_clip: null        max global norm of the hyper-gradient
+    inner_lr: null              α of the virtual step (null: the optimiser's current lr)
+    inner_weight_decay: 0.0     λ of the virtual step (MW-Net: none)
+    second_order: true          false: first-order virtual step (then φ gets no hyper-gradient
+                                unless the meta forward is modulated)
+    meta_amp: false             run the virtual passes under train.amp's autocast
+    modulator: null             PATH (or run folder) of a saved modulator.safetensors to start from
+    freeze_modulator: false     keep it fixed: no meta step, no meta set needed (transfer)
+
+Transfer: ``longtail train configs/fashion_mnist_lt/ce.yaml method.name=mfm
+method.modulator=runs/c10-mfm/modulator.safetensors method.freeze_modulator=true`` trains a new
+network under the frozen modulator of another run (stage widths must match; the CIFAR ResNets
+have 16/32/64 for any input channel count) without a meta set. The loaded modulator's own
+variant / stages / hidden_ratio win over the options above; like ``stage1``, the path must still
+exist when ``longtail eval`` rebuilds the run (the trained modulator itself comes from last.pt).
+
+Files: ``RUN_DIR/modulator.safetensors`` at the end of a run; the modulator and the meta
+optimiser are also in ``last.pt`` (method state), with the step counters, so a resumed run is
+bit-identical on CPU (meta batches are a function of (seed, meta step)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.data.loader import Batch
+from longtail.data.meta import build_meta_loader
+from longtail.engine.distributed import all_reduce_sum
+from longtail.engine.meta import bilevel_meta_step, loss_closure, make_meta_optimizer
+from longtail.errors import ConfigError
+from longtail.methods.base import METHODS, Method, MethodContext
+from longtail.models.modulator import (FeatureModulator, StageModulation, build_modulator,
+                                       load_modulator, save_modulator)
+
+MODULATOR_FILE = "modulator.safetensors"
+
+
+@METHODS.register("mfm")
+class MFM(Method):
+    """Meta feature modulation; see the module docstring for the algorithm and options."""
+
+    def __init__(self, ctx: MethodContext, variant: str = "network",
+                 stages: Optional[List[int]] = None, hidden_ratio: int = 4,
+                 modulate_meta: bool = False, modulate_at_test: bool = False,
+                 meta_batch_size: int = 100, meta_augment: bool = False, meta_every: int = 1,
+                 meta_optimizer: str = "adam", meta_lr: float = 1e-3,
+                 meta_weight_decay: float = 1e-4, meta_momentum: float = 0.9,
+                 meta_grad_clip: Optional[float] = None, inner_lr: Optional[float] = None,
+                 inner_weight_decay: float = 0.0, second_order: bool = True,
+                 meta_amp: bool = False, modulator: Optional[str] = None,
+                 freeze_modulator: bool = False):
+        if meta_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"method.meta_optimizer={meta_optimizer!r}: use adam or sgd.")
+        if not isinstance(meta_every, int) or meta_every < 1:
+            raise ConfigError(f"method.meta_every={meta_every!r} must be an integer >= 1.")
+        if not isinstance(meta_batch_size, int) or meta_batch_size < 1:
+            raise ConfigError(f"method.meta_batch_size={meta_batch_size!r} must be an integer >= 1.")
+        if freeze_modulator and not modulator:
+            raise ConfigError("method.freeze_modulator=true needs method.modulator=PATH (a "
+                              "modulator.safetensors from a finished MFM run); a frozen new "
+                              "modulator is the identity and would train plain ERM.")
+        self.variant, self.stages, self.hidden_ratio = variant, stages, hidden_ratio
+        self.modulate_meta, self.modulate_at_test = bool(modulate_meta), bool(modulate_at_test)
+        self.meta_every, self.inner_lr = meta_every, inner_lr
+        self.inner_weight_decay, self.second_order = float(inner_weight_decay), bool(second_order)
+        self.meta_amp, self.meta_grad_clip = bool(meta_amp), meta_grad_clip
+        self.modulator_path, self.frozen = modulator, bool(freeze_modulator)
+        super().__init__(ctx)   # calls setup_model (builds self.modulator) before the optimiser
+
+        self.modulator = self.modulator.to(self.device)
+        self.modulation = StageModulation(self.model.backbone, self.modulator,
+                                          default=self.modulate_at_test)
+        self.meta_params = [p for p in self.modulator.parameters()]
+        if self.frozen:
+            for p in self.meta_params:
+                p.requires_grad_(False)
+            self.meta_loader, self.meta_optimizer = None, None
+        else:
+            data = ctx.data
+            if data is None or getattr(data, "meta", None) is None or len(data.meta) == 0:
+                raise ConfigError("method.name=mfm meta-learns its modulator on a balanced meta set, "
+                                  "but the run has none: set data.meta_per_class (e.g. 10), or train "
+                                  "under a saved modulator with method.modulator=PATH "
+                                  "method.freeze_modulator=true.")
+            self.meta_loader = build_meta_loader(data, self.cfg, self.device,
+                                                 batch_size=meta_batch_size, augment=meta_augment,
+                                                 rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+            self.meta_optimizer = make_meta_optimizer(self.meta_params, meta_optimizer, meta_lr,
+                                                      meta_weight_decay, meta_momentum)
+        self.steps = 0           # training steps done (decides when a meta step is due)
+        self.meta_steps = 0      # meta updates done (the meta batch index)
+        self._meta_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._meta_count = 0
+
+    # -- model -------------------------------------------------------------------------------
+    def setup_model(self, model: nn.Module) -> None:
+        backbone = model.backbone
+        if self.modulator_path:
+            self.modulator: FeatureModulator = load_modulator(self.modulator_path, backbone)
+        else:
+            self.modulator = build_modulator(backbone, self.variant, self.stages, self.hidden_ratio)
+
+    @contextlib.contextmanager
+    def _modulator_constant(self):
+        """The real step: modulation applied with φ fixed (no gradient into the modulator)."""
+        flags = [p.requires_grad for p in self.meta_params]
+        for p in self.meta_params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, f in zip(self.meta_params, flags):
+                p.requires_grad_(f)
+
+    # -- the step ----------------------------------------------------------------------------
+    def meta_step(self, batch: Batch) -> torch.Tensor:
+        """Steps 1-2: update the modulator on the next meta batch; returns the meta loss."""
+        meta = self.meta_loader.batch(self.meta_steps)
+        model = self.bare_model
+        amp = self.amp_dtype if self.meta_amp else None
+        lr = self.inner_lr if self.inner_lr is not None else self.optimizer.param_groups[0]["lr"]
+        train_fn = loss_closure(model, batch.images, batch.labels, self.loss, amp_dtype=amp,
+                                context=lambda: self.modulation.active(True))
+        meta_fn = loss_closure(model, meta.images, meta.labels, F.cross_entropy, amp_dtype=amp,
+                               context=lambda: self.modulation.active(self.modulate_meta))
+        stats = bilevel_meta_step(model, self.meta_params, self.meta_optimizer, train_fn, meta_fn,
+                                  lr, weight_decay=self.inner_weight_decay,
+                                  differentiable=self.second_order, info=self.ctx.dist,
+                                  max_norm=self.meta_grad_clip)
+        self.meta_steps += 1
+        return stats.meta_loss
+
+    def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        if not self.frozen and self.steps % self.meta_every == 0:
+            meta_loss = self.meta_step(batch)
+            self._meta_sum += meta_loss.double()
+            self._meta_count += 1
+            out["meta_loss"] = meta_loss
+        # step 3, the real step (the base class's closure protocol: also works with sam / rsam)
+        with self.modulation.active(True), self._modulator_constant():
+            loss = self.optimizer_step(self.make_closure(batch))
+        self.steps += 1
+        out["loss"] = loss.detach()
+        return out
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self._meta_sum.zero_()
+        self._meta_count = 0
+
+    def on_epoch_end(self, epoch: int) -> Dict[str, float]:
+        if self._meta_count == 0:
+            return {}
+        both = torch.stack([self._meta_sum.cpu(), torch.tensor(float(self._meta_count),
+                                                               dtype=torch.float64)])
+        all_reduce_sum(both, self.ctx.dist)   # each rank's meta loss is on its share of the batch
+        return {"meta_loss": float(both[0] / both[1])}
+
+    def extra_metrics(self) -> Dict[str, Any]:
+        data = self.ctx.data
+        meta = getattr(data, "meta", None) if data is not None else None
+        return {"mfm": {
+            "variant": self.modulator.variant, "stages": list(self.modulator.stages),
+            "frozen": self.frozen, "modulator": str(self.modulator_path) if self.modulator_path else None,
+            "meta_images": 0 if meta is None else len(meta),
+            "meta_borrowed": None if data is None else getattr(data, "meta_borrowed", None),
+            "meta_steps": self.meta_steps,
+        }}
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        save_modulator(Path(run_dir) / MODULATOR_FILE, self.modulator)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["mfm"] = {"modulator": self.modulator.state_dict(), "steps": self.steps,
+                        "meta_steps": self.meta_steps,
+                        "meta_optimizer": (self.meta_optimizer.state_dict()
+                                           if self.meta_optimizer is not None else None)}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        mine = state["mfm"]
+        self.modulator.load_state_dict(mine["modulator"])
+        self.steps, self.meta_steps = int(mine["steps"]), int(mine["meta_steps"])
+        if self.meta_optimizer is not None and mine["meta_optimizer"] is not None:
+            self.meta_optimizer.load_state_dict(mine["meta_optimizer"])

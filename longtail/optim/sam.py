@@ -1,0 +1,293 @@
+"""Sharpness-aware minimisation (SAM) and random-neighbourhood SAM (RSAM / GNM) as optimiser
+wrappers driven by PyTorch's closure protocol.
+
+Both wrap a base optimiser built from the same ``optim`` section (``optim.base_optimizer``, SGD by
+default) and share its ``param_groups`` (so the trainer's learning-rate schedule, ``base_lr`` and
+gradient clipping see the base's groups). ``step(closure)`` needs the closure: it zeroes the
+gradients, runs forward + loss + backward and returns the loss (``Method.make_closure``).
+
+**SAM** (Foret et al., ICLR 2021; ``optim.name: sam``), two forward/backward passes per step::
+
+    g  = closure() at w                      # under DDP the backward all-reduces: g is global
+    e  = rho * g / (|g| + 1e-12)             # |.|: L2 norm over all parameters with a gradient
+         (sam_adaptive: e = rho * w^2 g / (| |w| g | + 1e-12), ASAM without its eta, as davda54/sam)
+    w <- w + e ; g' = closure() at w + e ; w <- w (restored bit for bit from a copy)
+    base step with g'                        # returns the loss at w (comparable with SGD's)
+
+**RSAM / GNM** (Li et al., NeurIPS 2024, Keke921/GNM-PT ``rsam.py``; ``optim.name: rsam``), one
+forward/backward pass per step::
+
+    xi ~ N(0, (1/3)^2) per element of every trainable parameter, clamped to [-1, 1]
+    w <- w + rho * dis_mul * decay(epoch) * xi ; g = closure() ; w <- w (restored) ; base step
+    decay(e) = 0.5 ** floor((e - 1) / (D - 1))  with D = rsam_decay_epoch (0-based, default the
+               loss's drw_epoch; GNM-PT's reweight_epoch is D - 1, its 59 of 70 is D = 60)
+
+At e = 0 GNM-PT's formula gives floor(-1 / 59) = -1, a factor 2 in the first epoch: kept by
+default (``rsam_fix_epoch0_quirk: false``), factor 1 with the flag. With no decay epoch (no DRW)
+the factor is 1 throughout. The period is clamped to at least one epoch (D = 1 behaves as D = 2).
+The noise comes from the optimiser's own ``torch.Generator`` on the parameters' device, seeded
+from the run's ``seed`` (the same on every DDP rank, so all ranks perturb identically) and saved
+in ``state_dict`` (resuming continues the exact noise sequence). The global RNG is not touched.
+
+Details shared by both:
+
+* Gradient clipping (``optim.grad_clip``) happens inside the closure, i.e. on every gradient. The
+  base step therefore uses the clipped gradient at the perturbed point. For SAM the first
+  gradient is clipped too; that changes nothing: clipping rescales all gradients by one factor
+  and ``e`` depends only on the direction of g (of |w| g when adaptive), up to float rounding.
+* DDP: the closure's backward runs without ``no_sync``, so the first SAM gradient is already the
+  all-reduced one and |g|, e are identical on every rank (not "m-sharpness" per rank).
+* BatchNorm running statistics are updated by the first closure evaluation of a step only
+  (``Method.make_closure``): SAM's second pass does not count the batch twice.
+* AMP: bf16 autocast works as is; fp16 (GradScaler) cannot sit between a closure evaluated by the
+  optimiser and its base step, so ``train.amp: fp16`` with sam / rsam is a ConfigError.
+* ``set_epoch(e)`` is called by ``Method.on_epoch_start`` (0-based epochs).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from longtail.errors import ConfigError
+from longtail.optim import OPTIMIZERS
+
+WRAPPERS = ("sam", "rsam")
+
+
+def build_base(params, cfg, **facts: Any) -> torch.optim.Optimizer:
+    """The optimiser sam / rsam wrap: ``optim.base_optimizer`` built from the same section."""
+    name = getattr(cfg, "base_optimizer", "sgd")
+    if name in WRAPPERS:
+        raise ConfigError(f"optim.base_optimizer={name} cannot be used under optim.name={cfg.name}: "
+                          f"the base must be a plain optimiser such as sgd.")
+    builder = OPTIMIZERS.get(name)
+    accepts = inspect.signature(builder).parameters
+    return builder(params, cfg, **{k: v for k, v in facts.items() if k in accepts})
+
+
+def rsam_noise_factor(epoch: int, decay_epoch: Optional[int], fix_epoch0_quirk: bool = False) -> float:
+    """GNM-PT's noise decay ``0.5 ** floor((epoch - 1) / (decay_epoch - 1))`` (0-based epochs).
+
+    ``decay_epoch`` None: 1.0 always. The quirk: epoch 0 gives 2.0 unless ``fix_epoch0_quirk``.
+    """
+    if decay_epoch is None:
+        return 1.0
+    period = max(int(decay_epoch) - 1, 1)
+    halvings = (int(epoch) - 1) // period
+    if fix_epoch0_quirk:
+        halvings = max(halvings, 0)
+    return 0.5 ** halvings
+
+
+class PerturbedOptimizer(torch.optim.Optimizer):
+    """Base of SAM and RSAM: shares the base optimiser's groups and state, saves its own extras."""
+
+    #: step() evaluates the closure itself, at weights of its choosing (Method checks this for fp16)
+    needs_closure = True
+    kind = "perturbed"
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float):
+        if not rho >= 0.0:
+            raise ConfigError(f"optim.rho must be >= 0, got {rho!r}.")
+        super().__init__(base.param_groups, {})   # registers the base's group dicts (no copies)
+        self.base = base
+        self.rho = float(rho)
+        self.epoch = 0
+        self._link()
+
+    def _link(self) -> None:
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.defaults = self.base.defaults
+
+    # -- the parameters a step touches -------------------------------------------------------
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _move(params: List[torch.Tensor], deltas: List[torch.Tensor]) -> List[torch.Tensor]:
+        """w <- w + delta for each parameter; returns exact copies of the old values."""
+        saved = [p.detach().clone() for p in params]
+        for p, d in zip(params, deltas):
+            p.add_(d.to(device=p.device, dtype=p.dtype))
+        return saved
+
+    @staticmethod
+    def _restore(params: List[torch.Tensor], saved: List[torch.Tensor]) -> None:
+        for p, old in zip(params, saved):
+            p.copy_(old)
+
+    @staticmethod
+    def _check_closure(closure: Optional[Callable[[], Any]], name: str) -> Callable[[], Any]:
+        if closure is None:
+            raise RuntimeError(f"{name}.step() needs a closure that zeroes the gradients, runs "
+                               f"forward + loss + backward and returns the loss "
+                               f"(Method.make_closure builds it).")
+        return torch.enable_grad()(closure)
+
+    # -- torch.optim.Optimizer interface ------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not hasattr(self, "base"):   # torch.optim.Optimizer.__init__ registering the groups
+            return super().add_param_group(param_group)
+        self.base.add_param_group(param_group)
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "base": self.base.state_dict(), "epoch": self.epoch,
+                **self.extra_state()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        kind = state_dict.get("kind") if isinstance(state_dict, dict) else None
+        if kind != self.kind:
+            raise ValueError(f"this optimizer state was saved by {kind or 'a plain optimiser'!r}, "
+                             f"not {self.kind!r}: resume with the optim.name it was trained with.")
+        self.base.load_state_dict(state_dict["base"])
+        self._link()                      # load_state_dict replaced the base's group dicts
+        self.epoch = int(state_dict["epoch"])
+        self.load_extra_state(state_dict)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rho={self.rho}, base={self.base!r})"
+
+
+class SAM(PerturbedOptimizer):
+    """SAM: gradient at w, ascend to w + rho g/|g|, gradient there, base step at w with it."""
+
+    kind = "sam"
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False):
+        super().__init__(base, rho)
+        self.adaptive = bool(adaptive)
+
+    def perturbation(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """e for each parameter with a gradient (the gradient the closure left in ``.grad``)."""
+        grads = [p.grad for p in params]
+        scaled = [(p.abs() * g if self.adaptive else g) for p, g in zip(params, grads)]
+        device = params[0].device
+        norms = [torch.linalg.vector_norm(s.float() if s.dtype in (torch.float16, torch.bfloat16)
+                                          else s) for s in scaled]   # fp32 at least
+        dtype = norms[0].dtype
+        for n in norms[1:]:
+            dtype = torch.promote_types(dtype, n.dtype)
+        norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
+        scale = self.rho / (norm + 1e-12)
+        return [(p * p * g if self.adaptive else g) * scale.to(g.device)
+                for p, g in zip(params, grads)]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        closure = self._check_closure(closure, "SAM")
+        loss = closure()                                      # gradient at w
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            self.base.step()
+            return loss
+        saved = self._move(params, self.perturbation(params))  # w + e
+        try:
+            closure()                                         # gradient at w + e
+        finally:
+            self._restore(params, saved)                      # back to w, bit for bit
+        self.base.step()
+        return loss
+
+    def __repr__(self) -> str:
+        return f"SAM(rho={self.rho}, adaptive={self.adaptive}, base={self.base!r})"
+
+
+class RSAM(PerturbedOptimizer):
+    """RSAM / GNM: gradient at a random point of a Gaussian neighbourhood of w, base step at w."""
+
+    kind = "rsam"
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, dis_mul: float = 0.1,
+                 decay_epoch: Optional[int] = None, fix_epoch0_quirk: bool = False, seed: int = 0):
+        super().__init__(base, rho)
+        if not dis_mul >= 0.0:
+            raise ConfigError(f"optim.rsam_dis_mul must be >= 0, got {dis_mul!r}.")
+        if decay_epoch is not None and (isinstance(decay_epoch, bool) or int(decay_epoch) < 1):
+            raise ConfigError(f"optim.rsam_decay_epoch must be a positive epoch or null, got "
+                              f"{decay_epoch!r}.")
+        self.dis_mul = float(dis_mul)
+        self.decay_epoch = None if decay_epoch is None else int(decay_epoch)
+        self.fix_epoch0_quirk = bool(fix_epoch0_quirk)
+        self.seed = int(seed)
+        self.steps = 0
+        params = self._params()
+        device = params[0].device if params else torch.device("cpu")
+        self.generator = torch.Generator(device=device)
+        # a stream of its own: not the global RNG's (which the same seed initialised the model with)
+        self.generator.manual_seed((self.seed * 1_000_003 + 0x52534D) % (2 ** 63))
+
+    def noise_factor(self, epoch: Optional[int] = None) -> float:
+        """rho * dis_mul * decay(epoch): the scale of xi in the perturbation."""
+        e = self.epoch if epoch is None else epoch
+        return self.rho * self.dis_mul * rsam_noise_factor(e, self.decay_epoch, self.fix_epoch0_quirk)
+
+    def sample_xi(self, param: torch.Tensor) -> torch.Tensor:
+        """xi ~ N(0, (1/3)^2) clamped to [-1, 1], float32, the parameter's shape."""
+        gen = self.generator
+        xi = torch.randn(param.shape, generator=gen, device=gen.device, dtype=torch.float32)
+        return xi.div_(3.0).clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        closure = self._check_closure(closure, "RSAM")
+        params = [p for p in self._params() if p.requires_grad]
+        factor = self.noise_factor()
+        saved = self._move(params, [self.sample_xi(p).mul_(factor) for p in params])
+        try:
+            loss = closure()                                  # gradient at w + e
+        finally:
+            self._restore(params, saved)
+        self.base.step()
+        self.steps += 1
+        return loss
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"generator": self.generator.get_state(), "steps": self.steps, "seed": self.seed}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.steps = int(state.get("steps", 0))
+
+    def __repr__(self) -> str:
+        return (f"RSAM(rho={self.rho}, dis_mul={self.dis_mul}, decay_epoch={self.decay_epoch}, "
+                f"fix_epoch0_quirk={self.fix_epoch0_quirk}, base={self.base!r})")
+
+
+@OPTIMIZERS.register("sam")
+def sam(params, cfg, seed: int = 0, drw_epoch: Optional[int] = None) -> SAM:
+    """SAM around ``optim.base_optimizer``: ``optim.rho``, ``optim.sam_adaptive``."""
+    base = build_base(params, cfg, seed=seed, drw_epoch=drw_epoch)
+    return SAM(base, rho=getattr(cfg, "rho", 0.05), adaptive=getattr(cfg, "sam_adaptive", False))
+
+
+@OPTIMIZERS.register("rsam")
+def rsam(params, cfg, seed: int = 0, drw_epoch: Optional[int] = None) -> RSAM:
+    """RSAM around ``optim.base_optimizer``: ``optim.rho``, ``optim.rsam_dis_mul``,
+    ``optim.rsam_decay_epoch`` (None: the loss's ``drw_epoch``), ``optim.rsam_fix_epoch0_quirk``;
+    the noise generator is seeded from the run's ``seed``."""
+    base = build_base(params, cfg, seed=seed, drw_epoch=drw_epoch)
+    decay = getattr(cfg, "rsam_decay_epoch", None)
+    return RSAM(base, rho=getattr(cfg, "rho", 0.05), dis_mul=getattr(cfg, "rsam_dis_mul", 0.1),
+                decay_epoch=drw_epoch if decay is None else decay,
+                fix_epoch0_quirk=getattr(cfg, "rsam_fix_epoch0_quirk", False), seed=seed)
+
+
+__all__ = ["SAM", "RSAM", "PerturbedOptimizer", "rsam_noise_factor", "build_base"]
