@@ -173,6 +173,23 @@ def load_yaml_tree(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
     return deep_merge(merged, data)
 
 
+_MISSING = object()
+
+
+def get_dotted(tree: Dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``; ``default`` where a part is missing."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def has_dotted(tree: Dict[str, Any], dotted: str) -> bool:
+    return get_dotted(tree, dotted, _MISSING) is not _MISSING
+
+
 def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
     tree = dict(tree)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from reference_lt import reference_subset
 import pytest
 import torch
 
@@ -48,23 +49,6 @@ def cifar10_root(tmp_path, monkeypatch):
                                  b"data": rng.randint(0, 256, (30, 3072)).astype(np.uint8)})
     dump(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
     return tmp_path, data, labels, test_labels
-
-
-def reference_subset(labels: np.ndarray, img_max: int, cls_num: int, imb_factor: float) -> np.ndarray:
-    """Independent re-implementation of kaidic/LDAM-DRW imbalance_cifar.py (exp, rand_number=0)."""
-    state = np.random.get_state()
-    try:
-        np.random.seed(0)
-        img_num_per_cls = [int(img_max * (imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
-        targets_np = np.array(labels, dtype=np.int64)
-        selected = []
-        for the_class, the_img_num in zip(np.unique(targets_np), img_num_per_cls):
-            idx_ = np.where(targets_np == the_class)[0]
-            np.random.shuffle(idx_)
-            selected.append(idx_[:the_img_num])
-        return np.concatenate(selected)
-    finally:
-        np.random.set_state(state)
 
 
 def test_cifar10_lt(cifar10_root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from reference_lt import reference_subset
 import pytest
 
 from longtail.data import class_stats, heldout_indices, img_num_per_cls, longtail_indices, shot_groups
@@ -17,25 +18,6 @@ CIFAR10_IF10 = [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500]
 def fake_labels(num_classes: int, per_class: int, seed: int = 123) -> np.ndarray:
     """Labels with the real CIFAR layout: per_class of each class, in a shuffled file order."""
     return np.random.RandomState(seed).permutation(np.repeat(np.arange(num_classes), per_class))
-
-
-def reference_subset(labels: np.ndarray, img_max: int, cls_num: int, imb_factor: float,
-                     rand_number: int = 0) -> np.ndarray:
-    """Independent re-implementation of kaidic/LDAM-DRW imbalance_cifar.py (exp profile), returning the
-    selected positions: global np.random.seed + np.random.shuffle over np.unique(targets)."""
-    state = np.random.get_state()
-    try:
-        np.random.seed(rand_number)
-        img_num_per_cls = [int(img_max * (imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
-        targets_np = np.array(labels, dtype=np.int64)
-        selected = []
-        for the_class, the_img_num in zip(np.unique(targets_np), img_num_per_cls):
-            idx = np.where(targets_np == the_class)[0]
-            np.random.shuffle(idx)
-            selected.append(idx[:the_img_num])
-        return np.concatenate(selected)
-    finally:
-        np.random.set_state(state)
 
 
 @pytest.mark.parametrize("factor, expected", [(100, CIFAR10_IF100), (50, CIFAR10_IF50), (10, CIFAR10_IF10)])

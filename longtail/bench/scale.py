@@ -40,7 +40,7 @@ import math
 import re
 from typing import Any, Dict, List, Tuple, Union
 
-from longtail.config import Config, validate
+from longtail.config import Config, get_dotted, validate
 from longtail.errors import ConfigError
 
 # sections whose free-form options may hold epoch-valued settings (found by key name)
@@ -89,15 +89,6 @@ def _scale_value(value: Any, old: int, new: int) -> Any:
     return value
 
 
-def _get(tree: Tree, dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _set(tree: Tree, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -127,7 +118,7 @@ def scaled_settings(cfg: Union[Config, Tree], new_epochs: int) -> Dict[str, Tupl
     every = int(tree["train"]["eval_every"])
     changes["train.eval_every"] = (every, max(_round(every * new_epochs / old), 0) if every > 0 else every)
     for section in _OPEN_SECTIONS:
-        options = _get(tree, section)
+        options = get_dotted(tree, section)
         if not isinstance(options, dict):
             continue
         for key, value in options.items():

@@ -65,7 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from longtail.config import Config, apply_overrides, deep_merge, load_yaml_tree, validate
+from longtail.config import (Config, apply_overrides, deep_merge, has_dotted, load_yaml_tree,
+                             validate)
 from longtail.engine import checkpoint as ckpt
 from longtail.errors import ConfigError, LongtailError
 
@@ -109,15 +110,6 @@ def nest(overrides: Dict[str, Any], where: str) -> Dict[str, Any]:
         else:
             node[last] = copy.deepcopy(value)
     return out
-
-
-def _has(tree: Dict[str, Any], dotted: str) -> bool:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def resolve_stage_config(text: str, source: Optional[Path], where: str) -> Path:
@@ -179,7 +171,7 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
         delta = deep_merge(delta, nest(spec.overrides, where))
         if "stages" in delta:
             raise ConfigError(f"{where}: `stages` cannot be overridden inside a stage.")
-        if spec.lr_scale is not None and _has(delta, "optim.lr"):
+        if spec.lr_scale is not None and has_dotted(delta, "optim.lr"):
             raise ConfigError(f"{where}: sets both lr_scale ({spec.lr_scale}) and optim.lr (in its "
                               f"config or overrides); keep one of them.")
         tree = apply_overrides(deep_merge(copy.deepcopy(base), delta), overrides)

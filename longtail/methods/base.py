@@ -124,13 +124,7 @@ class Method:
                               f"which optim.name={self.cfg.optim.name} needs. Use optim.name=sgd, "
                               f"or build the step with make_closure() and optimizer_step().")
         self.optimizer.zero_grad(set_to_none=True)
-        if self.grad_scale != 1.0:
-            loss = loss * self.grad_scale
-        self.scaler.scale(loss).backward()
-        clip = self.cfg.optim.grad_clip
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
+        self.backward(loss)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
