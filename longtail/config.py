@@ -61,13 +61,28 @@ class LossConfig(_Open):
     name: str = "ce"
 
 
+class MLRSNetOptions(_Strict):
+    """``optim.mlrsnet.*``: the learned schedule of ``optim.schedule=mlrsnet``
+    (longtail/optim/mlrsnet.py)."""
+
+    mode: Optional[Literal["meta_train", "transfer"]] = None  # None: transfer iff checkpoint
+    checkpoint: Optional[str] = None        # mlrsnet.safetensors (or its run folder) for transfer
+    hidden: int = Field(50, ge=1)           # width of the LSTM-style cell
+    meta_every: int = Field(300, ge=1)      # meta_train: one update of the net every N steps
+    meta_batch_size: int = Field(128, ge=1)  # meta images per update (global, split over ranks)
+    meta_lr: float = Field(1e-3, gt=0.0)    # Adam on the net's weights
+    meta_weight_decay: float = Field(1e-4, ge=0.0)
+    gamma: Optional[float] = Field(None, gt=0.0)  # fixed lr scale instead of the initial-loss rule
+    gamma_images: Optional[int] = Field(None, ge=1)  # training images for that loss (None: all)
+
+
 class OptimConfig(_Strict):
     name: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2e-4
-    schedule: str = "step"                  # step | cosine | constant
+    schedule: str = "step"                  # step | cosine | constant | mlrsnet
     warmup_epochs: float = 5.0
     milestones: List[int] = Field(default_factory=lambda: [160, 180])
     gamma: float = 0.01                     # step factor at each milestone (0.01, then 1e-4)
@@ -81,6 +96,7 @@ class OptimConfig(_Strict):
     rsam_decay_epoch: Optional[int] = Field(None, ge=1)  # rsam: noise x0.5 from this 0-based
     #                                         epoch on (GNM-PT reweight_epoch + 1); None: loss.drw_epoch
     rsam_fix_epoch0_quirk: bool = False     # rsam: factor 1 at epoch 0 (GNM-PT's formula gives 2)
+    mlrsnet: MLRSNetOptions = Field(default_factory=MLRSNetOptions)  # schedule: mlrsnet
 
 
 class TrainConfig(_Strict):

@@ -319,3 +319,39 @@ def test_report_only_regenerates(tiny_suite, tmp_path):
     assert rc == 0
     assert (tmp_path / "res" / "tiny.json").is_file() and "| base | ce |" in text
     assert "## `tiny`" in (tmp_path / "doc.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# {run:NAME} references (a checkpoint to transfer from)
+
+
+def test_run_references_resolve_order_and_select(tmp_path):
+    runs = [{"name": "src", "config": str(CONFIGS / "cifar10_lt" / "mlrsnet.yaml")},
+            {"name": "other", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")},
+            {"name": "dst", "config": str(CONFIGS / "fashion_mnist_lt" / "mlrsnet_transfer.yaml"),
+             "overrides": ["optim.mlrsnet.checkpoint={run:src}"]}]
+    suite_file = write_suite(tmp_path, runs)
+    suite = load_suite(suite_file)
+    assert suite.run("dst").needs == ["src"]
+    plan = {p.name: p for p in plan_suite(suite, tmp_path / "out")}
+    assert plan["dst"].error is None
+    assert plan["dst"].cfg.optim.mlrsnet.checkpoint == str((tmp_path / "out" / "tiny" / "src").resolve())
+    rc, text = bench(suite_file, "--out", tmp_path / "out", "--dry-run", "--only", "dst")
+    assert rc == 0 and "src" in text and "other" not in text
+    # a reference to a later (or unknown) run is named before anything runs
+    bad = write_suite(tmp_path / "bad", [runs[2], runs[0]])
+    with pytest.raises(LongtailError, match=r"\{run:src\}"):
+        load_suite(bad)
+
+
+def test_run_reference_blocks_until_that_run_is_done(tmp_path, tiny_cifar_root):
+    runs = [{"name": "src", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml"),
+             "overrides": ["data.dataset=nope-lt"]},                     # fails at build time
+            {"name": "dst", "config": str(CONFIGS / "cifar10_lt" / "mlrsnet_transfer.yaml"),
+             "overrides": ["optim.mlrsnet.checkpoint={run:src}"]}]
+    suite_file = write_suite(tmp_path, runs)
+    rc, text = bench(suite_file, "--out", tmp_path / "out", "--results", tmp_path / "res",
+                     "--data-root", tiny_cifar_root)
+    assert rc == 1
+    assert "dst: blocked, its run 'src' is failed" in text
+    assert not (tmp_path / "out" / "tiny" / "dst").exists()

@@ -44,8 +44,8 @@ class BenchOptions:
 
 
 def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
-    """Runs whose name matches one of the comma-separated globs, plus the stage-1 runs they need
-    (in suite order). ``None`` selects every run."""
+    """Runs whose name matches one of the comma-separated globs, plus the earlier runs they need
+    (``stage1``, ``{run:NAME}``), in suite order. ``None`` selects every run."""
     if not only:
         return list(plan)
     globs = [g.strip() for g in only.split(",") if g.strip()]
@@ -56,10 +56,10 @@ def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
     by_name = {p.name: p for p in plan}
     stack = list(wanted)
     while stack:
-        stage1 = by_name[stack.pop()].spec.stage1
-        if stage1 and stage1 not in wanted:
-            wanted.add(stage1)
-            stack.append(stage1)
+        for need in by_name[stack.pop()].spec.needs:
+            if need not in wanted:
+                wanted.add(need)
+                stack.append(need)
     return [p for p in plan if p.name in wanted]
 
 
@@ -267,14 +267,15 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
                 echo(f"{tag}: finished earlier ({p.run_dir / 'metrics.json'}), skipped"
                      + (f"; note: its config differs from the suite's plan in {note}" if note else ""))
                 continue
-            if p.spec.stage1:
-                parent = p.stage1_dir
-                if parent is None or report.run_state(parent) != "done":
-                    why = statuses.get(p.spec.stage1, ("not finished", ""))[0]
-                    statuses[p.name] = ("blocked", f"stage1 run '{p.spec.stage1}' {why}")
-                    echo(f"{tag}: blocked, its stage1 run '{p.spec.stage1}' is {why}")
-                    flush()
-                    continue
+            missing = [n for n in p.spec.needs if report.run_state(out_dir / n) != "done"]
+            if missing:
+                first = missing[0]
+                role = "stage1 run" if first == p.spec.stage1 else "run"
+                why = statuses.get(first, ("not finished", ""))[0]
+                statuses[p.name] = ("blocked", f"{role} '{first}' {why}")
+                echo(f"{tag}: blocked, its {role} '{first}' is {why}")
+                flush()
+                continue
             resume = state == "partial"
             if resume:
                 note = _saved_config_note(p)

@@ -17,11 +17,16 @@ A suite file (``configs/bench/<name>.yaml``)::
         epochs: 1                                     # this run's own length (null: the config's)
         overrides: [optim.lr=0.02]                    # key=value list or {key: value} mapping
         method: crt                                   # table label (default: the config's name)
+      - name: fm-mlrsnet-from-c10
+        config: configs/fashion_mnist_lt/mlrsnet_transfer.yaml
+        overrides: ["optim.mlrsnet.checkpoint={run:c10-mlrsnet}"]   # {run:NAME}: that run's folder
 
 A run's config is: the config file, then the suite ``overrides``, then ``imbalance_factor``, then
 the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
 setting is scaled from that config's ``train.epochs`` (:func:`longtail.bench.scale.scale_epochs`);
-last ``stage1=<folder of the named run>``. A multi-stage config (top-level ``stages``,
+last ``stage1=<folder of the named run>``. In a run's overrides, ``{run:NAME}`` stands for the
+folder of the earlier run NAME (e.g. a checkpoint to transfer from); like ``stage1``, the run waits
+for (and is blocked by) the runs it names. A multi-stage config (top-level ``stages``,
 :mod:`longtail.engine.pipeline`) is one run: its folder holds a folder per stage, the overrides
 (scaled settings included) are its pipeline settings, so stages with ``epochs_scale`` shrink with
 it, and ``metrics.json`` is its last stage's. Relative config paths are looked up next to the suite
@@ -45,6 +50,7 @@ from longtail.errors import LongtailError
 SUITE_KEYS = ("description", "epochs", "overrides", "runs")
 RUN_KEYS = ("name", "config", "overrides", "stage1", "imbalance_factor", "epochs", "method")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_RUN_REF = re.compile(r"\{run:([^{}]*)\}")
 _INHERIT = object()          # a run without its own ``epochs`` key takes the suite's
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +69,14 @@ class RunSpec:
     @property
     def label(self) -> str:
         return self.method or self.config.stem
+
+    @property
+    def needs(self) -> List[str]:
+        """Earlier runs this one uses: ``stage1`` and every ``{run:NAME}`` of its overrides."""
+        names = [self.stage1] if self.stage1 else []
+        for o in self.overrides:
+            names += [n for n in _RUN_REF.findall(o) if n not in names]
+        return names
 
 
 @dataclass
@@ -221,6 +235,11 @@ def load_suite(suite: str | Path) -> Suite:
         if stage1 is not None and (not isinstance(stage1, str) or stage1 not in seen or stage1 == name):
             raise LongtailError(f"{rwhere}: 'stage1: {stage1}' must name an earlier run of the suite "
                                 f"(known before it: {', '.join(n for n in seen if n != name) or 'none'}).")
+        for ref in (n for o in _overrides(run.get("overrides"), rwhere) for n in _RUN_REF.findall(o)):
+            if ref not in seen or ref == name:
+                raise LongtailError(f"{rwhere}: '{{run:{ref}}}' in its overrides must name an earlier "
+                                    f"run of the suite (known before it: "
+                                    f"{', '.join(n for n in seen if n != name) or 'none'}).")
         factor = run.get("imbalance_factor")
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                    or factor < 1):
@@ -251,7 +270,8 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
     overrides = list(suite.overrides)
     if spec.imbalance_factor is not None:
         overrides.append(f"data.imbalance_factor={_fmt_number(spec.imbalance_factor)}")
-    overrides += spec.overrides
+    overrides += [_RUN_REF.sub(lambda m: str((suite_dir / m.group(1)).resolve()), o)
+                  for o in spec.overrides]
     planned = PlannedRun(spec, run_dir, overrides, None)
     where = f"Suite {suite.path}, run '{spec.name}'"
     if not spec.config.is_file():

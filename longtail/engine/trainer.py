@@ -146,16 +146,19 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
 # state
 
 
-def training_state(run: Run, epochs_done: int) -> Dict[str, Any]:
+def training_state(run: Run, epochs_done: int, schedule=None) -> Dict[str, Any]:
     return {"format": 1, "epoch": epochs_done, "model": run.method.model.state_dict(),
-            "method": run.method.state_dict(), "torch_rng": torch.get_rng_state()}
+            "method": run.method.state_dict(), "torch_rng": torch.get_rng_state(),
+            "schedule": schedule.state_dict() if schedule is not None else {}}
 
 
-def restore(run: Run) -> int:
-    """Load ``last.pt`` into the run; returns the number of epochs already done."""
+def restore(run: Run, schedule=None) -> int:
+    """Load ``last.pt`` into the run (and its schedule); returns the number of epochs done."""
     state = ckpt.load_checkpoint(run.run_dir / CHECKPOINT)
     run.method.model.load_state_dict(state["model"])
     run.method.load_state_dict(state["method"])
+    if schedule is not None and state.get("schedule"):
+        schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"])
 
@@ -180,6 +183,7 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
     method, loader = run.method, run.loader
     method.train_model.train()
     method.on_epoch_start(epoch)
+    schedule.on_epoch_start(epoch)
     steps = len(loader)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen = 0
@@ -194,6 +198,7 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
             # so a last batch split unevenly (e.g. 23 + 22) still gives the single-process step
             method.grad_scale = n * world / min(global_batch, total - step * global_batch)
         stats = method.train_step(batch)
+        lr = method.optimizer.param_groups[0]["lr"]   # a loss-driven schedule sets it in the step
         loss_sum += stats["loss"].double() * n
         seen += n
         if bar is not None:
@@ -210,6 +215,7 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
     row = {"epoch": epoch + 1, "lr": lr, "loss": float(totals[0] / max(totals[1], 1)),
            "images_per_s": float(totals[1]) / seconds, "seconds": seconds}
     row.update(method.on_epoch_end(epoch))
+    row.update(schedule.on_epoch_end(epoch))
     return row
 
 
@@ -245,13 +251,15 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     created = prepare_run_dir(run_dir, resume, info)
     try:
         run = build_run(cfg, run_dir, data_root)
+        schedule = build_schedule(cfg.optim, cfg.train.epochs)
+        schedule.attach(run)
     except Exception:
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that never started leaves no folder behind
         raise
     info = run.dist
     barrier(info)
-    start_epoch = restore(run) if resume and (run_dir / CHECKPOINT).exists() else 0
+    start_epoch = restore(run, schedule) if resume and (run_dir / CHECKPOINT).exists() else 0
     history = read_history(run_dir / "history.jsonl", start_epoch) if resume else []
     if info.is_main and not resume:
         ckpt.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -268,7 +276,6 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
         print(f"run folder: {run_dir}  device: {run.device}  processes: {info.world_size}"
               + (f"  resuming after epoch {start_epoch}" if start_epoch else ""))
 
-    schedule = build_schedule(cfg.optim, cfg.train.epochs)
     show_bar = cfg.train.progress and info.is_main
     for epoch in range(start_epoch, cfg.train.epochs):
         bar = tqdm(total=len(run.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -287,17 +294,19 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
                   + (f"  top-1 {evals}" if evals else ""), flush=True)
             write_history(run_dir / "history.jsonl", history)
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
-                ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, epoch + 1))
+                ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, epoch + 1, schedule))
         barrier(info)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             return None
 
     run.method.on_train_end()
     if info.is_main:  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
-        ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, cfg.train.epochs))
+        ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, cfg.train.epochs, schedule))
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
+    metrics.update(schedule.extra_metrics())
     if info.is_main:
+        schedule.save_artifacts(run_dir)   # before metrics.json, which marks the run finished
         write_results(run, results, metrics)
     barrier(info)
     return metrics

@@ -67,6 +67,10 @@ class Method:
         # set by the trainer before each step under DDP: (this rank's batch / global batch) x world
         # size; 1.0 unless the ranks' shares differ (a short last batch split unevenly)
         self.grad_scale = 1.0
+        # called as hook(batch, loss) once per step, after the first backward of the closure and
+        # before the optimiser's update (loss: detached, at the current weights); a loss-driven
+        # schedule (optim.schedule=mlrsnet) sets the step's lr here
+        self.step_hooks: List[Callable[[Batch, torch.Tensor], None]] = []
         if self.scaler.is_enabled() and getattr(self.optimizer, "needs_closure", False):
             raise ConfigError(
                 f"train.amp=fp16 cannot be combined with optim.name={self.cfg.optim.name}: its step "
@@ -168,6 +172,9 @@ class Method:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.compute_loss(batch)
                 self.backward(loss)
+            if not again:
+                for hook in self.step_hooks:
+                    hook(batch, loss.detach())
             return loss.detach()
 
         return closure

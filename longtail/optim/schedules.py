@@ -1,13 +1,14 @@
 """Learning-rate schedules as pure functions of training progress (stateless, so resume is exact).
 
 step: linear warm-up lr*e/W for epochs e<=W (1-based, per epoch as in LDAM-DRW), then lr*gamma^k
-after the k-th milestone; cosine: warm-up then min_lr + (lr-min_lr)(1+cos(pi t))/2, per step.
+after the k-th milestone; cosine: warm-up then min_lr + (lr-min_lr)(1+cos(pi t))/2, per step;
+mlrsnet: a meta-learned lr per step from the training loss (stateful, ``longtail/optim/mlrsnet.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Dict, Sequence
 
 from longtail.registry import Registry
 
@@ -15,10 +16,38 @@ SCHEDULES = Registry("schedule")
 
 
 class Schedule:
-    """factor(epoch, step, steps_per_epoch) -> multiplier of the base lr. ``epoch`` is 0-based."""
+    """factor(epoch, step, steps_per_epoch) -> multiplier of the base lr. ``epoch`` is 0-based.
+
+    The other methods are no-ops here; a schedule with state (``mlrsnet``: a learned schedule
+    driven by the training loss) overrides them and the trainer calls them for every schedule:
+    ``attach(run)`` once after the run is built, ``on_epoch_start`` / ``on_epoch_end`` (extra
+    history entries) around each epoch, ``state_dict`` / ``load_state_dict`` with the checkpoint,
+    ``extra_metrics`` for metrics.json and ``save_artifacts(run_dir)`` on rank 0 at the end.
+    """
 
     def factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         raise NotImplementedError
+
+    def attach(self, run) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def extra_metrics(self) -> Dict[str, Any]:
+        return {}
+
+    def save_artifacts(self, run_dir) -> None:
+        pass
 
 
 @SCHEDULES.register("step")
@@ -75,4 +104,8 @@ def build_schedule(cfg, epochs: int) -> Schedule:
         return CosineSchedule(epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr if cfg.lr else 0.0)
     if cfg.schedule == "constant":
         return ConstantSchedule(epochs, cfg.warmup_epochs)
+    if cfg.schedule == "mlrsnet":
+        from longtail.optim.mlrsnet import MLRSNetSchedule
+
+        return MLRSNetSchedule(epochs, cfg.mlrsnet, weight_decay=cfg.weight_decay, base_lr=cfg.lr)
     return SCHEDULES.build(cfg.schedule, epochs)
