@@ -171,6 +171,12 @@ def test_interrupted_run_resumes(tiny_cifar_root, tmp_path):
     history = (run_dir / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2]
     assert json.loads((run_dir / "bench.json").read_text())["resumed"] is True
+    # its row's cost is the training time of both epochs, not the resumed invocation's wall time
+    (row,) = json.loads(next((tmp_path / "res").glob("resume*.json")).read_text())["rows"]
+    assert row.get("wall_seconds") is None
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert row["cost_seconds"] == pytest.approx(metrics["train_seconds"])
+    assert row["wall_seconds_last_invocation"] > 0
 
 
 def test_dry_run_prints_plan_and_trains_nothing(tmp_path):

@@ -99,6 +99,8 @@ def collect_rows(plan: Sequence[PlannedRun],
             bench = _read_json(p.run_dir / BENCH_FILE) or {}
             row.update({k: bench.get(k) for k in ("wall_seconds", "finished_utc", "git_commit",
                                                   "git_dirty", "mode", "resumed")})
+            if row.get("resumed"):   # the last invocation's wall time covers only part of the run:
+                row["wall_seconds_last_invocation"] = row.pop("wall_seconds")   # use train time
         rows.append(row)
     _add_time_cost(rows)
     return rows
