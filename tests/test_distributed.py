@@ -261,3 +261,59 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_cifar_root, tmp_path
             assert got[key] == (None if want[key] is None else pytest.approx(want[key], abs=1e-9))
         assert got["ece"] == pytest.approx(want["ece"], abs=1e-9)
         assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)   # float32 loss sums
+
+
+# ------------------------------------------------ a loss-driven schedule under DDP (2 ranks)
+
+def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from longtail.config import load_config
+    from longtail.engine import trainer
+    from longtail.engine.distributed import shutdown_distributed
+
+    cfg = load_config(REPO / "configs" / "cifar10_lt" / "mlrsnet.yaml", [
+        *TINY, "train.batch_size=32", "data.meta_per_class=2", "optim.mlrsnet.meta_every=2",
+        "optim.mlrsnet.meta_batch_size=10", "optim.mlrsnet.meta_lr=0.05"])
+    seen = []
+    original = trainer.build_schedule
+
+    def spy(*a, **k):
+        schedule = original(*a, **k)
+        seen.append(schedule)
+        return schedule
+
+    trainer.build_schedule = spy
+    try:
+        trainer.fit(cfg, Path(out) / "run", Path(root))
+        params = {k: v for k, v in seen[0].run.method.model.state_dict().items() if "running" not in k}
+        torch.save({"lrs": seen[0].lrs, "params": params, "net": seen[0].net.state_dict(),
+                    "meta_steps": seen[0].meta_steps}, Path(out) / f"rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.slow
+def test_mlrsnet_gives_every_rank_the_same_lr(tiny_cifar_root, tmp_path):
+    """Each rank sees its own half batch, but the schedule reads the rank-averaged loss and the
+    meta update averages hyper-gradients: the lr, the net and so the weights stay identical."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_spawned_mlrsnet_rank, args=(free_port(), str(tiny_cifar_root),
+                                                          str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-rank run did not finish in {TIMEOUT} s")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["meta_steps"] == r1["meta_steps"] > 0
+    assert len(r0["lrs"]) == 10 and r0["lrs"] == r1["lrs"]      # 2 epochs x 5 steps (149 images)
+    for key in r0["net"]:
+        assert torch.equal(r0["net"][key], r1["net"][key]), key
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+    assert (tmp_path / "run" / "mlrsnet.safetensors").is_file()
