@@ -29,8 +29,8 @@ f = σ(g1 − 1), o = σ(g2), c̃ = tanh(g3), c_t = f c_{t−1} + i c̃, h_t = o
 σ(Linear(50,1)(h_t)) ∈ (0, 1); the cell's linear weights start U(−0.1, 0.1). The state (h, c) is
 carried across all steps and epochs (and snapshot switches) and detached every step (truncated
 back-propagation of length 1). γ uses L0 = mean cross-entropy of the network at the start
-(eval mode, un-augmented training images; ``gamma_images`` caps how many, ``gamma`` fixes it),
-so every lr lies in (0, γ).
+(un-augmented training images, BatchNorm on batch statistics: see :meth:`MLRSNetSchedule.training_loss`;
+``gamma_images`` caps how many, ``gamma`` fixes it), so every lr lies in (0, γ).
 
 Choices where the reference code (xjtushujun/MLR-SNet, meta_train.py) and this file differ,
 each for a stated reason:
@@ -281,7 +281,14 @@ class MLRSNetSchedule(Schedule):
 
     @torch.no_grad()
     def training_loss(self) -> float:
-        """Mean CE of the current model over the (un-augmented) training images, eval mode."""
+        """Mean CE of the current model over the (un-augmented) training images.
+
+        BatchNorm uses batch statistics (train mode; its running statistics are restored
+        afterwards), not the running ones: at initialisation those are still mean 0 / variance 1,
+        under which ResNet-32's logits explode (eval-mode L0 = 808 on CIFAR-10-LT, gamma 36, and
+        training diverged within 5 steps), while with batch statistics L0 is the loss the network
+        trains with, about ln C at the start. The reference code uses eval mode on its networks.
+        """
         from longtail.data.augment import normalize
 
         run = self.run
@@ -293,15 +300,18 @@ class MLRSNetSchedule(Schedule):
             g = torch.Generator().manual_seed(int(run.cfg.seed))
             idx = torch.randperm(n, generator=g)[: self.opts.gamma_images].sort().values
         was_training = model.training
-        model.eval()
+        model.train()
         fmt = torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
         total = torch.zeros((), dtype=torch.float64)
+        g = torch.Generator().manual_seed(int(run.cfg.seed) + 1)
+        order = idx[torch.randperm(len(idx), generator=g)]     # class-mixed batches
         try:
-            for chunk in idx.split(run.cfg.train.eval_batch_size):
-                x = normalize(train.images[chunk].to(run.device), run.data.mean, run.data.std)
-                logits = model(x.contiguous(memory_format=fmt)).logits.float()
-                y = train.labels[chunk].to(run.device)
-                total += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+            with run.method.frozen_running_stats():
+                for chunk in order.split(run.cfg.train.eval_batch_size):
+                    x = normalize(train.images[chunk].to(run.device), run.data.mean, run.data.std)
+                    logits = model(x.contiguous(memory_format=fmt)).logits.float()
+                    y = train.labels[chunk].to(run.device)
+                    total += F.cross_entropy(logits, y, reduction="sum").double().cpu()
         finally:
             model.train(was_training)
         return float(total) / len(idx)

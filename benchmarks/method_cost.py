@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Cost of a training step of the meta-learning methods against plain CE, on CPU, in one run.
+
+Each arm is a config (plus overrides) built exactly as ``longtail train`` builds it
+(``build_run``, then the schedule built and attached as in ``fit``), and trained through the
+engine's per-step path (schedule factor, ``set_lr``, ``Method.train_step``: MFM's meta step,
+MLR-SNet's step hook) on the same pre-built augmented batches of the real CIFAR-10-LT IF100
+training subset (the CE run's TrainLoader; ``LONGTAIL_DATA`` or ``--data-root``). Once-per-run
+work (MLR-SNet's gamma, computed on ``gamma_images`` images at an epoch start) is done before the
+clock starts.
+
+A measurement is the *mean* step time over ``--steps`` consecutive steps (20 by default: a
+multiple of every arm's meta period, 1 / 4 / 10, so the periodic meta updates are counted at their
+real rate; a median would hide them). After ``--warmup`` untimed steps per arm, the arms take turns
+``--repeats`` times (the order reverses every round) and each arm's ratio to CE is the median of
+its per-round ratios: each pairs two measurements taken close together, which load bursts on a
+shared machine disturb least. An epoch is the same number of steps for every arm, so the step
+ratio is the per-epoch cost ratio that the cifar-short table's "time vs CE" column estimates from
+whole runs.
+
+    LONGTAIL_DATA=/work/data python benchmarks/method_cost.py           # ~4 min on 2 cores
+    LONGTAIL_DATA=/work/data python benchmarks/method_cost.py --quick   # smoke (numbers meaningless)
+
+Results: ``benchmarks/results/method_cost-cpu.json`` (``-quick`` with ``--quick``) with machine,
+git commit and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import REPO_ROOT, RESULTS_DIR, format_table, median, run_header, spread, write_json  # noqa: E402
+
+C10 = REPO_ROOT / "configs" / "cifar10_lt"
+BATCH = 128
+# (label, config, overrides): the first arm is the reference
+ARMS = [
+    ("ce", C10 / "ce.yaml", []),
+    ("mfm (meta every step)", C10 / "mfm.yaml", ["method.meta_every=1"]),
+    ("mfm (meta every 4, cifar-short)", C10 / "mfm.yaml", ["method.meta_every=4"]),
+    ("mlrsnet (meta every 10, cifar-short)", C10 / "mlrsnet.yaml",
+     ["optim.mlrsnet.meta_every=10", "optim.mlrsnet.gamma_images=512"]),
+]
+
+
+class Arm:
+    def __init__(self, label: str, config: Path, overrides: List[str], data_root: Path,
+                 common: List[str]):
+        from longtail.config import load_config
+        from longtail.engine.trainer import build_run
+        from longtail.optim import build_schedule
+
+        self.label = label
+        self.cfg = load_config(config, [*common, *overrides])
+        self._tmp = tempfile.TemporaryDirectory(prefix="longtail-method-cost-")
+        self.run = build_run(self.cfg, Path(self._tmp.name), data_root)
+        self.schedule = build_schedule(self.cfg.optim, self.cfg.train.epochs)
+        self.schedule.attach(self.run)
+        self.run.method.train_model.train()
+        self.run.method.on_epoch_start(0)
+        self.schedule.on_epoch_start(0)          # MLR-SNet: gamma, before any timing
+        self.step = 0
+        self.last_loss = float("nan")
+
+    def measure(self, batches) -> float:
+        """Train on ``batches`` as train_one_epoch does; returns the mean step time (s)."""
+        from longtail.optim import set_lr
+
+        method, steps = self.run.method, len(self.run.loader)
+        start = time.perf_counter()
+        for batch in batches:
+            set_lr(method.optimizer, self.schedule.factor(0, self.step % steps, steps))
+            stats = method.train_step(batch)
+            self.step += 1
+        self.last_loss = float(stats["loss"])
+        return (time.perf_counter() - start) / len(batches)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="steps per measurement (20)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per arm, interleaved (3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (2)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 round of 4 steps")
+    p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
+    p.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/"
+                                               "method_cost-cpu[-quick].json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup = 4, 1, 1
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.out is None:
+        args.out = RESULTS_DIR / ("method_cost-cpu-quick.json" if args.quick else "method_cost-cpu.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from longtail.data.paths import resolve_data_root
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    data_root = resolve_data_root(args.data_root)
+    common = ["train.device=cpu", "train.progress=false", f"train.batch_size={BATCH}"]
+    t0 = time.perf_counter()
+    arms = [Arm(label, cfg, ov, data_root, common) for label, cfg, ov in ARMS]
+    n = args.warmup + args.steps * args.repeats
+    batches = list(itertools.islice(itertools.chain.from_iterable(
+        arms[0].run.loader.epoch(e) for e in itertools.count()), n))
+    build_s = time.perf_counter() - t0
+    print(f"CIFAR-10-LT IF100, batch {BATCH}, ResNet-32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
+          f"{args.steps} steps per arm", flush=True)
+    warm, timed = batches[:args.warmup], batches[args.warmup:]
+    for arm in arms:
+        if warm:
+            arm.measure(warm)
+    runs: Dict[str, List[float]] = {a.label: [] for a in arms}
+    t1 = time.perf_counter()
+    for r in range(args.repeats):
+        chunk = timed[r * args.steps:(r + 1) * args.steps]
+        for arm in (arms if r % 2 == 0 else list(reversed(arms))):
+            runs[arm.label].append(arm.measure(chunk))
+        print(f"  round {r + 1}/{args.repeats}  " + "  ".join(
+            f"{a.label.split(' ')[0]} {1000 * runs[a.label][-1]:.0f} ms" for a in arms), flush=True)
+    measure_s = time.perf_counter() - t1
+
+    ref = arms[0].label
+    ratios = {a.label: median([x / c for x, c in zip(runs[a.label], runs[ref])]) for a in arms}
+    rows = [[a.label, f"{1000 * median(runs[a.label]):.0f}", f"{100 * spread(runs[a.label]):.1f}%",
+             f"{ratios[a.label]:.2f}x", f"{a.last_loss:.3f}"] for a in arms]
+    print()
+    print(format_table(["method", "step ms (median of means)", "spread", f"x {ref} (paired)",
+                        "last loss"], rows))
+    result = run_header("method_cost")
+    result["machine"]["load_average_at_start"] = load_at_start
+    result.update({
+        "settings": {"device": "cpu", "data": "CIFAR-10-LT IF100 (real), engine augmentation",
+                     "data_root": str(data_root), "batch_size": BATCH, "common_overrides": common,
+                     "arms": [{"label": l, "config": str(c.relative_to(REPO_ROOT)), "overrides": o}
+                              for l, c, o in ARMS],
+                     "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
+                     "threads": torch.get_num_threads(), "quick": args.quick,
+                     "measurement": "mean step time over `steps` consecutive steps",
+                     "order": "rounds alternate the arm order; same batches per round",
+                     "build_seconds": round(build_s, 1), "measure_seconds": round(measure_s, 1)},
+        "step_seconds": {label: {"median": median(v), "runs": v, "spread": spread(v)}
+                         for label, v in runs.items()},
+        "ratio_to_ce_paired_median": ratios,
+    })
+    path = write_json(Path(args.out), result)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
