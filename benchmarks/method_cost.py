@@ -9,8 +9,8 @@ training subset (the CE run's TrainLoader; ``LONGTAIL_DATA`` or ``--data-root``)
 work (MLR-SNet's gamma, computed on ``gamma_images`` images at an epoch start) is done before the
 clock starts.
 
-A measurement is the *mean* step time over ``--steps`` consecutive steps (20 by default: a
-multiple of every arm's meta period, 1 / 4 / 10, so the periodic meta updates are counted at their
+A measurement is the *mean* step time over ``--steps`` consecutive steps (40 by default: a
+multiple of every arm's meta period, 1 / 8 / 10, so the periodic meta updates are counted at their
 real rate; a median would hide them). After ``--warmup`` untimed steps per arm, the arms take turns
 ``--repeats`` times (the order reverses every round) and each arm's ratio to CE is the median of
 its per-round ratios: each pairs two measurements taken close together, which load bursts on a
@@ -18,7 +18,7 @@ shared machine disturb least. An epoch is the same number of steps for every arm
 ratio is the per-epoch cost ratio that the cifar-short table's "time vs CE" column estimates from
 whole runs.
 
-    LONGTAIL_DATA=/work/data python benchmarks/method_cost.py           # ~4 min on 2 cores
+    LONGTAIL_DATA=/work/data python benchmarks/method_cost.py           # ~8 min on 2 cores
     LONGTAIL_DATA=/work/data python benchmarks/method_cost.py --quick   # smoke (numbers meaningless)
 
 Results: ``benchmarks/results/method_cost-cpu.json`` (``-quick`` with ``--quick``) with machine,
@@ -48,7 +48,7 @@ BATCH = 128
 ARMS = [
     ("ce", C10 / "ce.yaml", []),
     ("mfm (meta every step)", C10 / "mfm.yaml", ["method.meta_every=1"]),
-    ("mfm (meta every 4, cifar-short)", C10 / "mfm.yaml", ["method.meta_every=4"]),
+    ("mfm (meta every 8, cifar-short)", C10 / "mfm.yaml", ["method.meta_every=8"]),
     ("mlrsnet (meta every 10, cifar-short)", C10 / "mlrsnet.yaml",
      ["optim.mlrsnet.meta_every=10", "optim.mlrsnet.gamma_images=512"]),
 ]
@@ -90,7 +90,7 @@ class Arm:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20, help="steps per measurement (20)")
+    p.add_argument("--steps", type=int, default=40, help="steps per measurement (40)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per arm, interleaved (3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
