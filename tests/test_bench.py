@@ -361,3 +361,62 @@ def test_run_reference_blocks_until_that_run_is_done(tmp_path, tiny_cifar_root):
     assert rc == 1
     assert "dst: blocked, its run 'src' is failed" in text
     assert not (tmp_path / "out" / "tiny" / "dst").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: the orderings a suite claims
+
+
+def test_checks_pass_fail_pending_with_margins():
+    from longtail.bench.report import checks_table, evaluate_checks
+
+    rows = [{"name": "ce", "status": "done", "test": {"top1": 27.5, "medium": 0.0, "few": None},
+             "val": {"top1": 21.1}},
+            {"name": "la", "status": "done", "test": {"top1": 29.0, "medium": 26.8, "few": None},
+             "val": {"top1": 37.5}},
+            {"name": "late", "status": "partial"}]
+    checks = [{"run": "la", "beats": "ce", "by": 2.0, "metrics": ["test", "val", "medium", "few"],
+               "claim": "LA > CE"},
+              {"run": "la", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""},
+              {"run": "late", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""}]
+    got = evaluate_checks(checks, rows)
+    assert [(r["metric"], r["status"]) for r in got] == [
+        ("test", "fail"), ("val", "pass"), ("medium", "pass"), ("few", "pending"),
+        ("test", "pass"), ("test", "pending")]
+    assert got[0]["diff"] == pytest.approx(1.5) and got[1]["diff"] == pytest.approx(16.4)
+    table = checks_table(got)
+    assert "| LA > CE | `la` | `ce` | test | 29.00 | 27.50 | +1.50 | >= +2.0 | FAIL |" in table
+
+
+@pytest.mark.parametrize("check, named", [
+    ({"run": "base", "beats": "nope"}, "beats: nope"),
+    ({"run": "base", "beats": "second", "metrics": ["top5"]}, "metrics"),
+    ({"run": "base", "beats": "second", "by": "two"}, "'by'"),
+])
+def test_check_mistakes_are_named(tmp_path, check, named):
+    suite_file = write_suite(tmp_path, TWO_RUNS, checks=[check])
+    with pytest.raises(LongtailError, match=named):
+        load_suite(suite_file)
+
+
+def test_check_with_yaml_on_key_says_to_use_metrics(tmp_path):
+    suite_file = write_suite(tmp_path, TWO_RUNS)
+    text = suite_file.read_text() + "checks:\n  - {run: second, beats: base, on: [test]}\n"
+    suite_file.write_text(text)                       # unquoted on: YAML 1.1 reads it as true
+    with pytest.raises(LongtailError, match="'on' as true.*metrics"):
+        load_suite(suite_file)
+
+
+def test_results_files_carry_the_checks(tiny_suite, tmp_path):
+    suite_file, out, _, _ = tiny_suite
+    data = yaml.safe_load(suite_file.read_text())
+    data["checks"] = [{"run": "second", "beats": "base", "by": -100.0, "metrics": ["test"],
+                       "claim": "anything"}]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    rc, _ = bench(path, "--out", out, "--results", tmp_path / "res", "--report-only")
+    assert rc == 0
+    record = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert [(r["claim"], r["status"]) for r in record["check_results"]] == [("anything", "pass")]
+    md = (tmp_path / "res" / "tiny.md").read_text()
+    assert "## Checks" in md and "1 pass, 0 fail, 0 pending" in md

@@ -142,6 +142,47 @@ def _add_time_cost(rows: List[Dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# checks (a suite's ``checks:``: the orderings its results must show)
+
+
+def _metric(row: Dict[str, Any], name: str) -> Optional[float]:
+    t, v = row.get("test") or {}, row.get("val") or {}
+    return {"test": t.get("top1"), "val": v.get("top1"), "many": t.get("many"),
+            "medium": t.get("medium"), "few": t.get("few"),
+            "val_mean_class": v.get("mean_class_acc")}[name]
+
+
+def evaluate_checks(checks: Sequence[Dict[str, Any]],
+                    rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One result per (check, metric): both values, their difference, and ``pass`` when
+    ``run - beats >= by``, ``fail`` otherwise, ``pending`` while a run has no result (or the
+    metric is empty, e.g. no few-shot class)."""
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for c in checks:
+        a, b = by_name.get(c["run"], {}), by_name.get(c["beats"], {})
+        for metric in c["metrics"]:
+            x = _metric(a, metric) if a.get("status") == "done" else None
+            y = _metric(b, metric) if b.get("status") == "done" else None
+            diff = None if x is None or y is None else x - y
+            status = "pending" if diff is None else ("pass" if diff >= c["by"] - 1e-9 else "fail")
+            out.append({**c, "metric": metric, "value": x, "other": y, "diff": diff,
+                        "status": status})
+    return out
+
+
+def checks_table(results: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| claim | run | beats | on | run | other | difference | needed | result |",
+             "|---|---|---|---|--:|--:|--:|--:|---|"]
+    for r in results:
+        lines.append("| " + " | ".join([
+            r.get("claim") or "–", f"`{r['run']}`", f"`{r['beats']}`", r["metric"], pct(r["value"]),
+            pct(r["other"]), "–" if r["diff"] is None else f"{r['diff']:+.2f}",
+            f">= {r['by']:+.1f}" if r["by"] else ">= 0", r["status"].upper()]) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # formatting
 
 
@@ -206,6 +247,13 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
             f"`{header.get('out_dir')}`.", ""]
     done = [r for r in rows if r.get("status") == "done"]
     out += [results_table(rows) if done else "_No run has finished yet._", ""]
+    if header.get("checks"):
+        results = evaluate_checks(header["checks"], rows)
+        counts = {k: sum(r["status"] == k for r in results) for k in ("pass", "fail", "pending")}
+        out += ["## Checks", "",
+                f"The orderings the suite file claims (`checks:`): {counts['pass']} pass, "
+                f"{counts['fail']} fail, {counts['pending']} pending (a run not finished).", "",
+                checks_table(results), ""]
     pending = [r for r in rows if r.get("status") != "done"]
     if pending:
         out.append("Not finished: " + "; ".join(
@@ -244,7 +292,10 @@ def write_results(results_dir: Path, header: Dict[str, Any],
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, js = results_dir / f"{header['suite']}.md", results_dir / f"{header['suite']}.json"
-    atomic_write_text(js, json.dumps({**header, "rows": list(rows)}, indent=2) + "\n")
+    record = {**header, "rows": list(rows)}
+    if header.get("checks"):
+        record["check_results"] = evaluate_checks(header["checks"], rows)
+    atomic_write_text(js, json.dumps(record, indent=2) + "\n")
     atomic_write_text(md, results_markdown(header, rows))
     return md, js
 
@@ -324,6 +375,10 @@ def render_results_doc(entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Opti
                 f"{pct(t.get('many'))} / {pct(t.get('medium'))} / {pct(t.get('few'))}" if done else "–",
                 pct(v.get("top1")) if done else "–", ref, source]) + " |")
         out.append("")
+        if suite.checks:
+            checked = evaluate_checks([c.as_dict() for c in suite.checks],
+                                      (results or {}).get("rows", []))
+            out += ["Checks (the suite's `checks:`):", "", checks_table(checked), ""]
     return "\n".join(out)
 
 
@@ -353,4 +408,4 @@ def header(suite: Suite, out_dir: Path, command: str, machine: Dict[str, Any],
     return {"suite": suite.name, "suite_file": str(suite.path), "description": suite.description,
             "epochs": suite.epochs, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine, "git": git, "command": command, "cwd": os.getcwd(), "env": env,
-            "out_dir": str(out_dir)}
+            "out_dir": str(out_dir), "checks": [c.as_dict() for c in suite.checks]}

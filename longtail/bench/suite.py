@@ -47,7 +47,10 @@ from longtail.bench.scale import scaled_settings
 from longtail.config import Config, apply_overrides, load_yaml_tree, validate
 from longtail.errors import LongtailError
 
-SUITE_KEYS = ("description", "epochs", "overrides", "runs")
+SUITE_KEYS = ("description", "epochs", "overrides", "runs", "checks")
+CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")   # not "on": YAML reads it as true
+# what a check compares: top-1 on test / val, or a test shot group, or val mean-class accuracy
+CHECK_METRICS = ("test", "val", "many", "medium", "few", "val_mean_class")
 RUN_KEYS = ("name", "config", "overrides", "stage1", "imbalance_factor", "epochs", "method")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RUN_REF = re.compile(r"\{run:([^{}]*)\}")
@@ -80,6 +83,22 @@ class RunSpec:
 
 
 @dataclass
+class Check:
+    """A claim the suite's results must show: ``run`` beats ``beats`` by at least ``by`` points
+    (0: at least as good) on every metric of ``metrics``."""
+
+    run: str
+    beats: str
+    by: float = 0.0
+    metrics: List[str] = field(default_factory=lambda: ["test", "val"])
+    claim: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"run": self.run, "beats": self.beats, "by": self.by, "metrics": list(self.metrics),
+                "claim": self.claim}
+
+
+@dataclass
 class Suite:
     name: str
     path: Path
@@ -87,6 +106,7 @@ class Suite:
     epochs: Optional[int] = None
     overrides: List[str] = field(default_factory=list)
     runs: List[RunSpec] = field(default_factory=list)
+    checks: List[Check] = field(default_factory=list)
 
     def run(self, name: str) -> RunSpec:
         for r in self.runs:
@@ -253,6 +273,39 @@ def load_suite(suite: str | Path) -> Suite:
             imbalance_factor=factor,
             epochs=_epochs(run["epochs"], rwhere, True) if "epochs" in run else _INHERIT,
             method=method, config_text=run["config"]))
+    out.checks = _checks(data.get("checks"), seen, where)
+    return out
+
+
+def _checks(value: Any, names: Dict[str, int], where: str) -> List[Check]:
+    """The suite's ``checks:`` list, each naming two runs of the suite."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise LongtailError(f"{where}: 'checks' must be a list of {{run: A, beats: B, by: 2, "
+                            f"metrics: [test, val]}} mappings.")
+    out = []
+    for i, item in enumerate(value):
+        cwhere = f"{where}, check #{i + 1}"
+        if not isinstance(item, dict):
+            raise LongtailError(f"{cwhere} must be a mapping with 'run' and 'beats'.")
+        if True in item:
+            raise LongtailError(f"{cwhere}: YAML reads the key 'on' as true; name the metrics with "
+                                f"'metrics: [test, val]'.")
+        _unknown(list(item), CHECK_KEYS, cwhere)
+        for key in ("run", "beats"):
+            if item.get(key) not in names:
+                raise LongtailError(f"{cwhere}: '{key}: {item.get(key)}' must name a run of the suite.")
+        by = item.get("by", 0.0)
+        if isinstance(by, bool) or not isinstance(by, (int, float)):
+            raise LongtailError(f"{cwhere}: 'by' must be a number of points, got {by!r}.")
+        on = item.get("metrics", ["test", "val"])
+        on = [on] if isinstance(on, str) else on
+        bad = [m for m in on if m not in CHECK_METRICS] if isinstance(on, list) else [on]
+        if bad or not on:
+            raise LongtailError(f"{cwhere}: 'metrics' must list some of {', '.join(CHECK_METRICS)}; "
+                                f"got {item.get('metrics')!r}.")
+        out.append(Check(item["run"], item["beats"], float(by), list(on), str(item.get("claim", ""))))
     return out
 
 
