@@ -5,6 +5,7 @@ the shipped suites and baseline configs; the docs page."""
 import contextlib
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,14 @@ def write_suite(folder: Path, runs, epochs=1, name="tiny", **extra) -> Path:
 
 
 def bench(*argv):
-    """Run `longtail bench ...`; returns (exit status, stdout)."""
+    """Run `longtail bench ...`; returns (exit status, stdout). The docs page goes to a temporary
+    file unless ``--docs`` is given: the default (docs/results.md) is the repository's own page."""
+    argv = [str(a) for a in argv]
+    if "--docs" not in argv:
+        argv += ["--docs", str(Path(tempfile.mkdtemp(prefix="lt-docs-")) / "results.md")]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["bench", *map(str, argv)])
+        rc = main(["bench", *argv])
     return rc, out.getvalue()
 
 

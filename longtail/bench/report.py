@@ -132,11 +132,14 @@ def _add_time_cost(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         r["cost_seconds"] = cost(r)
     for r in rows:
-        ce = [c for c in rows if c["method"] == "ce" and not c.get("stage1")
-              and c["dataset"] == r["dataset"] and c["imbalance_factor"] == r["imbalance_factor"]
-              and c.get("epochs") == r.get("epochs") and c.get("cost_seconds")]
+        same = [c for c in rows if c["method"] == "ce" and not c.get("stage1")
+                and c["dataset"] == r["dataset"] and c["imbalance_factor"] == r["imbalance_factor"]
+                and c.get("cost_seconds")]
+        ce = [c for c in same if c.get("epochs") == r.get("epochs")]
         if r.get("stage1") and not ce:      # a stage-2 run: compare with its own stage-1 CE run
             ce = [c for c in rows if c["name"] == r["stage1"] and c.get("cost_seconds")]
+        if not ce:                          # a multi-stage recipe (epochs summed over its stages)
+            ce = same
         r["time_vs_ce"] = (r["cost_seconds"] / ce[0]["cost_seconds"]
                            if ce and r.get("cost_seconds") is not None else None)
 
@@ -268,7 +271,8 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         "(overall and mean of per-class accuracies); ECE (%) on test; the epochs trained; wall: "
         "the run's wall-clock time (data, training, final evaluation; `~` = training time only); "
         "img/s: training images per second; time vs CE: wall time of the run plus its stage-1 "
-        "runs over that of the CE run of the same dataset, IF and schedule.", "",
+        "runs (a multi-stage recipe: all its stages) over that of the CE run of the same dataset, IF "
+        "and schedule; with equal epochs, the per-epoch cost relative to CE.", "",
         f"- Machine: {short_machine(machine)}",
         f"- Git commit: `{git.get('commit') or 'unknown'}`"
         + (f" (dirty: {len(git.get('changed_files') or [])} changed files)" if git.get("dirty") else
