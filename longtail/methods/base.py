@@ -71,11 +71,6 @@ class Method:
         # before the optimiser's update (loss: detached, at the current weights); a loss-driven
         # schedule (optim.schedule=mlrsnet) sets the step's lr here
         self.step_hooks: List[Callable[[Batch, torch.Tensor], None]] = []
-        if self.scaler.is_enabled() and getattr(self.optimizer, "needs_closure", False):
-            raise ConfigError(
-                f"train.amp=fp16 cannot be combined with optim.name={self.cfg.optim.name}: its step "
-                f"evaluates the closure itself (at perturbed weights), where fp16's GradScaler cannot "
-                f"unscale and check the gradients before the base step. Use train.amp=bf16 (or none).")
 
     # -- hooks -------------------------------------------------------------------------------
     def setup_model(self, model: nn.Module) -> None:
@@ -138,7 +133,12 @@ class Method:
             loss = loss * self.grad_scale
         self.scaler.scale(loss).backward()
         clip = self.cfg.optim.grad_clip
-        if clip:
+        if clip and self.scaler.is_enabled() and getattr(self.optimizer, "needs_closure", False):
+            # sam / rsam under fp16: several closures per step, one unscale (in scaler.step of the
+            # base): cut the scaled gradients at clip x scale, the same cut as clip on unscaled ones
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(),
+                                           clip * float(self.scaler.get_scale()))
+        elif clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
 
@@ -180,12 +180,17 @@ class Method:
         return closure
 
     def optimizer_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``optimizer.step(closure)``; returns the closure's (first) loss. With fp16 the closure
-        runs once here and GradScaler unscales, checks and steps (it cannot drive a closure), so
-        optimisers that evaluate the closure themselves are refused at construction."""
+        """``optimizer.step(closure)``; returns the closure's (first) loss. With fp16, GradScaler
+        unscales, checks and steps (it cannot drive a closure): the closure runs once here, or,
+        for optimisers that evaluate it themselves (sam, rsam), they hand the final base update
+        to ``scaler.step`` of their base optimiser."""
         if self.scaler.is_enabled():
-            loss = closure()
-            self.scaler.step(self.optimizer)
+            if getattr(self.optimizer, "needs_closure", False):
+                base = self.optimizer.base
+                loss = self.optimizer.step(closure, base_step=lambda: self.scaler.step(base))
+            else:
+                loss = closure()
+                self.scaler.step(self.optimizer)
             self.scaler.update()
             return loss
         return self.optimizer.step(closure)

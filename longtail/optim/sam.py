@@ -39,8 +39,13 @@ Details shared by both:
   all-reduced one and |g|, e are identical on every rank (not "m-sharpness" per rank).
 * BatchNorm running statistics are updated by the first closure evaluation of a step only
   (``Method.make_closure``): SAM's second pass does not count the batch twice.
-* AMP: bf16 autocast works as is; fp16 (GradScaler) cannot sit between a closure evaluated by the
-  optimiser and its base step, so ``train.amp: fp16`` with sam / rsam is a ConfigError.
+* AMP: bf16 autocast works as is. fp16: ``step(closure, base_step=...)`` lets the caller run the
+  base update itself: ``Method`` passes ``lambda: scaler.step(optimizer.base)``, so GradScaler
+  unscales, checks for inf/NaN and skips the update once per step, after every closure. SAM's
+  e = rho g / |g| does not depend on the loss scale, so the scaled first gradient gives the same
+  ascent; an overflowing first gradient makes the second one non-finite and the step is skipped
+  (the weights are restored from their copy either way). Clipping inside the closure then acts on
+  the scaled gradients at ``grad_clip x scale`` (``Method.backward``), the same cut.
 * ``set_epoch(e)`` is called by ``Method.on_epoch_start`` (0-based epochs).
 """
 
@@ -85,7 +90,7 @@ def rsam_noise_factor(epoch: int, decay_epoch: Optional[int], fix_epoch0_quirk: 
 class PerturbedOptimizer(torch.optim.Optimizer):
     """Base of SAM and RSAM: shares the base optimiser's groups and state, saves its own extras."""
 
-    #: step() evaluates the closure itself, at weights of its choosing (Method checks this for fp16)
+    #: step() evaluates the closure itself, at weights of its choosing; step(closure, base_step)
     needs_closure = True
     kind = "perturbed"
 
@@ -191,19 +196,22 @@ class SAM(PerturbedOptimizer):
                 for p, g in zip(params, grads)]
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None,
+             base_step: Optional[Callable[[], Any]] = None) -> Any:
+        """One SAM step; ``base_step`` (default ``self.base.step``) makes the final update."""
         closure = self._check_closure(closure, "SAM")
+        base_step = base_step or self.base.step
         loss = closure()                                      # gradient at w
         params = [p for p in self._params() if p.grad is not None]
         if not params:
-            self.base.step()
+            base_step()
             return loss
         saved = self._move(params, self.perturbation(params))  # w + e
         try:
             closure()                                         # gradient at w + e
         finally:
             self._restore(params, saved)                      # back to w, bit for bit
-        self.base.step()
+        base_step()
         return loss
 
     def __repr__(self) -> str:
@@ -246,7 +254,9 @@ class RSAM(PerturbedOptimizer):
         return xi.div_(3.0).clamp_(-1.0, 1.0)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None,
+             base_step: Optional[Callable[[], Any]] = None) -> Any:
+        """One RSAM step; ``base_step`` (default ``self.base.step``) makes the final update."""
         closure = self._check_closure(closure, "RSAM")
         params = [p for p in self._params() if p.requires_grad]
         factor = self.noise_factor()
@@ -255,7 +265,7 @@ class RSAM(PerturbedOptimizer):
             loss = closure()                                  # gradient at w + e
         finally:
             self._restore(params, saved)
-        self.base.step()
+        (base_step or self.base.step)()
         self.steps += 1
         return loss
 
