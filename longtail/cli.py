@@ -185,10 +185,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *overrides]
+    finished = False
     try:
         if args.command == "data":
             return {"stats": cmd_data_stats, "split": cmd_data_split}[args.data_command](args)
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        finished = True
+        return rc
     except LongtailError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -203,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         from longtail.engine.distributed import shutdown_distributed
 
-        shutdown_distributed()
+        shutdown_distributed(barrier=finished)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ BatchNorm is per rank (each rank normalises with the statistics of its share of 
 
 from __future__ import annotations
 
+import gc
+
 import os
 from dataclasses import dataclass
 
@@ -57,8 +59,18 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = False) -> None:
+    """Destroy the default process group (once per process, at exit).
+
+    ``barrier``: wait for every rank first (on a clean exit only: after a failure the other ranks
+    may never come). Objects that still hold the group (a DDP reducer in a reference cycle) are
+    collected before it is destroyed: a Gloo group destroyed during interpreter finalisation can
+    abort the process (seen: rank 1 of a finished torchrun run exiting with SIGABRT, "terminate
+    called without an active exception", about 1 run in 8 on a loaded CPU)."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
