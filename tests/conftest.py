@@ -14,6 +14,22 @@ import torch
 torch.set_num_threads(1)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parents[1]
+# files of the repository that only `longtail bench` / benchmarks on real data may write
+GUARDED = [REPO / "docs" / "results.md", *sorted((REPO / "benchmarks" / "results").glob("*"))]
+
+
+def _snapshot():
+    return {p: p.read_bytes() if p.is_file() else None for p in GUARDED}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def repository_results_stay_untouched():
+    """Fails the session if a test rewrote docs/results.md or a benchmark result of the repo."""
+    before = _snapshot()
+    yield
+    changed = [str(p.relative_to(REPO)) for p, data in _snapshot().items() if data != before[p]]
+    assert not changed, f"tests rewrote repository files: {changed} (give the test a tmp path)"
 
 
 def write_cifar10_folder(root: Path, train_per_class: int = 30, test_per_class: int = 10,
