@@ -250,3 +250,41 @@ def test_saved_modulator_transfers_frozen_without_meta_set(mfm_run, tmp_path):
         f"method.modulator={run_dir}", "method.freeze_modulator=true"])
     with pytest.raises(LongtailError, match="stage widths"):
         build_run(wide, tmp_path / "y", fm_root)
+
+
+def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_root, tmp_path, capsys):
+    # a frozen modulator made strong (last layer x200), so modulated and unmodulated nets differ
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from longtail.engine.trainer import evaluate_splits
+
+    source = str(mfm_run[0] / "modulator.safetensors")
+    with safe_open(source, framework="pt") as fh:
+        meta = fh.metadata()
+    strong = {k: v * 200 if "fc2" in k else v for k, v in load_file(source).items()}
+    save_file(strong, str(tmp_path / "strong.safetensors"), metadata=meta)
+    frozen = [f"method.modulator={tmp_path / 'strong.safetensors'}", "method.freeze_modulator=true"]
+    run_dir = tmp_path / "auto"
+    metrics = fit(mfm_cfg(3, *frozen, "method.modulate_at_test=auto"), run_dir, tiny_cifar_root)
+
+    val = {}
+    for flag in ("false", "true"):          # the same weights, evaluated under each fixed flag
+        run = build_run(mfm_cfg(3, *frozen, f"method.modulate_at_test={flag}"), tmp_path / flag,
+                        tiny_cifar_root)
+        run.method.model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        run.method.load_state_dict(load_checkpoint(run_dir / "last.pt")["method"])
+        val[flag] = evaluate_splits(run)["val"]["top1"]
+    choice = metrics["mfm"]["deploy_choice"]
+    assert val["true"] != val["false"]
+    assert choice["val_top1_unmodulated"] == pytest.approx(val["false"])
+    assert choice["val_top1_modulated"] == pytest.approx(val["true"])
+    assert choice["deployed"] == ("modulated" if val["true"] > val["false"] else "unmodulated")
+    assert metrics["val"]["top1"] == pytest.approx(max(val.values()))
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--data-root", str(tiny_cifar_root), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["val"]["top1"] == metrics["val"]["top1"] and again["top1"] == metrics["top1"]
+    assert again["mfm"]["deploy_choice"] == choice
+    with pytest.raises(ConfigError, match="modulate_at_test"):
+        build_run(mfm_cfg(1, "method.modulate_at_test=sometimes"), tmp_path / "bad", tiny_cifar_root)
