@@ -8,13 +8,14 @@ and the exact invocation that produced it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from longtail.bench.machine import (command_info, cpu_model, git_info, machine_info,  # noqa: F401
                                     usable_cores)
@@ -73,3 +74,44 @@ def format_table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def timing_parser(doc: str, name: str, steps: int, repeats: int, warmup: int,
+                  quick_help: str) -> argparse.ArgumentParser:
+    """The options every paired-timing benchmark shares (its own go between this and
+    :func:`parse_timing_args`): --steps --repeats --warmup --threads --quick --data-root --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=steps, help=f"steps per measurement ({steps})")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"measurements per arm, interleaved ({repeats})")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps per arm first ({warmup})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's default)")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help} (numbers are "
+                                                         f"not meaningful)")
+    p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
+    p.add_argument("--out", default=None, help=f"JSON result path (default benchmarks/results/"
+                                               f"{name}-cpu.json; {name}-cpu-quick.json with --quick)")
+    return p
+
+
+def parse_timing_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], name: str,
+                      quick: Tuple[int, int, int]) -> argparse.Namespace:
+    """Parse; ``--quick`` sets (steps, repeats, warmup) to ``quick``; check the counts; fill
+    the default ``--out``."""
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup = quick
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.out is None:
+        args.out = RESULTS_DIR / f"{name}-cpu{'-quick' if args.quick else ''}.json"
+    return args
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1 / 5 / 15-minute load averages (None where the OS has none): how busy the machine was."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import REPO_ROOT, RESULTS_DIR, format_table, median, run_header, spread, write_json  # noqa: E402
+from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
+                     run_header, spread, timing_parser, write_json)
 
 C10 = REPO_ROOT / "configs" / "cifar10_lt"
 BATCH = 128
@@ -88,24 +88,9 @@ class Arm:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40, help="steps per measurement (40)")
-    p.add_argument("--repeats", type=int, default=3, help="measurements per arm, interleaved (3)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 round of 4 steps")
-    p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
-    p.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/"
-                                               "method_cost-cpu[-quick].json)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats, args.warmup = 4, 1, 1
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
-    if args.out is None:
-        args.out = RESULTS_DIR / ("method_cost-cpu-quick.json" if args.quick else "method_cost-cpu.json")
-    return args
+    p = timing_parser(__doc__, "method_cost", steps=40, repeats=3, warmup=2,
+                      quick_help="1 warm-up + 1 round of 4 steps")
+    return parse_timing_args(p, argv, "method_cost", quick=(4, 1, 1))
 
 
 def main(argv=None) -> int:
@@ -114,7 +99,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     data_root = resolve_data_root(args.data_root)
     common = ["train.device=cpu", "train.progress=false", f"train.batch_size={BATCH}"]
     t0 = time.perf_counter()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import (REPO_ROOT, RESULTS_DIR, format_table, median, run_header,  # noqa: E402
-                     spread, write_json)
+from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
+                     run_header, spread, timing_parser, write_json)
 
 CONFIG = REPO_ROOT / "configs" / "cifar10_lt" / "ce.yaml"
 BATCH = 128
@@ -141,34 +140,13 @@ def synthetic_batches(cfg, n: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8, help="steps per measurement (8)")
-    p.add_argument("--repeats", type=int, default=7, help="measurements per arm, interleaved (7)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (3)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's default)")
+    p = timing_parser(__doc__, "optimizer_cost", steps=8, repeats=7, warmup=3,
+                      quick_help="1 warm-up + 2 rounds of 1 step")
     p.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10-LT")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 warm-up + 2 rounds of 1 step (numbers are not meaningful)")
     p.add_argument("--no-check", action="store_true",
                    help=f"exit 0 even when RSAM/SGD > {RSAM_MAX}, SAM/SGD is outside "
                         f"{list(SAM_RANGE)} or the pass counts are not 1/1/2")
-    p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
-    p.add_argument("--out", default=None,
-                   help="JSON result path (default benchmarks/results/optimizer_cost-cpu.json; "
-                        "optimizer_cost-cpu-quick.json with --quick)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats, args.warmup = 1, 2, 1
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
-    if args.out is None:
-        args.out = RESULTS_DIR / ("optimizer_cost-cpu-quick.json" if args.quick
-                                  else "optimizer_cost-cpu.json")
-    return args
+    return parse_timing_args(p, argv, "optimizer_cost", quick=(1, 2, 1))
 
 
 def main(argv=None) -> int:
@@ -177,7 +155,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     t0 = time.perf_counter()
     overrides = ["train.device=cpu", "train.progress=false", f"train.batch_size={BATCH}"]
     if args.threads:

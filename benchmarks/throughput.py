@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import itertools
 import math
-import os
 import sys
 import tempfile
 import time
@@ -47,8 +46,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from _common import (REPO_ROOT, RESULTS_DIR, format_table, median, run_header,  # noqa: E402
-                     spread, write_json)
+from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
+                     run_header, spread, timing_parser, write_json)
 
 CONFIG = REPO_ROOT / "configs" / "cifar10_lt" / "ce.yaml"
 DATASET = "cifar10-lt"
@@ -224,34 +223,14 @@ def check_augmentation_matches() -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=30, help="training steps per measurement (30)")
-    p.add_argument("--repeats", type=int, default=7, help="measurements per arm, interleaved (7)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per arm first (5)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for both sides (default: torch's default)")
+    p = timing_parser(__doc__, "throughput", steps=30, repeats=7, warmup=5,
+                      quick_help="2 steps x 2 repeats, no warm-up")
     p.add_argument("--channels-last", action="store_true",
                    help="compare engine and hand loop in channels_last (the extra arm is then the "
                         "engine in contiguous format)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2 steps x 2 repeats, no warm-up (numbers are not meaningful)")
     p.add_argument("--no-check", action="store_true",
                    help=f"exit 0 even when engine/hand < {THRESHOLD}")
-    p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
-    p.add_argument("--out", default=None,
-                   help="JSON result path (default benchmarks/results/throughput-cpu.json; "
-                        "throughput-cpu-quick.json with --quick)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats, args.warmup = 2, 2, 0
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
-    if args.out is None:
-        args.out = RESULTS_DIR / ("throughput-cpu-quick.json" if args.quick else "throughput-cpu.json")
-    return args
+    return parse_timing_args(p, argv, "throughput", quick=(2, 2, 0))
 
 
 def main(argv=None) -> int:
@@ -261,7 +240,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_root = resolve_data_root(args.data_root)
-    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     check_augmentation_matches()
 
     cl = args.channels_last
