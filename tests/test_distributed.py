@@ -41,6 +41,17 @@ TINY = ["train.device=cpu", "train.progress=false", "model.backbone=resnet8",
 TIMEOUT = 240
 
 
+def join_or_fail(ctx, timeout: float = TIMEOUT) -> None:
+    """Wait for the processes of ``mp.start_processes(..., join=False)``; kill them and fail the
+    test after ``timeout`` seconds (a rank raising makes ``join`` raise with its traceback)."""
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"2-rank run did not finish in {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,12 +172,7 @@ def test_ddp_step_equals_single_process_step_without_batchnorm(tiny_cifar_root, 
     build = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _without_bn(build(*a, **k)))
     single = _train_in_memory(tiny_cifar_root)     # meanwhile, in this process
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-rank run did not finish in {TIMEOUT} s")
+    join_or_fail(ctx)
     two = torch.load(out, weights_only=True)
 
     assert single["steps"] == two["steps"] == 5
@@ -303,12 +309,7 @@ def test_mlrsnet_gives_every_rank_the_same_lr(tiny_cifar_root, tmp_path):
     ctx = mp.start_processes(_spawned_mlrsnet_rank, args=(free_port(), str(tiny_cifar_root),
                                                           str(tmp_path)),
                              nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-rank run did not finish in {TIMEOUT} s")
+    join_or_fail(ctx)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["meta_steps"] == r1["meta_steps"] > 0
     assert len(r0["lrs"]) == 10 and r0["lrs"] == r1["lrs"]      # 2 epochs x 5 steps (149 images)

@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -380,7 +379,7 @@ def test_ddp_sam_and_rsam_equal_one_process(tiny_cifar_root, tmp_path, monkeypat
     """Equal to one process only if SAM's |g| uses the all-reduced gradient (no no_sync) and
     RSAM draws the same noise on every rank (a shared seed)."""
     import torch.multiprocessing as mp
-    from test_distributed import _without_bn, free_port
+    from test_distributed import _without_bn, free_port, join_or_fail
     from longtail.engine import trainer
 
     out = tmp_path / "rank0.pt"
@@ -389,12 +388,7 @@ def test_ddp_sam_and_rsam_equal_one_process(tiny_cifar_root, tmp_path, monkeypat
     build = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _without_bn(build(*a, **k)))
     single = _ddp_losses_and_weights(tiny_cifar_root)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank run did not finish in 300 s")
+    join_or_fail(ctx, timeout=300)
     two = torch.load(out, weights_only=True)
     for name in ("sam", "rsam"):
         assert np.isfinite(single[name]["loss"])
