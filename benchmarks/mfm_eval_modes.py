@@ -44,16 +44,12 @@ def training_images(data, batch_size: int = 256) -> Iterator[torch.Tensor]:
 
 
 def evaluate_modes(run_dir: Path, data_root: Path) -> Dict[str, Any]:
-    from longtail.config import load_yaml_tree, validate
-    from longtail.engine import checkpoint as ckpt
-    from longtail.engine.trainer import CHECKPOINT, WEIGHTS, build_run, evaluate_splits
+    from longtail.engine.evaluate_run import load_finished_run
+    from longtail.engine.trainer import evaluate_splits
 
-    cfg = validate(load_yaml_tree(run_dir / "config.yaml"), f"config {run_dir}/config.yaml")
-    if cfg.method.name != "mfm":
-        raise SystemExit(f"{run_dir} is not an MFM run (method.name={cfg.method.name}).")
-    run = build_run(cfg, run_dir, data_root)
-    run.method.model.load_state_dict(ckpt.load_weights(run_dir / WEIGHTS))
-    run.method.load_state_dict(ckpt.load_checkpoint(run_dir / CHECKPOINT)["method"])
+    run = load_finished_run(run_dir, data_root)
+    if run.cfg.method.name != "mfm":
+        raise SystemExit(f"{run_dir} is not an MFM run (method.name={run.cfg.method.name}).")
 
     def scores() -> Dict[str, Any]:
         res = evaluate_splits(run)

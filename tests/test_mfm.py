@@ -257,6 +257,7 @@ def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_r
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from longtail.engine.evaluate_run import load_finished_run
     from longtail.engine.trainer import evaluate_splits
 
     source = str(mfm_run[0] / "modulator.safetensors")
@@ -269,12 +270,10 @@ def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_r
     metrics = fit(mfm_cfg(3, *frozen, "method.modulate_at_test=auto"), run_dir, tiny_cifar_root)
 
     val = {}
-    for flag in ("false", "true"):          # the same weights, evaluated under each fixed flag
-        run = build_run(mfm_cfg(3, *frozen, f"method.modulate_at_test={flag}"), tmp_path / flag,
-                        tiny_cifar_root)
-        run.method.model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        run.method.load_state_dict(load_checkpoint(run_dir / "last.pt")["method"])
-        val[flag] = evaluate_splits(run)["val"]["top1"]
+    run = load_finished_run(run_dir, tiny_cifar_root)
+    for flag in (False, True):              # the same weights, evaluated with each flag
+        run.method.modulation.default = flag
+        val[str(flag).lower()] = evaluate_splits(run)["val"]["top1"]
     choice = metrics["mfm"]["deploy_choice"]
     assert val["true"] != val["false"]
     assert choice["val_top1_unmodulated"] == pytest.approx(val["false"])

@@ -324,7 +324,7 @@ def test_overflowing_step_is_skipped_and_the_scale_halves(name):
         assert torch.equal(p.detach(), b)                   # restored and not stepped
 
 
-@pytest.mark.parametrize("name", ["sam", "rsam"])
+@pytest.mark.parametrize("name", ["sgd", "sam", "rsam"])
 def test_fp16_autocast_trains_end_to_end(name, tiny_cifar_root, tmp_path):
     cfg = load_config(CONFIGS / "cifar10_lt" / "ce.yaml",
                       [*TINY, "train.epochs=2", f"optim.name={name}", "train.amp=fp16",

@@ -10,19 +10,18 @@ from typing import Any, Dict
 
 from longtail.config import load_yaml_tree, validate
 from longtail.engine import checkpoint as ckpt
-from longtail.engine.trainer import CHECKPOINT, WEIGHTS, build_run, evaluate_splits
+from longtail.engine.trainer import CHECKPOINT, WEIGHTS, Run, build_run, evaluate_splits
 from longtail.errors import LongtailError
 
 
-def evaluate_run(run_dir: Path, data_root: Path) -> Dict[str, Any]:
-    """Metrics of the run's final weights: the test metrics at the top level, ``val`` nested."""
+def load_finished_run(run_dir: Path, data_root: Path) -> Run:
+    """Rebuild a run from its saved ``config.yaml`` with its final weights and method state
+    (a tau picked on val, MFM's modulator and deployment choice, ...), ready to evaluate."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass a folder written by "
                             f"`longtail train`.")
     cfg = validate(load_yaml_tree(saved), f"config {saved}")
-    if cfg.stages:   # a multi-stage run: its metrics.json is its last stage's (engine/pipeline.py)
-        return evaluate_run(run_dir / cfg.stages[-1].name, data_root)
     run = build_run(cfg, run_dir, data_root)
     if (run_dir / WEIGHTS).is_file():
         weights = ckpt.load_weights(run_dir / WEIGHTS)
@@ -35,6 +34,17 @@ def evaluate_run(run_dir: Path, data_root: Path) -> Dict[str, Any]:
     run.method.model.load_state_dict(weights)
     if (run_dir / CHECKPOINT).is_file():
         run.method.load_state_dict(ckpt.load_checkpoint(run_dir / CHECKPOINT)["method"])
+    return run
+
+
+def evaluate_run(run_dir: Path, data_root: Path) -> Dict[str, Any]:
+    """Metrics of the run's final weights: the test metrics at the top level, ``val`` nested."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        cfg = validate(load_yaml_tree(saved), f"config {saved}")
+        if cfg.stages:   # a multi-stage run: its metrics.json is its last stage's (engine/pipeline.py)
+            return evaluate_run(run_dir / cfg.stages[-1].name, data_root)
+    run = load_finished_run(run_dir, data_root)
     results = evaluate_splits(run)
     out: Dict[str, Any] = dict(results["test"])
     out.update(run.method.extra_metrics())

@@ -133,14 +133,12 @@ class Method:
             loss = loss * self.grad_scale
         self.scaler.scale(loss).backward()
         clip = self.cfg.optim.grad_clip
-        if clip and self.scaler.is_enabled() and getattr(self.optimizer, "needs_closure", False):
-            # sam / rsam under fp16: several closures per step, one unscale (in scaler.step of the
-            # base): cut the scaled gradients at clip x scale, the same cut as clip on unscaled ones
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(),
-                                           clip * float(self.scaler.get_scale()))
-        elif clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip)
+        if clip:
+            # fp16: cut the scaled gradients at clip x scale (the same cut as clip on unscaled
+            # ones) and leave the one unscale + inf check of the step to scaler.step, which a
+            # step with several closures (sam) could not call unscale_ before; 1.0 without fp16
+            scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), clip * scale)
 
     @contextlib.contextmanager
     def frozen_running_stats(self):
