@@ -57,7 +57,7 @@ ARMS = [
 class Arm:
     def __init__(self, label: str, config: Path, overrides: List[str], data_root: Path,
                  common: List[str]):
-        from longtail.config import load_config
+        from longtail.core.config import load_config
         from longtail.engine.trainer import build_run
         from longtail.optim import build_schedule
 

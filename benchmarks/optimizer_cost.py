@@ -59,7 +59,7 @@ class Arm:
     """One optimiser: a Method built as ``build_run`` builds it, with pass counters attached."""
 
     def __init__(self, optim_name: str, overrides: List[str], counts: List[int], in_channels: int):
-        from longtail.config import load_config
+        from longtail.core.config import load_config
         from longtail.losses import create as create_loss
         from longtail.methods import MethodContext, build_method
         from longtail.models import build_model
@@ -151,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longtail.config import load_config
+    from longtail.core.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

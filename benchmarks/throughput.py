@@ -88,7 +88,7 @@ class EngineArm:
     """``build_run`` + ``train_one_epoch`` with the tqdm bar, as ``longtail.engine.trainer.fit``."""
 
     def __init__(self, name: str, data_root: Path, channels_last: bool, threads: Optional[int]):
-        from longtail.config import load_config
+        from longtail.core.config import load_config
         from longtail.engine.trainer import build_run
         from longtail.optim import build_schedule
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +103,7 @@ def _split_overrides(config: Optional[str], overrides: List[str]):
 
 
 def cmd_train(args) -> int:
-    from longtail.config import load_config, validate, apply_overrides, load_yaml_tree
+    from longtail.core.config import load_config, validate, apply_overrides, load_yaml_tree
     from longtail.data.paths import resolve_data_root
     from longtail.engine.trainer import fit
 
@@ -204,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
     finally:
-        from longtail.engine.distributed import shutdown_distributed
+        from longtail.core.distributed import shutdown_distributed
 
         shutdown_distributed(barrier=finished)
 

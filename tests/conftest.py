@@ -81,7 +81,7 @@ def real_data_root() -> Path:
     """
     from longtail.data.build import load_split
     from longtail.data.paths import resolve_data_root
-    from longtail.errors import DataError
+    from longtail.core.errors import DataError
 
     root = resolve_data_root(None)
     try:

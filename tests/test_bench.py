@@ -13,12 +13,12 @@ import yaml
 
 from longtail.bench.report import collect_rows, render_results_doc, write_results_doc
 from longtail.bench.runner import BenchOptions, run_bench
-from longtail.bench.scale import epoch_overrides, scale_epochs, scaled_settings
+from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
 from longtail.bench.suite import load_suite, plan_suite
 from longtail.cli import main
-from longtail.config import load_config
+from longtail.core.config import load_config
 from longtail.engine.trainer import fit
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from longtail.config import apply_overrides, load_config
-from longtail.errors import ConfigError
+from longtail.core.config import apply_overrides, load_config
+from longtail.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,7 +15,7 @@ import torch
 
 from longtail.data import DATASET_NAMES, build_data, heldout_indices, img_num_per_cls, longtail_indices
 from longtail.data import cifar, idx, paths
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 

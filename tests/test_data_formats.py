@@ -19,7 +19,7 @@ import torch
 import longtail
 from longtail.data import load_split, resolve_data_root
 from longtail.data import cifar, idx, paths
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
                  b"ship", b"truck"]

@@ -8,7 +8,7 @@ import pytest
 
 from longtail.data import class_stats, heldout_indices, img_num_per_cls, longtail_indices, shot_groups
 from longtail.data.longtail import first_per_class
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 CIFAR10_IF50 = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]

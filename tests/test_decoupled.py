@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from longtail.config import load_config
+from longtail.core.config import load_config
 from longtail.data.samplers import ClassBalancedSampler
 from longtail.engine.evaluate_run import evaluate_run
 from longtail.engine.trainer import build_run, fit
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.methods import METHODS
 from longtail.methods.decoupled import tau_normalize
 from longtail.models.heads import NCMHead

@@ -131,7 +131,7 @@ def _without_bn(model: nn.Module) -> nn.Module:
 
 def _train_in_memory(root: Path):
     """Build a run of the tiny config (BN replaced) and train it with the real epoch loop."""
-    from longtail.config import load_config
+    from longtail.core.config import load_config
     from longtail.engine import trainer
     from longtail.optim import build_schedule
 
@@ -148,7 +148,7 @@ def _spawned_rank(rank: int, port: int, root: str, out: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     from longtail.engine import trainer
-    from longtail.engine.distributed import shutdown_distributed
+    from longtail.core.distributed import shutdown_distributed
 
     build = trainer.build_model
     trainer.build_model = lambda *a, **k: _without_bn(build(*a, **k))
@@ -275,9 +275,9 @@ def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    from longtail.config import load_config
+    from longtail.core.config import load_config
     from longtail.engine import trainer
-    from longtail.engine.distributed import shutdown_distributed
+    from longtail.core.distributed import shutdown_distributed
 
     cfg = load_config(REPO / "configs" / "cifar10_lt" / "mlrsnet.yaml", [
         *TINY, "train.batch_size=32", "data.meta_per_class=2", "optim.mlrsnet.meta_every=2",

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from longtail.cli import main
-from longtail.config import load_config
-from longtail.engine.checkpoint import load_checkpoint
+from longtail.core.config import load_config
+from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import fit
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "ce.yaml"
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",

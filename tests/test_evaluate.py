@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from longtail.engine.evaluate import MetricAccumulator, metrics_from_sums
+from longtail.core.metrics import MetricAccumulator, metrics_from_sums
 
 
 def test_group_and_per_class_accuracy_from_confusion():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.losses import LOSSES, class_balanced_weights, create, posthoc_adjust, select_tau
 
 ALL = ["ce", "focal", "cb", "ldam", "logit_adjusted", "balanced_softmax", "gcl"]

@@ -1,5 +1,5 @@
 """The balanced meta set, its loader and the bi-level meta step (longtail.data.meta,
-longtail.engine.meta): the meta set never shares an index with train / val (and comes from the
+longtail.optim.meta): the meta set never shares an index with train / val (and comes from the
 training split, never the test split), a class without spare images borrows from the subset
 (meta_from=unused) or the meta images leave before imbalancing (before_subset); meta batches are
 a pure function of (seed, step); the hyper-gradient through the virtual step equals central finite
@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from longtail.data import build_data, img_num_per_cls, load_split
 from longtail.data.augment import normalize
 from longtail.data.meta import MetaLoader
-from longtail.engine.meta import (bilevel_meta_step, functional_forward, hypergradient,
+from longtail.optim.meta import (bilevel_meta_step, functional_forward, hypergradient,
                                   loss_closure, make_meta_optimizer, trainable_params,
                                   virtual_sgd_step)
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 from longtail.models import build_model
-from longtail.config import ModelConfig
+from longtail.core.config import ModelConfig
 from longtail.models.modulator import StageModulation, build_modulator
 
 TINY_COUNTS = [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]          # tiny CIFAR (30 / class) at IF 10

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from longtail.cli import main
-from longtail.config import ModelConfig, load_config
+from longtail.core.config import ModelConfig, load_config
 from longtail.data.augment import normalize
 from longtail.data.loader import Batch
-from longtail.engine.checkpoint import load_checkpoint
+from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import build_run, fit
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.models import build_model
 from longtail.models.modulator import StageModulation, build_modulator
 

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from longtail.config import load_config
-from longtail.engine.meta import hypergradient, loss_closure
+from longtail.core.config import load_config
+from longtail.optim.meta import hypergradient, loss_closure
 from longtail.engine.trainer import fit
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.optim.mlrsnet import (MLRSNet, bundle_epochs, gamma_rule, load_snapshots,
                                     save_snapshots)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from longtail.config import ModelConfig
+from longtail.core.config import ModelConfig
 from longtail.models import build_model
 
 

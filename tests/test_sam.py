@@ -19,10 +19,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from longtail.cli import main
-from longtail.config import OptimConfig, load_config
-from longtail.engine.checkpoint import load_checkpoint
+from longtail.core.config import OptimConfig, load_config
+from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import fit
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.optim import build_optimizer, set_lr
 from longtail.optim.sam import RSAM, SAM, rsam_noise_factor
 
@@ -362,7 +362,7 @@ def _spawned(rank: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     from test_distributed import _without_bn
     from longtail.engine import trainer
-    from longtail.engine.distributed import shutdown_distributed
+    from longtail.core.distributed import shutdown_distributed
 
     build = trainer.build_model
     trainer.build_model = lambda *a, **k: _without_bn(build(*a, **k))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from longtail.data.samplers import SAMPLERS, build_sampler
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 
 COUNTS = [500, 200, 80, 30, 10]
 N = sum(COUNTS)

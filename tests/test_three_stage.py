@@ -16,14 +16,14 @@ import torch.nn.functional as F
 import yaml
 
 from longtail.cli import main
-from longtail.config import load_config
+from longtail.core.config import load_config
 from longtail.data.build import resolve_exclude_classes
 from longtail.data.samplers import ClassBalancedSampler, UndersampleSampler, build_sampler
 from longtail.engine import trainer
 from longtail.engine.evaluate_run import evaluate_run
 from longtail.engine.pipeline import expand_stages
 from longtail.engine.trainer import build_run
-from longtail.errors import ConfigError, DataError, LongtailError
+from longtail.core.errors import ConfigError, DataError, LongtailError
 from longtail.methods.finetune import mask_logits
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

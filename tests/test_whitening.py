@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from longtail.cli import main
-from longtail.config import load_config
+from longtail.core.config import load_config
 from longtail.data.build import load_split
 from longtail.data.loader import eval_batches
 from longtail.engine.trainer import build_run, fit
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.models import NECKS, build_model
 from longtail.models.whitening import inv_sqrt_eig, inv_sqrt_newton_schulz
 

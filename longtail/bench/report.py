@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from longtail.bench.references import missing_reason, references
 from longtail.bench.suite import PlannedRun, Suite
-from longtail.engine.checkpoint import atomic_write_text
+from longtail.core.io import atomic_write_text
 
 BENCH_FILE = "bench.json"          # per run folder: wall time, commit, command of the bench run
 _FOLDER_DATASET = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt",

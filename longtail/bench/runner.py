@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from longtail.bench import report
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
-from longtail.config import load_yaml_tree, validate
-from longtail.engine.checkpoint import atomic_write_json
-from longtail.errors import LongtailError
+from longtail.core.config import load_yaml_tree, validate
+from longtail.core.io import atomic_write_json
+from longtail.core.errors import LongtailError
 
 Printer = Callable[[str], None]
 

@@ -3,7 +3,7 @@
 A suite file (``configs/bench/<name>.yaml``)::
 
     description: what the suite measures              # optional
-    epochs: 4               # optional: every run shortened to 4 epochs (longtail.bench.scale)
+    epochs: 4               # optional: every run shortened to 4 epochs (longtail.core.scale)
     overrides: [train.channels_last=true]             # optional: applied to every run
     runs:
       - name: c10-ce                                  # folder name, unique in the suite
@@ -23,7 +23,7 @@ A suite file (``configs/bench/<name>.yaml``)::
 
 A run's config is: the config file, then the suite ``overrides``, then ``imbalance_factor``, then
 the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
-setting is scaled from that config's ``train.epochs`` (:func:`longtail.bench.scale.scale_epochs`);
+setting is scaled from that config's ``train.epochs`` (:func:`longtail.core.scale.scale_epochs`);
 last ``stage1=<folder of the named run>``. In a run's overrides, ``{run:NAME}`` stands for the
 folder of the earlier run NAME (e.g. a checkpoint to transfer from); like ``stage1``, the run waits
 for (and is blocked by) the runs it names. A multi-stage config (top-level ``stages``,
@@ -43,9 +43,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from longtail.bench.scale import scaled_settings
-from longtail.config import Config, apply_overrides, load_yaml_tree, validate
-from longtail.errors import LongtailError
+from longtail.core.scale import scaled_settings
+from longtail.core.config import Config, apply_overrides, load_yaml_tree, validate
+from longtail.core.errors import LongtailError
 
 SUITE_KEYS = ("description", "epochs", "overrides", "runs", "checks")
 CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")   # not "on": YAML reads it as true

@@ -16,8 +16,8 @@ from longtail.data import cifar, idx
 from longtail.data import meta as meta_set
 from longtail.data.longtail import (check_imbalance, first_per_class, heldout_indices, img_num_per_cls,
                                     longtail_indices)
-from longtail.errors import DataError
-from longtail.registry import Registry
+from longtail.core.errors import DataError
+from longtail.core.registry import Registry
 
 DATASET_NAMES = ["cifar10", "cifar100", "mnist", "fashion-mnist"]  # each also with a "-lt" suffix
 SPLITS = ("train", "test")

@@ -20,7 +20,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from longtail.data.paths import Remote, check_md5, obtain
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from longtail.data.paths import Remote, obtain
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from longtail.errors import DataError
+from longtail.core.metrics import shot_groups
+from longtail.core.errors import DataError
 
 PROFILES = ("exp", "step")
 
@@ -118,14 +119,6 @@ def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
     starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
     rank = np.arange(len(labels)) - starts            # rank of each image within its class, file order
     return np.sort(order[rank < per_class]).astype(np.int64)
-
-
-def shot_groups(counts: Sequence[int], many: int = 100, few: int = 20) -> dict[str, list[int]]:
-    """Class ids by training count: many ``> many``, medium ``few..many`` inclusive, few ``< few``."""
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for c, n in enumerate(counts):
-        groups["many" if n > many else "few" if n < few else "medium"].append(c)
-    return groups
 
 
 def class_stats(counts: Sequence[int]) -> dict:

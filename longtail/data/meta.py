@@ -48,7 +48,7 @@ import torch
 from longtail.data.augment import AugmentParams, normalize, random_crop_flip, sample_params
 from longtail.data.loader import Batch
 from longtail.data.longtail import heldout_indices, longtail_indices
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 META_FROM = ("unused", "before_subset")
 META_SEED_OFFSET = 2          # val uses subset_seed + 1, the meta set subset_seed + 2

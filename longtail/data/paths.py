@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 ENV_VAR = "LONGTAIL_DATA"
 MIRROR_KEYS = ("cifar10", "mnist", "fashion-mnist")  # what materialize.py can write (no full cifar100)

@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from longtail.errors import ConfigError
-from longtail.registry import Registry
+from longtail.core.errors import ConfigError
+from longtail.core.registry import Registry
 
 SAMPLERS = Registry("sampler")
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from longtail.data.longtail import class_stats, img_num_per_cls, longtail_indices
-from longtail.errors import DataError
+from longtail.core.errors import DataError
 
 # Official training images per class.
 OFFICIAL_TRAIN_COUNTS: Dict[str, List[int]] = {
@@ -51,7 +51,7 @@ def export_split(name: str, out: Path, imbalance_factor: float = 100.0, profile:
     """Write the training subset as 'index label' lines (index into the official training set)."""
     from longtail.data.build import load_split
     from longtail.data.paths import resolve_data_root
-    from longtail.engine.checkpoint import atomic_write_text
+    from longtail.core.io import atomic_write_text
 
     base, lt = _parse(name)
     train = load_split(base, "train", resolve_data_root(data_root))

@@ -13,77 +13,8 @@ import torch
 import torch.nn as nn
 
 from longtail.data.loader import eval_batches
-from longtail.data.longtail import shot_groups
-from longtail.engine.distributed import DistInfo, all_reduce_sum
-
-
-class MetricAccumulator:
-    """Accumulates a confusion matrix and calibration bins over batches.
-
-    Args:
-        num_classes: C.
-        num_bins: equal-width confidence bins for ECE (15, as in Guo et al. 2017).
-    """
-
-    def __init__(self, num_classes: int, num_bins: int = 15):
-        self.num_classes, self.num_bins = num_classes, num_bins
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-        self.bins = torch.zeros(3, num_bins, dtype=torch.float64)  # count, sum conf, sum correct
-        self.nll_sum = torch.zeros((), dtype=torch.float64)
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """logits [B, C] (any float), labels [B] int64."""
-        logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
-        prob = logits.softmax(dim=1)
-        conf, pred = prob.max(dim=1)
-        c = self.num_classes
-        self.confusion += torch.bincount(labels * c + pred, minlength=c * c).view(c, c).double()
-        bin_idx = torch.clamp((conf * self.num_bins).ceil().long() - 1, 0, self.num_bins - 1)
-        correct = (pred == labels).double()
-        self.bins[0] += torch.bincount(bin_idx, minlength=self.num_bins).double()
-        self.bins[1] += torch.bincount(bin_idx, weights=conf.double(), minlength=self.num_bins)
-        self.bins[2] += torch.bincount(bin_idx, weights=correct, minlength=self.num_bins)
-        self.nll_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-
-    def reduce(self, info: DistInfo) -> "MetricAccumulator":
-        for t in (self.confusion, self.bins, self.nll_sum):
-            all_reduce_sum(t, info)
-        return self
-
-    def compute(self, class_counts: Sequence[int]) -> Dict[str, Any]:
-        return metrics_from_sums(self.confusion, self.bins, float(self.nll_sum), class_counts)
-
-
-def _pct(num: float, den: float) -> Optional[float]:
-    return None if den == 0 else 100.0 * num / den
-
-
-def metrics_from_sums(confusion: torch.Tensor, bins: torch.Tensor, nll_sum: float,
-                      class_counts: Sequence[int]) -> Dict[str, Any]:
-    """All reported metrics from a [C, C] confusion matrix (rows: true class) and ECE bins.
-
-    Group accuracies (many > 100, medium 20-100, few < 20 training images) are the mean of the
-    per-class accuracies of the group's classes that have test images; None for an empty group.
-    """
-    total = float(confusion.sum())
-    per_class_n = confusion.sum(dim=1)
-    per_class = [_pct(float(confusion[c, c]), float(per_class_n[c])) for c in range(len(per_class_n))]
-    groups = shot_groups(class_counts)
-    out: Dict[str, Any] = {"top1": _pct(float(confusion.trace()), total)}
-    for name in ("many", "medium", "few"):
-        accs = [per_class[c] for c in groups[name] if per_class[c] is not None]
-        out[name] = sum(accs) / len(accs) if accs else None
-    present = [a for a in per_class if a is not None]
-    out["mean_class_acc"] = sum(present) / len(present) if present else None
-    out["per_class"] = per_class
-    count, conf_sum, correct_sum = bins
-    out["ece"] = 100.0 * float((conf_sum - correct_sum).abs().sum()) / total if total else None
-    out["nll"] = nll_sum / total if total else None
-    out["num_samples"] = int(total)
-    out["confusion"] = confusion.long().tolist()
-    out["groups"] = groups
-    return out
+from longtail.core.distributed import DistInfo
+from longtail.core.metrics import MetricAccumulator
 
 
 @torch.no_grad()

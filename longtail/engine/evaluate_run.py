@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-from longtail.config import load_yaml_tree, validate
-from longtail.engine import checkpoint as ckpt
+from longtail.core.config import load_yaml_tree, validate
+from longtail.core import io as ckpt
 from longtail.engine.trainer import CHECKPOINT, WEIGHTS, Run, build_run, evaluate_splits
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 def load_finished_run(run_dir: Path, data_root: Path) -> Run:

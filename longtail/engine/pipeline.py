@@ -32,7 +32,7 @@ Stage keys (unknown ones are refused by name, like any config key):
 ``epochs_scale``    optional: the stage runs ``max(1, round(epochs_scale x E))`` epochs, E the
                     pipeline's ``train.epochs``; its other epoch-valued settings (milestones,
                     warm-up, eval_every, DRW epoch, ...) are rescaled from its own
-                    ``train.epochs`` (:func:`longtail.bench.scale.scale_epochs`)
+                    ``train.epochs`` (:func:`longtail.core.scale.scale_epochs`)
 ==================  =============================================================================
 
 A stage's config is built in this order: the pipeline's settings, the stage's ``config`` file, its
@@ -65,10 +65,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from longtail.config import (Config, apply_overrides, deep_merge, has_dotted, load_yaml_tree,
+from longtail.core.config import (Config, apply_overrides, deep_merge, has_dotted, load_yaml_tree,
                              validate)
-from longtail.engine import checkpoint as ckpt
-from longtail.errors import ConfigError, LongtailError
+from longtail.core import io as ckpt
+from longtail.core.errors import ConfigError, LongtailError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # the options that decide the training set (longtail.methods.decoupled.DATA_KEYS)
@@ -145,7 +145,7 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
     if not cfg.stages:
         raise ConfigError("This config has no `stages`: it is a single run (longtail train runs it "
                           "directly).")
-    from longtail.bench.scale import scale_epochs
+    from longtail.core.scale import scale_epochs
 
     if overrides:   # cfg normally holds them already; applying them again changes nothing then
         cfg = validate(apply_overrides(cfg.to_dict(), overrides), "pipeline config")
@@ -307,7 +307,7 @@ def run_pipeline(cfg: Config, run_dir: Path, data_root: Path, resume: bool = Fal
     (applied again to every stage); ``source``: the config file (relative stage ``config`` paths).
     """
     from longtail.engine.trainer import prepare_run_dir, setup_process
-    from longtail.engine.distributed import barrier
+    from longtail.core.distributed import barrier
 
     run_dir = Path(run_dir)
     stages = expand_stages(cfg, overrides, source, run_dir=run_dir.resolve())
@@ -335,7 +335,7 @@ def run_pipeline(cfg: Config, run_dir: Path, data_root: Path, resume: bool = Fal
 def _run_stages(stages: Sequence[Stage], run_dir: Path, data_root: Path,
                 overrides: Sequence[str], info) -> Dict[str, Any]:
     from longtail.engine.trainer import fit
-    from longtail.engine.distributed import barrier
+    from longtail.core.distributed import barrier
 
     if info.is_main:
         print(f"pipeline: {len(stages)} stages -> {run_dir}/ ("

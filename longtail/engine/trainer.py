@@ -19,17 +19,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from longtail.config import Config
+from longtail.core.config import Config
 from longtail.data import DataBundle, build_data
 from longtail.data.loader import TrainLoader
-from longtail.data.longtail import shot_groups
+from longtail.core.metrics import shot_groups
 from longtail.data.samplers import SAMPLERS, build_sampler
-from longtail.engine import checkpoint as ckpt
-from longtail.engine.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
+from longtail.core import io as ckpt
+from longtail.core.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
                                          broadcast_buffers, init_distributed, resolve_device)
 from longtail.engine.evaluate import evaluate
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.losses import create as create_loss
 from longtail.methods import Method, MethodContext, build_method
 from longtail.models import build_model

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from longtail.errors import ConfigError
-from longtail.registry import Registry
+from longtail.core.errors import ConfigError
+from longtail.core.registry import Registry
 
 #: Registry of every loss family; build one with :func:`longtail.losses.create`.
 LOSSES = Registry("loss")

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.losses.base import LOSSES, LongtailLoss, check_number, class_balanced_weights, resolve_beta
 from longtail.losses.focal import focal_from_ce
 

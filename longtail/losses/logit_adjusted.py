@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.losses.base import LOSSES, LongtailLoss, as_class_counts, check_number
 
 ArrayLike = Union[torch.Tensor, np.ndarray]

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from longtail.data.loader import Batch
-from longtail.engine.distributed import DistInfo, unwrap, wrap_ddp
-from longtail.errors import ConfigError
+from longtail.core.distributed import DistInfo, unwrap, wrap_ddp
+from longtail.core.errors import ConfigError
 from longtail.optim import build_optimizer
-from longtail.registry import Registry
+from longtail.core.registry import Registry
 
 METHODS = Registry("method")
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import yaml
 
 from longtail.data.loader import eval_batches
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.methods.base import METHODS, Method, MethodContext
 from longtail.models.heads import LinearHead, LWSHead, NCMHead
 from longtail.models.registry import HEADS

@@ -33,7 +33,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.methods.base import METHODS, MethodContext
 from longtail.methods.decoupled import Stage1, Stage2Method, load_stage1, load_stage1_weights
 

@@ -1,7 +1,7 @@
 """MFM — Meta Feature Modulator (Wang, Hu, Zhu, Shu, Zhao, Meng, arXiv 2008.03428, 2020).
 
 Per-channel scale/shift modulation of intermediate features (``longtail.models.modulator``),
-meta-learned on a small balanced meta set with the bi-level step of ``longtail.engine.meta``.
+meta-learned on a small balanced meta set with the bi-level step of ``longtail.optim.meta``.
 The paper's body and code are not public: everything beyond the abstract is [PROPOSED]
 (METHODS.md §1). Per training step t, with α_t the current lr of the model optimiser::
 
@@ -71,9 +71,9 @@ import torch.nn.functional as F
 
 from longtail.data.loader import Batch
 from longtail.data.meta import build_meta_loader
-from longtail.engine.distributed import all_reduce_sum
-from longtail.engine.meta import bilevel_meta_step, loss_closure, make_meta_optimizer
-from longtail.errors import ConfigError
+from longtail.core.distributed import all_reduce_sum
+from longtail.optim.meta import bilevel_meta_step, loss_closure, make_meta_optimizer
+from longtail.core.errors import ConfigError
 from longtail.methods.base import METHODS, Method, MethodContext
 from longtail.models.modulator import (FeatureModulator, StageModulation, build_modulator,
                                        load_modulator, save_modulator)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from longtail.engine.evaluate import MetricAccumulator
+from longtail.core.metrics import MetricAccumulator
 from longtail.losses import posthoc_adjust, select_tau
 from longtail.methods.base import METHODS, MethodContext
 from longtail.methods.decoupled import (Stage2Method, check_taus, eval_forward, load_stage1_weights,

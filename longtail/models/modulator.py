@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.errors import ConfigError, LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 
 VARIANTS = ("direct", "network")
 FORMAT = "longtail-modulator"
@@ -186,7 +186,7 @@ def build_modulator(backbone: nn.Module, variant: str = "network",
 
 
 def save_modulator(path: Path, modulator: FeatureModulator) -> None:
-    from longtail.engine.checkpoint import save_weights
+    from longtail.core.io import save_weights
     save_weights(Path(path), modulator.state_dict(), modulator.metadata())
 
 

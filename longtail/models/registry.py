@@ -1,6 +1,6 @@
 """Registries of the three model parts: backbone -> neck -> head."""
 
-from longtail.registry import Registry
+from longtail.core.registry import Registry
 
 BACKBONES = Registry("backbone")
 NECKS = Registry("neck")

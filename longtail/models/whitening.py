@@ -105,7 +105,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.models.registry import NECKS
 
 _KEY = "model.neck_params."

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from longtail.optim.schedules import SCHEDULES, Schedule, build_schedule
-from longtail.registry import Registry
+from longtail.core.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 

@@ -8,7 +8,7 @@ step. Two modes (``optim.mlrsnet.mode``, default: ``transfer`` when a checkpoint
 
 ``meta_train``
     Every ``meta_every`` steps (T, 300 in the paper) the net's weights ω take one Adam step
-    (lr 1e-3, wd 1e-4) on the one-step look-ahead of :mod:`longtail.engine.meta`::
+    (lr 1e-3, wd 1e-4) on the one-step look-ahead of :mod:`longtail.optim.meta`::
 
         θ̂(ω) = θ − γ lr_ω(L_t) (g + λ θ)       g = ∇θ L_train(θ) taken as a constant
         ω    ← Adam(ω, ∇ω CE(f(x_meta; θ̂(ω)), y_meta))
@@ -44,7 +44,7 @@ each for a stated reason:
 * the virtual step ignores the base optimiser's momentum (the reference recipe uses momentum 0,
   ``configs/cifar10_lt/mlrsnet.yaml`` too; with momentum > 0 the look-ahead is the plain-SGD one);
 * under DDP the input loss is the mean over ranks (so every rank gets the same lr) and the
-  hyper-gradient is averaged over ranks (:func:`longtail.engine.meta.apply_meta_gradients`);
+  hyper-gradient is averaged over ranks (:func:`longtail.optim.meta.apply_meta_gradients`);
 * the training loss of the look-ahead is the run's loss (``loss.name``; CE in the recipe).
 
 Integration: the trainer builds the schedule, calls :meth:`attach`, and the schedule registers a
@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.optim.schedules import Schedule
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -126,7 +126,7 @@ def save_snapshots(path: Path, nets: List[Dict[str, torch.Tensor]], epochs: List
                for k, sd in enumerate(nets) for name, t in sd.items()}
     meta = {"format": "longtail-mlrsnet", "hidden": str(hidden),
             "epochs": json.dumps([int(e) for e in epochs]), "info": json.dumps(info or {})}
-    from longtail.engine.checkpoint import atomic_write
+    from longtail.core.io import atomic_write
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -205,7 +205,7 @@ class MLRSNetSchedule(Schedule):
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, run) -> None:
         from longtail.data.meta import build_meta_loader
-        from longtail.engine.meta import make_meta_optimizer
+        from longtail.optim.meta import make_meta_optimizer
 
         self.run = run
         if not self.snapshots:      # a fresh net, drawn from the run's seed (not the global RNG)
@@ -319,7 +319,7 @@ class MLRSNetSchedule(Schedule):
     # -- per step ----------------------------------------------------------------------------
     def on_step_loss(self, batch, loss: torch.Tensor) -> None:
         """The step hook: meta-train when due, then set the lr of this step from its loss."""
-        from longtail.engine.distributed import all_reduce_sum
+        from longtail.core.distributed import all_reduce_sum
 
         run = self.run
         L = loss.detach().float().reshape(1).clone()
@@ -342,7 +342,7 @@ class MLRSNetSchedule(Schedule):
 
     def meta_update(self, batch, L: torch.Tensor) -> float:
         """One Adam step of ω on the look-ahead of this batch; returns the meta loss."""
-        from longtail.engine.meta import bilevel_meta_step, loss_closure
+        from longtail.optim.meta import bilevel_meta_step, loss_closure
 
         run, method = self.run, self.run.method
         model = method.bare_model
@@ -368,7 +368,7 @@ class MLRSNetSchedule(Schedule):
 
     def save_artifacts(self, run_dir: Path) -> None:
         run_dir = Path(run_dir)
-        from longtail.engine.checkpoint import atomic_write_json
+        from longtail.core.io import atomic_write_json
 
         steps = len(self.lrs) // max(self.epochs, 1) if self.epochs else 0
         atomic_write_json(run_dir / LR_FILE, {"mode": self.mode, "gammas": self.gammas,

@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 from longtail.optim import OPTIMIZERS
 
 WRAPPERS = ("sam", "rsam")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Sequence
 
-from longtail.registry import Registry
+from longtail.core.registry import Registry
 
 SCHEDULES = Registry("schedule")
 

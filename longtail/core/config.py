@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from longtail.engine.distributed import DistInfo, all_reduce_sum
+from longtail.core.distributed import DistInfo, all_reduce_sum
 
 Params = Dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]

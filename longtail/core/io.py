@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

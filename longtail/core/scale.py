@@ -40,8 +40,8 @@ import math
 import re
 from typing import Any, Dict, List, Tuple, Union
 
-from longtail.config import Config, get_dotted, validate
-from longtail.errors import ConfigError
+from longtail.core.config import Config, get_dotted, validate
+from longtail.core.errors import ConfigError
 
 # sections whose free-form options may hold epoch-valued settings (found by key name)
 _OPEN_SECTIONS = ("loss", "method", "data.sampler_params", "model.backbone_params",

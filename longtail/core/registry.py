@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Iterable
 
-from longtail.errors import ConfigError
+from longtail.core.errors import ConfigError
 
 
 class Registry:
