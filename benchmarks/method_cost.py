@@ -59,28 +59,24 @@ class Arm:
                  common: List[str]):
         from longtail.core.config import load_config
         from longtail.engine.trainer import build_run
-        from longtail.optim import build_schedule
 
         self.label = label
         self.cfg = load_config(config, [*common, *overrides])
         self._tmp = tempfile.TemporaryDirectory(prefix="longtail-method-cost-")
         self.run = build_run(self.cfg, Path(self._tmp.name), data_root)
-        self.schedule = build_schedule(self.cfg.optim, self.cfg.train.epochs)
-        self.schedule.attach(self.run)
         self.run.method.train_model.train()
         self.run.method.on_epoch_start(0)
-        self.schedule.on_epoch_start(0)          # MLR-SNet: gamma, before any timing
+        for hook in self.run.hooks.values():      # MLR-SNet: gamma, before any timing
+            hook.before_epoch(self.run, 0)
         self.step = 0
         self.last_loss = float("nan")
 
     def measure(self, batches) -> float:
         """Train on ``batches`` as train_one_epoch does; returns the mean step time (s)."""
-        from longtail.optim import set_lr
-
         method, steps = self.run.method, len(self.run.loader)
         start = time.perf_counter()
         for batch in batches:
-            set_lr(method.optimizer, self.schedule.factor(0, self.step % steps, steps))
+            self.run.optim.set_lr(self.run.schedule.factor(0, self.step % steps, steps))
             stats = method.train_step(batch)
             self.step += 1
         self.last_loss = float(stats["loss"])

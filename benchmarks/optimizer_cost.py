@@ -113,8 +113,8 @@ def real_batches(data_root: Path, cfg, n: int):
     data = build_data(d.dataset, data_root, imbalance_factor=d.imbalance_factor, profile=d.profile,
                       seed=d.subset_seed, val_per_class=d.val_per_class)
     counts = list(data.class_counts)
-    sampler = build_sampler(d.sampler, data.train.labels.numpy(), counts, seed=cfg.seed,
-                            **d.sampler_params)
+    sampler = build_sampler(cfg.sampler.name, data.train.labels.numpy(), counts, seed=cfg.seed,
+                            **cfg.sampler.params())
     loader = TrainLoader(data.train.images, data.train.labels, sampler, BATCH, data.mean, data.std,
                          device=torch.device("cpu"), seed=cfg.seed, padding=d.crop_padding,
                          flip=d.flip, channels_last=cfg.train.channels_last)
@@ -237,8 +237,8 @@ def main(argv=None) -> int:
             "model": base_cfg.model.backbone, "batch_size": BATCH,
             "channels_last": base_cfg.train.channels_last, "config": str(CONFIG.relative_to(REPO_ROOT)),
             "overrides": overrides, "optimizers": {name: {
-                "optim.name": name, "rho": arms[name].cfg.optim.rho,
-                "rsam_dis_mul": arms[name].cfg.optim.rsam_dis_mul if name == "rsam" else None}
+                "optim.name": name, "rho": arms[name].cfg.optim.params().get("rho"),
+                "dis_mul": arms[name].cfg.optim.params().get("dis_mul")}
                 for name in ARMS},
             "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
             "threads": torch.get_num_threads(), "threads_requested": args.threads,

@@ -90,7 +90,6 @@ class EngineArm:
     def __init__(self, name: str, data_root: Path, channels_last: bool, threads: Optional[int]):
         from longtail.core.config import load_config
         from longtail.engine.trainer import build_run
-        from longtail.optim import build_schedule
 
         self.name = name
         self.channels_last = channels_last
@@ -104,7 +103,6 @@ class EngineArm:
         run = build_run(self.cfg, Path(self._tmp.name) / "run", data_root)  # writes nothing there
         self.full_steps = len(run.loader)
         self.run = dataclasses.replace(run, loader=StepWindow(run.loader, 1))
-        self.schedule = build_schedule(self.cfg.optim, self.cfg.train.epochs)
         self.epoch = 0
         self.last_loss = float("nan")
 
@@ -122,7 +120,7 @@ class EngineArm:
         start = time.perf_counter()
         bar = tqdm(total=len(run.loader), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                    leave=False, dynamic_ncols=True, disable=not show_bar)
-        row = train_one_epoch(run, self.epoch, self.schedule, bar if show_bar else None)
+        row = train_one_epoch(run, self.epoch, bar if show_bar else None)
         bar.close()
         seconds = time.perf_counter() - start
         self.epoch += 1
@@ -252,7 +250,7 @@ def main(argv=None) -> int:
     if args.steps > engine.full_steps:
         raise SystemExit(f"--steps {args.steps} exceeds the {engine.full_steps} steps of an epoch")
     # each measurement is one (cut) epoch on both sides: same lr, warm-up, momentum, weight decay
-    lr, warmup_epochs = engine.cfg.optim.lr, engine.cfg.optim.warmup_epochs
+    lr, warmup_epochs = engine.cfg.optim.lr, engine.cfg.schedule.warmup_epochs
     hand = HandArm("hand", data_root, engine.cfg.model, engine.cfg.seed, lr, warmup_epochs,
                    channels_last=cl)
     if not torch.equal(hand.labels, engine.train_labels):

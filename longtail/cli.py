@@ -38,10 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 optim.lr=0.05")
+    train.add_argument("overrides", nargs="*",
+                       help="data=NAME (configs/datasets/), model=NAME (configs/models/) and dotted "
+                            "overrides, e.g. data=cifar10_lt train.epochs=2 optim.lr=0.05")
     train.add_argument("--data-root", default=None)
     train.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (composed, overridden, validated) and exit")
 
     ev = sub.add_parser("eval", help="recompute a run's metrics from its saved weights")
     ev.add_argument("run_dir")
@@ -103,12 +107,19 @@ def _split_overrides(config: Optional[str], overrides: List[str]):
 
 
 def cmd_train(args) -> int:
-    from longtail.core.config import load_config, validate, apply_overrides, load_yaml_tree
+    from longtail.core.config import (load_config, validate, apply_overrides, load_yaml_tree,
+                                      split_selectors)
     from longtail.data.paths import resolve_data_root
     from longtail.engine.trainer import fit
 
     config, overrides = _split_overrides(args.config, args.overrides)
+    selectors, _ = split_selectors(overrides)
     if args.resume:
+        if selectors:
+            raise LongtailError(f"--resume {args.resume} continues the run with the config it "
+                                f"saved; {', '.join(f'{k}=...' for k in selectors)} cannot change "
+                                f"its files. Start a new run (longtail train RECIPE "
+                                f"{' '.join(f'{k}={v}' for k, v in selectors.items())}) instead.")
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
@@ -117,11 +128,16 @@ def cmd_train(args) -> int:
         cfg = validate(apply_overrides(load_yaml_tree(saved), overrides), f"config {saved}")
     else:
         if config is None:
-            raise LongtailError("No config given. Usage: longtail train CONFIG [key=value ...], e.g. "
-                                "longtail train configs/cifar10_lt/ce.yaml train.epochs=2.")
+            raise LongtailError("No config given. Usage: longtail train CONFIG [data=NAME] "
+                                "[key=value ...], e.g. longtail train configs/methods/ce.yaml "
+                                "data=cifar10_lt train.epochs=2.")
         cfg = load_config(config, overrides)
+        prefix = Path(selectors["data"]).stem if "data" in selectors else Path(config).parent.name
         run_dir = Path(args.out) if args.out else Path("runs") / (
-            f"{Path(config).parent.name}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     if cfg.stages:  # a multi-stage config: RUN_DIR/<stage>/ each (longtail.engine.pipeline)
         from longtail.engine.pipeline import run_pipeline
 

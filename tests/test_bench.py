@@ -22,6 +22,7 @@ from longtail.core.errors import LongtailError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+METHODS = CONFIGS / "methods"
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false"]
 DECOUPLED = ("crt", "lws", "tau_norm", "ncm", "la_posthoc")
@@ -51,8 +52,8 @@ def bench(*argv):
     return rc, out.getvalue()
 
 
-TWO_RUNS = [{"name": "base", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")},
-            {"name": "second", "config": str(CONFIGS / "cifar10_lt" / "focal.yaml"),
+TWO_RUNS = [{"name": "base", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+            {"name": "second", "data": "cifar10_lt", "config": str(METHODS / "focal.yaml"),
              "stage1": "base"}]
 
 
@@ -72,40 +73,40 @@ def tiny_suite(tiny_cifar_root, tmp_path_factory):
 
 
 def test_scale_200_to_8_epochs():
-    cfg = load_config(CONFIGS / "cifar10_lt" / "ldam_drw.yaml")
-    assert cfg.train.epochs == 200 and cfg.optim.milestones == [160, 180]
+    cfg = load_config(METHODS / "ldam_drw.yaml", ["data=cifar10_lt"])
+    assert cfg.train.epochs == 200 and cfg.schedule.milestones == [160, 180]
     short = scale_epochs(cfg, 8)
     assert short.train.epochs == 8
-    assert short.optim.milestones == [6, 7]
+    assert short.schedule.milestones == [6, 7]
     assert short.loss.params()["drw_epoch"] == 6
-    assert short.optim.warmup_epochs == pytest.approx(0.2)
+    assert short.schedule.warmup_epochs == pytest.approx(0.2)
     assert short.train.eval_every == 0                      # 10 * 8 / 200 rounds to 0: at the end
     assert cfg.train.epochs == 200                          # the input is not changed
-    assert scale_epochs(cfg.to_dict(), 8)["optim"]["milestones"] == [6, 7]
+    assert scale_epochs(cfg.to_dict(), 8)["schedule"]["milestones"] == [6, 7]
     assert "loss.drw_epoch=6" in epoch_overrides(cfg, 8)
-    assert load_config(CONFIGS / "cifar10_lt" / "ldam_drw.yaml",
-                       epoch_overrides(cfg, 8)).to_dict() == short.to_dict()
+    assert load_config(METHODS / "ldam_drw.yaml",
+                       ["data=cifar10_lt", *epoch_overrides(cfg, 8)]).to_dict() == short.to_dict()
 
 
 def test_scale_keeps_phases_inside_and_other_epoch_keys():
-    cfg = load_config(CONFIGS / "cifar10_lt" / "ldam_drw.yaml",
-                      ["data.sampler=progressive", "data.sampler_params.total_epochs=200",
+    cfg = load_config(METHODS / "ldam_drw.yaml",
+                      ["data=cifar10_lt", "sampler=progressive", "sampler.total_epochs=200",
                        "method.warm_epochs=100", "method.start_epoch=20"])
     four = scale_epochs(cfg, 4)
-    assert four.optim.milestones == [3, 4]                  # distinct; 180 moves past 160
+    assert four.schedule.milestones == [3, 4]               # distinct; 180 moves past 160
     assert four.loss.params()["drw_epoch"] == 3             # re-weighting still happens
-    assert four.data.sampler_params["total_epochs"] == 4
+    assert four.sampler.params()["total_epochs"] == 4
     assert four.method.params()["warm_epochs"] == 2         # any *_epochs / *_epoch option
     assert four.method.params()["start_epoch"] == 1         # 0.4 rounds to 0: kept inside
-    assert scale_epochs(cfg, 400).optim.milestones == [320, 360]
+    assert scale_epochs(cfg, 400).schedule.milestones == [320, 360]
     assert scale_epochs(cfg, 200).to_dict() == cfg.to_dict()
 
 
 def test_scale_leaves_posthoc_and_cosine_milestones():
-    posthoc = load_config(CONFIGS / "cifar10_lt" / "ce.yaml", ["train.epochs=0"])
+    posthoc = load_config(METHODS / "ce.yaml", ["data=cifar10_lt", "train.epochs=0"])
     assert scaled_settings(posthoc, 4) == {}
-    cosine = load_config(CONFIGS / "cifar10_lt" / "ce.yaml",
-                         ["optim.schedule=cosine", "train.epochs=10", "optim.warmup_epochs=0"])
+    cosine = load_config(METHODS / "ce.yaml", ["data=cifar10_lt", "schedule=cosine",
+                                               "train.epochs=10", "schedule.warmup_epochs=0"])
     assert set(scaled_settings(cosine, 1)) == {"train.epochs", "train.eval_every"}
     with pytest.raises(LongtailError, match="positive integer"):
         scale_epochs(cosine, 0)
@@ -123,7 +124,7 @@ def test_suite_runs_and_resolves_stage1(tiny_suite):
             assert (run / name).is_file(), (run, name)
     saved = yaml.safe_load((second / "config.yaml").read_text())
     assert saved["stage1"] == str(base.resolve())
-    assert saved["train"]["epochs"] == 1 and saved["optim"]["milestones"] == [1, 2]
+    assert saved["train"]["epochs"] == 1 and saved["schedule"]["milestones"] == [1, 2]
     assert saved["model"]["backbone"] == "resnet8"
     bench_json = json.loads((base / "bench.json").read_text())
     assert bench_json["wall_seconds"] > 0 and "longtail train" in bench_json["train_command"]
@@ -188,7 +189,7 @@ def test_dry_run_prints_plan_and_trains_nothing(tmp_path):
     suite_file = write_suite(tmp_path, TWO_RUNS, epochs=8)
     rc, text = bench(suite_file, "--out", tmp_path / "runs", "--dry-run")
     assert rc == 0
-    assert "200->8" in text and "optim.milestones [160, 180]->[6, 7]" in text
+    assert "200->8" in text and "schedule.milestones [160, 180]->[6, 7]" in text
     assert "base" in text and "second" in text
     assert not (tmp_path / "runs").exists()
 
@@ -202,7 +203,7 @@ def test_only_adds_the_stage1_run(tmp_path):
 
 
 def test_overrides_as_mapping_and_imbalance_factor_sugar(tmp_path):
-    runs = [{"name": "a", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml"), "imbalance_factor": 50,
+    runs = [{"name": "a", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"), "imbalance_factor": 50,
              "overrides": {"optim.lr": 0.05, "model.head": "cosine"}}]
     suite_file = write_suite(tmp_path, runs, epochs=None, overrides={"train.batch_size": 64})
     (planned,) = plan_suite(load_suite(suite_file), tmp_path)
@@ -210,6 +211,34 @@ def test_overrides_as_mapping_and_imbalance_factor_sugar(tmp_path):
     cfg = planned.cfg
     assert (cfg.optim.lr, cfg.model.head, cfg.train.batch_size) == (0.05, "cosine", 64)
     assert cfg.data.imbalance_factor == 50 and cfg.train.epochs == 200
+
+
+def test_data_key_selects_the_dataset_of_a_run(tmp_path):
+    """`data: NAME` (a run's, else the suite's) is the selector data=NAME: it composes the dataset
+    file under the recipe, shows in the plan and travels in the argv of a subprocess run."""
+    from longtail.bench.runner import subprocess_argv
+
+    runs = [{"name": "c10", "config": str(METHODS / "ldam_drw.yaml")},          # the suite's
+            {"name": "c100", "data": "cifar100_lt", "config": str(METHODS / "ldam_drw.yaml")},
+            {"name": "fixed", "data": None, "config": str(CONFIGS / "quickstart.yaml")},
+            {"name": "none", "data": None, "config": str(METHODS / "ce.yaml")},
+            {"name": "typo", "data": "cifar11_lt", "config": str(METHODS / "ce.yaml")}]
+    suite_file = write_suite(tmp_path, runs, epochs=None, data="cifar10_lt")
+    plan = {p.name: p for p in plan_suite(load_suite(suite_file), tmp_path / "out")}
+    assert plan["c10"].cfg.data.dataset == "cifar10-lt" and plan["c10"].overrides[0] == "data=cifar10_lt"
+    c100 = plan["c100"]
+    assert c100.error is None and c100.cfg.data.dataset == "cifar100-lt"
+    assert c100.cfg.model.head == "cosine" and c100.cfg.data.imbalance_factor == 10     # TINY
+    assert c100.cfg.to_dict() == load_config(METHODS / "ldam_drw.yaml",
+                                             ["data=cifar100_lt", *TINY]).to_dict()
+    argv = subprocess_argv(c100, None, resume=False)
+    assert argv[argv.index("train") + 1:argv.index("train") + 3] == [str(METHODS / "ldam_drw.yaml"),
+                                                                     "data=cifar100_lt"]
+    assert plan["fixed"].error is None and plan["fixed"].cfg.data.dataset == "cifar10-lt"
+    assert "add data=NAME" in plan["none"].error
+    assert "cifar11_lt" in plan["typo"].error and "cifar100_lt" in plan["typo"].error
+    rows = {r["name"]: r for r in collect_rows(list(plan.values()))}
+    assert rows["typo"]["status"] == "error" and rows["c100"]["dataset"] == "cifar100-lt"
 
 
 @pytest.mark.slow
@@ -228,10 +257,11 @@ def test_subprocess_mode(tiny_cifar_root, tmp_path):
 
 @pytest.mark.parametrize("runs, extra, named", [
     ([{"name": "a", "confg": "x.yaml"}], {}, "confg"),
-    ([{"name": "a", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml"), "stage1": "nope"}], {}, "nope"),
-    ([{"name": "a", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")}], {"epoch": 3}, "epoch"),
-    ([{"name": "a", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")},
-      {"name": "a", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")}], {}, "two runs are named 'a'"),
+    ([{"name": "a", "config": str(METHODS / "ce.yaml"), "stage1": "nope"}], {}, "nope"),
+    ([{"name": "a", "config": str(METHODS / "ce.yaml")}], {"epoch": 3}, "epoch"),
+    ([{"name": "a", "config": str(METHODS / "ce.yaml")},
+      {"name": "a", "config": str(METHODS / "ce.yaml")}], {}, "two runs are named 'a'"),
+    ([{"name": "a", "config": str(METHODS / "ce.yaml"), "data": {"x": 1}}], {}, "'data'"),
 ])
 def test_suite_mistakes_are_named(tmp_path, runs, extra, named):
     suite_file = write_suite(tmp_path, runs, **extra)
@@ -240,8 +270,8 @@ def test_suite_mistakes_are_named(tmp_path, runs, extra, named):
 
 
 def test_unknown_config_key_names_the_run_before_training(tmp_path, capsys):
-    runs = [{"name": "ok", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")},
-            {"name": "typo", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml"),
+    runs = [{"name": "ok", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+            {"name": "typo", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"),
              "overrides": ["optim.lrr=0.05"]}]
     suite_file = write_suite(tmp_path, runs)
     assert main(["bench", str(suite_file), "--out", str(tmp_path / "runs"),
@@ -281,12 +311,12 @@ def test_shipped_suite_parses_and_configs_exist(suite_file, tmp_path):
 
 def test_shipped_suites_cover_the_baselines(tmp_path):
     short = load_suite(CONFIGS / "bench" / "cifar-short.yaml")
-    methods = {(r.config.parent.name, r.config.stem) for r in short.runs}
+    methods = {(r.data, r.config.stem) for r in short.runs}
     assert methods >= {(d, m) for d in ("cifar10_lt", "fashion_mnist_lt")
                        for m in BASELINES + DECOUPLED}
     full = load_suite(CONFIGS / "bench" / "cifar-full.yaml")
     assert full.epochs is None
-    combos = {(r.config.parent.name, r.config.stem, r.imbalance_factor or 100) for r in full.runs}
+    combos = {(r.data, r.config.stem, r.imbalance_factor or 100) for r in full.runs}
     assert combos >= {(d, m, f) for d in ("cifar10_lt", "cifar100_lt")
                       for m in BASELINES + DECOUPLED for f in (100, 50, 10)}
 
@@ -294,14 +324,14 @@ def test_shipped_suites_cover_the_baselines(tmp_path):
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_baseline_configs(dataset):
     for method in BASELINES[1:]:
-        path = CONFIGS / dataset / f"{method}.yaml"
+        path = METHODS / f"{method}.yaml"
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and ("reference" in first), (path, first)
         assert yaml.safe_load(path.read_text())["_base_"] == "ce.yaml"
-        cfg = load_config(path, ["data.imbalance_factor=50"])
+        cfg = load_config(path, [f"data={dataset}", "data.imbalance_factor=50"])
         assert cfg.data.imbalance_factor == 50 and cfg.train.epochs == 200
-    assert load_config(CONFIGS / dataset / "ldam_drw.yaml").model.head == "cosine"
-    assert load_config(CONFIGS / dataset / "cbs.yaml").data.sampler == "class_balanced"
+    assert load_config(METHODS / "ldam_drw.yaml", [f"data={dataset}"]).model.head == "cosine"
+    assert load_config(METHODS / "cbs.yaml", [f"data={dataset}"]).sampler.name == "class_balanced"
 
 
 def test_docs_page_sets_ours_beside_the_reference(tiny_suite, tmp_path):
@@ -337,16 +367,16 @@ def test_report_only_regenerates(tiny_suite, tmp_path):
 
 
 def test_run_references_resolve_order_and_select(tmp_path):
-    runs = [{"name": "src", "config": str(CONFIGS / "cifar10_lt" / "mlrsnet.yaml")},
-            {"name": "other", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml")},
-            {"name": "dst", "config": str(CONFIGS / "fashion_mnist_lt" / "mlrsnet_transfer.yaml"),
-             "overrides": ["optim.mlrsnet.checkpoint={run:src}"]}]
+    runs = [{"name": "src", "data": "cifar10_lt", "config": str(METHODS / "mlrsnet.yaml")},
+            {"name": "other", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+            {"name": "dst", "data": "fashion_mnist_lt", "config": str(METHODS / "mlrsnet_transfer.yaml"),
+             "overrides": ["hooks.mlrsnet.checkpoint={run:src}"]}]
     suite_file = write_suite(tmp_path, runs)
     suite = load_suite(suite_file)
     assert suite.run("dst").needs == ["src"]
     plan = {p.name: p for p in plan_suite(suite, tmp_path / "out")}
     assert plan["dst"].error is None
-    assert plan["dst"].cfg.optim.mlrsnet.checkpoint == str((tmp_path / "out" / "tiny" / "src").resolve())
+    assert plan["dst"].cfg.hooks["mlrsnet"]["checkpoint"] == str((tmp_path / "out" / "tiny" / "src").resolve())
     rc, text = bench(suite_file, "--out", tmp_path / "out", "--dry-run", "--only", "dst")
     assert rc == 0 and "src" in text and "other" not in text
     # a reference to a later (or unknown) run is named before anything runs
@@ -356,10 +386,10 @@ def test_run_references_resolve_order_and_select(tmp_path):
 
 
 def test_run_reference_blocks_until_that_run_is_done(tmp_path, tiny_cifar_root):
-    runs = [{"name": "src", "config": str(CONFIGS / "cifar10_lt" / "ce.yaml"),
+    runs = [{"name": "src", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"),
              "overrides": ["data.dataset=nope-lt"]},                     # fails at build time
-            {"name": "dst", "config": str(CONFIGS / "cifar10_lt" / "mlrsnet_transfer.yaml"),
-             "overrides": ["optim.mlrsnet.checkpoint={run:src}"]}]
+            {"name": "dst", "data": "cifar10_lt", "config": str(METHODS / "mlrsnet_transfer.yaml"),
+             "overrides": ["hooks.mlrsnet.checkpoint={run:src}"]}]
     suite_file = write_suite(tmp_path, runs)
     rc, text = bench(suite_file, "--out", tmp_path / "out", "--results", tmp_path / "res",
                      "--data-root", tiny_cifar_root)

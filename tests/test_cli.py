@@ -10,7 +10,7 @@ import pytest
 
 from longtail.cli import main
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "ce.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
 
 
 def run_json(capsys, *argv):
@@ -69,7 +69,7 @@ def test_split_export_matches_reference_construction(capsys, real_data_root, tmp
 
 @pytest.mark.parametrize("argv, needle", [
     (["data", "stats", "cifar11-lt"], "Unknown dataset 'cifar11-lt'"),
-    (["train", str(CONFIG), "train.epochz=1"], "unknown key 'train.epochz'"),
+    (["train", str(CONFIG), "data=cifar10_lt", "train.epochz=1"], "unknown key 'train.epochz'"),
     (["train", "missing.yaml"], "does not exist"),
     (["eval", "/nonexistent/run"], "not a run folder"),
 ])

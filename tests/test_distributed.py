@@ -133,13 +133,11 @@ def _train_in_memory(root: Path):
     """Build a run of the tiny config (BN replaced) and train it with the real epoch loop."""
     from longtail.core.config import load_config
     from longtail.engine import trainer
-    from longtail.optim import build_schedule
 
     # 149 = 4 x 32 + 21 (11 + 10); a small lr keeps float rounding from growing over the steps
     cfg = load_config(CONFIG, [*TINY, "train.batch_size=32", "optim.lr=0.01"])
     run = trainer.build_run(cfg, Path("unused"), root)          # writes nothing
-    schedule = build_schedule(cfg.optim, cfg.train.epochs)
-    losses = [trainer.train_one_epoch(run, e, schedule, None)["loss"] for e in range(cfg.train.epochs)]
+    losses = [trainer.train_one_epoch(run, e, None)["loss"] for e in range(cfg.train.epochs)]
     return {"losses": losses, "state": run.method.model.state_dict(), "steps": len(run.loader)}
 
 
@@ -179,7 +177,7 @@ def test_ddp_step_equals_single_process_step_without_batchnorm(tiny_cifar_root, 
     assert all(np.isfinite(single["losses"]))
     # exact up to float32 summation order (all-reduce of two half-batch gradients): measured max
     # differences 6e-8 (weights) and 3e-8 (relative, losses); without the weighting of the uneven
-    # last batch (method.grad_scale) they would be 1.1e-4 and 1.2e-5
+    # last batch (OptimWrapper.set_batch_share) they would be 1.1e-4 and 1.2e-5
     np.testing.assert_allclose(two["losses"], single["losses"], rtol=1e-6)
     assert single["state"].keys() == two["state"].keys()
     for key, value in single["state"].items():
@@ -283,14 +281,14 @@ def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
         *TINY, "train.batch_size=32", "data.meta_per_class=2", "optim.mlrsnet.meta_every=2",
         "optim.mlrsnet.meta_batch_size=10", "optim.mlrsnet.meta_lr=0.05"])
     seen = []
-    original = trainer.build_schedule
+    original = trainer.build_hooks
 
     def spy(*a, **k):
-        schedule = original(*a, **k)
-        seen.append(schedule)
-        return schedule
+        hooks = original(*a, **k)
+        seen.append(hooks["mlrsnet"])
+        return hooks
 
-    trainer.build_schedule = spy
+    trainer.build_hooks = spy
     try:
         trainer.fit(cfg, Path(out) / "run", Path(root))
         params = {k: v for k, v in seen[0].run.method.model.state_dict().items() if "running" not in k}

@@ -1,4 +1,4 @@
-"""MLR-SNet (longtail.optim.mlrsnet): the net's output range and the gamma rule against hand
+"""MLR-SNet (longtail.hooks.mlrsnet): the net's output range and the gamma rule against hand
 values, the hyper-gradient through the generated lr against finite differences (float64), and
 tiny real-format runs: meta-training changes the schedule, snapshots are written and bundled,
 resume is bit-exact on CPU, and a transferred (frozen, 3-snapshot) schedule trains a new task
@@ -20,7 +20,7 @@ from longtail.core.config import load_config
 from longtail.optim.meta import hypergradient, loss_closure
 from longtail.engine.trainer import fit
 from longtail.core.errors import ConfigError
-from longtail.optim.mlrsnet import (MLRSNet, bundle_epochs, gamma_rule, load_snapshots,
+from longtail.hooks.mlrsnet import (MLRSNet, bundle_epochs, gamma_rule, load_snapshots,
                                     save_snapshots)
 
 from test_mfm import write_fashion_mnist
@@ -208,20 +208,20 @@ def test_meta_train_without_meta_set_says_what_to_do(tiny_cifar_root, tmp_path):
 
 
 def test_method_that_bypasses_the_closure_is_refused(tiny_cifar_root, tmp_path):
-    """A schedule driven by the loss needs the method to report it; a method whose step skips
-    Method.make_closure is named instead of training with a stale lr."""
+    """A hook driven by the loss needs the method to step through the wrapper; a method whose step
+    skips OptimWrapper.update is named instead of training with a stale lr."""
     from longtail.methods.base import METHODS, Method
 
     @METHODS.register("_no_closure_for_test")
     class NoClosure(Method):
         def train_step(self, batch):
             loss = self.compute_loss(batch)
-            self.backward_and_step(loss)
+            self.optim.step_with_loss(loss)
             return {"loss": loss.detach()}
 
     try:
         cfg = meta_cfg(1, "method.name=_no_closure_for_test")
-        with pytest.raises(ConfigError, match="make_closure"):
+        with pytest.raises(ConfigError, match="OptimWrapper.update"):
             fit(cfg, tmp_path / "r", tiny_cifar_root)
     finally:
         METHODS._items.pop("_no_closure_for_test", None)

@@ -1,4 +1,4 @@
-"""SAM and RSAM (longtail/optim/sam.py) through the closure protocol of Method.train_step: the
+"""SAM and RSAM (longtail/optim/sam.py) through the closure protocol of OptimWrapper.update: the
 perturbations and updates against hand-computed numbers, RSAM's noise statistics and decay
 schedule, closure counts, exact restoration of the weights, bit-exact resume, an end-to-end SAM
 run that `longtail eval` reproduces, fp16 loss scaling (same step as unscaled, overflow
@@ -11,6 +11,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "optim.warmup_epochs=1", "optim.milestones=[3]", "optim.gamma=0.1"]
+        "schedule.warmup_epochs=1", "schedule.milestones=[3]", "schedule.gamma=0.1"]
 
 
 def optim_cfg(**kw) -> OptimConfig:
@@ -94,7 +96,7 @@ def test_adaptive_sam_scales_by_the_weights():
     # |w| g = (4, 1), w^2 g = (8, 0.5)
     a = torch.tensor([1.0, 4.0], dtype=torch.float64)
     w = nn.Parameter(torch.tensor([2.0, 0.5], dtype=torch.float64))
-    opt = build_optimizer(optim_cfg(name="sam", rho=0.1, sam_adaptive=True, lr=0.0), [w])
+    opt = build_optimizer(optim_cfg(name="sam", rho=0.1, adaptive=True, lr=0.0), [w])
     log = []
     opt.step(recording_closure([w], lambda: 0.5 * (a * w * w).sum(), log))
     e = torch.tensor([8.0, 0.5], dtype=torch.float64) * 0.1 / math.sqrt(17)
@@ -118,7 +120,7 @@ def test_clipping_the_first_gradient_leaves_the_sam_perturbation_unchanged():
 def test_rsam_perturbation_statistics():
     n = 400_000
     w = nn.Parameter(torch.zeros(n))
-    opt = build_optimizer(optim_cfg(name="rsam", rho=0.05, rsam_dis_mul=0.1), [w], seed=3)
+    opt = build_optimizer(optim_cfg(name="rsam", rho=0.05, dis_mul=0.1), [w], seed=3)
     assert isinstance(opt, RSAM)
     opt.set_epoch(1)                                   # decay factor 1 (no DRW: 1 at every epoch)
     log = []
@@ -139,15 +141,15 @@ def test_rsam_decay_schedule(fix, expected):
     epochs = [0, 1, 59, 60, 69]
     # GNM-PT: reweight_epoch 59 (CB weights for epoch > 59) = our drw_epoch 60
     assert [rsam_noise_factor(e, 60, fix) for e in epochs] == expected
-    opt = build_optimizer(optim_cfg(name="rsam", rsam_fix_epoch0_quirk=fix),
-                          [nn.Parameter(torch.zeros(3))], drw_epoch=60)   # the loss's DRW epoch
+    opt = build_optimizer(optim_cfg(name="rsam", fix_epoch0_quirk=fix),
+                          [nn.Parameter(torch.zeros(3))], loss=SimpleNamespace(drw_epoch=60))   # the loss's DRW epoch
     got = []
     for e in epochs:
         opt.set_epoch(e)
         got.append(opt.noise_factor() / (0.05 * 0.1))
     assert got == pytest.approx(expected, rel=1e-12)
-    explicit = build_optimizer(optim_cfg(name="rsam", rsam_decay_epoch=10), [nn.Parameter(torch.zeros(1))],
-                               drw_epoch=60)
+    explicit = build_optimizer(optim_cfg(name="rsam", decay_epoch=10), [nn.Parameter(torch.zeros(1))],
+                               loss=SimpleNamespace(drw_epoch=60))
     assert explicit.decay_epoch == 10                                 # the option wins
     plain = build_optimizer(optim_cfg(name="rsam"), [nn.Parameter(torch.zeros(1))])
     assert [plain.noise_factor(e) / 0.005 for e in (0, 1, 500)] == pytest.approx([1.0, 1.0, 1.0])
@@ -215,10 +217,10 @@ def test_wrappers_share_the_base_param_groups_and_resume_their_state():
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"optim\.rho"):
         load_config(CONFIGS / "cifar10_lt" / "ce.yaml", ["optim.rho=-0.1"])
-    with pytest.raises(ConfigError, match=r"optim\.base_optimizer"):
-        build_optimizer(OptimConfig(name="sam", base_optimizer="rsam"), [nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ConfigError, match=r"optim\.base"):
+        build_optimizer(OptimConfig(name="sam", base="rsam"), [nn.Parameter(torch.zeros(1))])
     with pytest.raises(ConfigError, match="sgd"):                       # unknown base: the choices
-        build_optimizer(OptimConfig(name="rsam", base_optimizer="adamz"), [nn.Parameter(torch.zeros(1))])
+        build_optimizer(OptimConfig(name="rsam", base="adamz"), [nn.Parameter(torch.zeros(1))])
 
 
 # ------------------------------------------------------------------------------------- engine runs
@@ -231,7 +233,7 @@ def test_rsam_gcl_drw_resume_is_bit_exact(tiny_cifar_root, tmp_path):
     fit(cfg, tmp_path / "straight", tiny_cifar_root)
     assert fit(cfg, tmp_path / "killed", tiny_cifar_root, stop_after_epoch=1) is None
     state = load_checkpoint(tmp_path / "killed" / "last.pt")
-    assert state["epoch"] == 1 and state["method"]["optimizer"]["kind"] == "rsam"
+    assert state["epoch"] == 1 and state["optim"]["optimizer"]["kind"] == "rsam"
     fit(cfg, tmp_path / "killed", tiny_cifar_root, resume=True)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
@@ -266,7 +268,7 @@ def test_sam_trains_end_to_end_and_eval_reproduces_metrics(tiny_cifar_root, tmp_
 
 
 def _scaled_closure(model, x, y, scaler, clip):
-    """The closure of Method.make_closure under fp16: scaled backward, clip at clip x scale."""
+    """The closure of OptimWrapper.update under fp16: scaled backward, clip at clip x scale."""
     def closure():
         for p in model.parameters():
             p.grad = None
@@ -295,7 +297,7 @@ def test_loss_scaled_step_equals_the_unscaled_step(name, clip):
         opt_a.step(recording_closure(list(plain.parameters()),
                                      lambda: nn.functional.cross_entropy(plain(x), y), [], clip=clip))
         opt_b.step(_scaled_closure(scaled, x, y, scaler, clip),
-                   base_step=lambda: scaler.step(opt_b.base))
+                   base_step=scaler.step)
         scaler.update()
     assert scaler.get_scale() == 1024.0                       # no overflow, no skipped step
     assert any(not torch.equal(a, s0) for a, s0 in zip(plain.parameters(), start))   # it stepped
@@ -317,7 +319,7 @@ def test_overflowing_step_is_skipped_and_the_scale_halves(name):
         scaler.scale(loss).backward()
         return loss.detach()
 
-    opt.step(closure, base_step=lambda: scaler.step(opt.base))
+    opt.step(closure, base_step=scaler.step)
     scaler.update()
     assert scaler.get_scale() == 2.0 ** 15
     for p, b in zip(model.parameters(), before):
@@ -340,7 +342,6 @@ def test_fp16_autocast_trains_end_to_end(name, tiny_cifar_root, tmp_path):
 def _ddp_losses_and_weights(root: Path):
     from test_distributed import CONFIG, TINY as DTINY
     from longtail.engine import trainer
-    from longtail.optim import build_schedule
 
     out = {}
     for name in ("sam", "rsam"):
@@ -348,8 +349,7 @@ def _ddp_losses_and_weights(root: Path):
         cfg = load_config(CONFIG, [*DTINY, "train.batch_size=32", "optim.lr=0.01",
                                    f"optim.name={name}", "optim.rho=0.5", "train.epochs=1"])
         run = trainer.build_run(cfg, Path("unused"), root)
-        schedule = build_schedule(cfg.optim, cfg.train.epochs)
-        loss = trainer.train_one_epoch(run, 0, schedule, None)["loss"]
+        loss = trainer.train_one_epoch(run, 0, None)["loss"]
         out[name] = {"loss": loss, "state": run.method.model.state_dict()}
     return out
 

@@ -62,7 +62,7 @@ def test_all_samplers_registered():
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_unknown_option_names_config_key(name):
-    with pytest.raises(ConfigError, match=r"data\.sampler_params\.bogus_option"):
+    with pytest.raises(ConfigError, match=r"sampler\.bogus_option"):
         build(name, bogus_option=1)
 
 
@@ -78,7 +78,7 @@ def test_unknown_option_names_config_key(name):
     ("b3rs", {"num_blocks": 0}, "num_blocks"),
 ])
 def test_bad_option_values_name_config_key(name, params, key):
-    with pytest.raises(ConfigError, match=rf"data\.sampler_params\.{key}"):
+    with pytest.raises(ConfigError, match=rf"sampler\.{key}"):
         build(name, **params)
 
 

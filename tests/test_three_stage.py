@@ -73,8 +73,8 @@ def test_three_stage_configs_hold_the_proposed_recipe(dataset):
     assert [c.method.name for c in (c1, c2, c3a, c3b)] == ["erm", "residual", "finetune", "crt"]
     assert [c.train.epochs for c in (c1, c2, c3a, c3b)] == [200, 50, 10, 10]
     assert [c.optim.lr for c in (c1, c2, c3a)] == [0.1, 0.01, 0.001]
-    assert c2.data.exclude_classes == "largest" and c2.optim.milestones == [40, 45]
-    assert c3a.data.sampler == "undersample" and c3a.data.exclude_classes is None
+    assert c2.data.exclude_classes == "largest" and c2.schedule.params()["milestones"] == [40, 45]
+    assert c3a.sampler.name == "undersample" and c3a.data.exclude_classes is None
     crt = load_config(CONFIGS / dataset / "crt.yaml").to_dict()
     assert {**c3b.to_dict(), "stage1": None} == crt                # stage 3b = crt.yaml
     assert [c.stage1 for c in (c1, c2, c3a, c3b)] == [None, *(f"/runs/x/{n}" for n in NAMES[:3])]

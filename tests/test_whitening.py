@@ -369,12 +369,12 @@ def tiny_cfg(epochs, extra=()):
 
 def test_config_combination():
     cfg = load_config(CONFIG)
-    assert (cfg.model.neck, cfg.model.head, cfg.loss.name, cfg.data.sampler) == \
+    assert (cfg.model.neck, cfg.model.head, cfg.loss.name, cfg.sampler.name) == \
         ("whitening", "cosine", "ldam", "b3rs")
     assert cfg.model.neck_params["bet"] == "queue" and cfg.loss.drw_epoch == 160
     for name in ("cifar100_lt", "fashion_mnist_lt"):
         other = load_config(CONFIGS / name / "whitening_ldam_drw.yaml")
-        assert other.model.neck_params == cfg.model.neck_params and other.data.sampler == "b3rs"
+        assert other.model.neck_params == cfg.model.neck_params and other.sampler.name == "b3rs"
 
 
 def test_tiny_fit_and_eval_reproduce(tiny_cifar_root, tmp_path, capsys):

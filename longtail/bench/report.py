@@ -19,10 +19,11 @@ from longtail.bench.suite import PlannedRun, Suite
 from longtail.core.io import atomic_write_text
 
 BENCH_FILE = "bench.json"          # per run folder: wall time, commit, command of the bench run
+# configs/datasets/<name>.yaml -> its data.dataset (for a run whose config could not be loaded)
 _FOLDER_DATASET = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt",
-                   "fashion_mnist_lt": "fashion-mnist-lt"}
+                   "fashion_mnist_lt": "fashion-mnist-lt", "mnist_lt": "mnist-lt"}
 DATASET_LABEL = {"cifar10-lt": "CIFAR-10-LT", "cifar100-lt": "CIFAR-100-LT",
-                 "fashion-mnist-lt": "Fashion-MNIST-LT"}
+                 "fashion-mnist-lt": "Fashion-MNIST-LT", "mnist-lt": "MNIST-LT"}
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -52,7 +53,11 @@ def run_state(run_dir: Path) -> str:
 def _dataset_and_factor(p: PlannedRun) -> Tuple[str, Optional[float]]:
     if p.cfg is not None:
         return p.cfg.data.dataset, float(p.cfg.data.imbalance_factor)
-    dataset = _FOLDER_DATASET.get(p.spec.config.parent.name, p.spec.config.parent.name)
+    from longtail.core.config import split_selectors
+
+    selected = split_selectors(p.overrides)[0].get("data")     # the run's data=NAME
+    name = Path(selected).stem if selected else p.spec.config.parent.name
+    dataset = _FOLDER_DATASET.get(name, name)
     return dataset, float(p.spec.imbalance_factor) if p.spec.imbalance_factor else None
 
 

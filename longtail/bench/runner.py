@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from longtail.bench import report
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
 from longtail.core.config import load_yaml_tree, validate
 from longtail.core.io import atomic_write_json
 from longtail.core.errors import LongtailError
+from longtail.core.facts import RunFacts
+from longtail.data.build import resolve_exclude_classes
+from longtail.data.samplers import build_sampler
+from longtail.data.stats import subset_counts
 
 Printer = Callable[[str], None]
 
@@ -82,33 +88,21 @@ def nominal_run_images(p: PlannedRun) -> Optional[int]:
 
 
 def config_epoch_images(cfg) -> Optional[int]:
-    """Training images an epoch of ``cfg`` draws, from the nominal class counts."""
+    """Training images an epoch of ``cfg`` draws: the length its sampler reports for the nominal
+    class counts (no image is read)."""
     try:
-        from longtail.data.build import resolve_exclude_classes
-        from longtail.data.stats import subset_counts
-
         d = cfg.data
         counts = subset_counts(d.dataset, d.imbalance_factor, d.profile)
         if d.max_per_class:
             counts = [min(c, d.max_per_class) for c in counts]
         excluded = resolve_exclude_classes(d.exclude_classes, counts)
+        counts = [0 if c in excluded else n for c, n in enumerate(counts)]
+        labels = np.repeat(np.arange(len(counts)), counts)
+        facts = RunFacts(seed=cfg.seed, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                         class_counts=counts)
+        return len(build_sampler(cfg.sampler.name, labels, counts, facts, **cfg.sampler.params()))
     except Exception:
         return None
-    counts = [0 if c in excluded else n for c, n in enumerate(counts)]
-    if d.sampler == "undersample":
-        present = [c for c in counts if c > 0]
-        return (d.sampler_params.get("per_class") or min(present)) * len(present)
-    n = sum(counts)
-    params = d.sampler_params
-    if d.sampler == "class_balanced":
-        length = params.get("epoch_length", "max")
-        if length == "max":
-            return max(counts) * sum(1 for c in counts if c > 0)
-        return n if length == "dataset" else int(length)
-    if d.sampler == "b3rs":
-        batch = cfg.train.batch_size
-        return max(1, round(n / batch)) * batch
-    return n
 
 
 def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> str:

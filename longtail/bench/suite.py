@@ -5,23 +5,27 @@ A suite file (``configs/bench/<name>.yaml``)::
     description: what the suite measures              # optional
     epochs: 4               # optional: every run shortened to 4 epochs (longtail.core.scale)
     overrides: [train.channels_last=true]             # optional: applied to every run
+    data: cifar10_lt        # optional: the dataset of every run that names none (data=NAME)
     runs:
       - name: c10-ce                                  # folder name, unique in the suite
-        config: configs/cifar10_lt/ce.yaml
+        config: configs/methods/ce.yaml               # a recipe (configs/methods/)
       - name: c10-ce-if50
-        config: configs/cifar10_lt/ce.yaml
+        config: configs/methods/ce.yaml
         imbalance_factor: 50                          # sugar for data.imbalance_factor=50
       - name: c10-crt
-        config: configs/cifar10_lt/crt.yaml
+        config: configs/methods/crt.yaml
         stage1: c10-ce                                # an earlier run: stage1=<its folder>
         epochs: 1                                     # this run's own length (null: the config's)
         overrides: [optim.lr=0.02]                    # key=value list or {key: value} mapping
         method: crt                                   # table label (default: the config's name)
       - name: fm-mlrsnet-from-c10
-        config: configs/fashion_mnist_lt/mlrsnet_transfer.yaml
-        overrides: ["optim.mlrsnet.checkpoint={run:c10-mlrsnet}"]   # {run:NAME}: that run's folder
+        data: fashion_mnist_lt                        # this run's dataset (null: none, for a
+        config: configs/methods/mlrsnet_transfer.yaml #   config that fixes its own dataset)
+        overrides: ["hooks.mlrsnet.checkpoint={run:c10-mlrsnet}"]   # {run:NAME}: that run's folder
 
-A run's config is: the config file, then the suite ``overrides``, then ``imbalance_factor``, then
+A run's config is: the dataset file its ``data`` (else the suite's) selects
+(``longtail train CONFIG data=NAME``, :func:`longtail.core.config.compose`) under the config file,
+then the suite ``overrides``, then ``imbalance_factor``, then
 the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
 setting is scaled from that config's ``train.epochs`` (:func:`longtail.core.scale.scale_epochs`);
 last ``stage1=<folder of the named run>``. In a run's overrides, ``{run:NAME}`` stands for the
@@ -44,14 +48,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from longtail.core.scale import scaled_settings
-from longtail.core.config import Config, apply_overrides, load_yaml_tree, validate
+from longtail.core.config import Config, apply_overrides, compose, split_selectors, validate
 from longtail.core.errors import LongtailError
 
-SUITE_KEYS = ("description", "epochs", "overrides", "runs", "checks")
+SUITE_KEYS = ("description", "epochs", "overrides", "data", "runs", "checks")
 CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")   # not "on": YAML reads it as true
 # what a check compares: top-1 on test / val, or a test shot group, or val mean-class accuracy
 CHECK_METRICS = ("test", "val", "many", "medium", "few", "val_mean_class")
-RUN_KEYS = ("name", "config", "overrides", "stage1", "imbalance_factor", "epochs", "method")
+RUN_KEYS = ("name", "config", "data", "overrides", "stage1", "imbalance_factor", "epochs",
+            "method")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RUN_REF = re.compile(r"\{run:([^{}]*)\}")
 _INHERIT = object()          # a run without its own ``epochs`` key takes the suite's
@@ -68,6 +73,7 @@ class RunSpec:
     epochs: Any = _INHERIT                     # int, None (the config's own), or _INHERIT
     method: Optional[str] = None
     config_text: str = ""                      # as written in the suite file
+    data: Any = _INHERIT                       # dataset selector (data=NAME), None, or _INHERIT
 
     @property
     def label(self) -> str:
@@ -105,6 +111,7 @@ class Suite:
     description: str = ""
     epochs: Optional[int] = None
     overrides: List[str] = field(default_factory=list)
+    data: Optional[str] = None                 # default dataset selector of the runs
     runs: List[RunSpec] = field(default_factory=list)
     checks: List[Check] = field(default_factory=list)
 
@@ -188,6 +195,15 @@ def _epochs(value: Any, where: str, allow_null: bool) -> Optional[int]:
     return value
 
 
+def _data(value: Any, where: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "=" in value:
+        raise LongtailError(f"{where}: 'data' must name a dataset file (configs/datasets/NAME.yaml, "
+                            f"e.g. cifar10_lt) or be a path to one, got {value!r}.")
+    return value.strip()
+
+
 def _unknown(keys: Sequence[str], allowed: Sequence[str], where: str) -> None:
     import difflib
 
@@ -234,7 +250,8 @@ def load_suite(suite: str | Path) -> Suite:
                             f"({{name: ..., config: ...}}).")
     out = Suite(name=path.stem, path=path, description=str(data.get("description") or "").strip(),
                 epochs=_epochs(data["epochs"], where, True) if "epochs" in data else None,
-                overrides=_overrides(data.get("overrides"), where))
+                overrides=_overrides(data.get("overrides"), where),
+                data=_data(data.get("data"), where))
     seen: Dict[str, int] = {}
     for i, run in enumerate(runs):
         if not isinstance(run, dict):
@@ -272,7 +289,8 @@ def load_suite(suite: str | Path) -> Suite:
             overrides=_overrides(run.get("overrides"), rwhere), stage1=stage1,
             imbalance_factor=factor,
             epochs=_epochs(run["epochs"], rwhere, True) if "epochs" in run else _INHERIT,
-            method=method, config_text=run["config"]))
+            method=method, config_text=run["config"],
+            data=_data(run["data"], rwhere) if "data" in run else _INHERIT))
     out.checks = _checks(data.get("checks"), seen, where)
     return out
 
@@ -320,7 +338,8 @@ def _fmt_number(x: float) -> str:
 def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
     """Resolve one run; a config that cannot be loaded or validated sets ``error``."""
     run_dir = (suite_dir / spec.name).resolve()
-    overrides = list(suite.overrides)
+    data = suite.data if spec.data is _INHERIT else spec.data
+    overrides = ([f"data={data}"] if data is not None else []) + list(suite.overrides)
     if spec.imbalance_factor is not None:
         overrides.append(f"data.imbalance_factor={_fmt_number(spec.imbalance_factor)}")
     overrides += [_RUN_REF.sub(lambda m: str((suite_dir / m.group(1)).resolve()), o)
@@ -332,8 +351,9 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
                          f"in {PROJECT_ROOT} and in {Path.cwd()}).")
         return planned
     try:
-        tree = load_yaml_tree(spec.config)
-        cfg = validate(apply_overrides(tree, overrides), f"config {spec.config}")
+        selectors, _ = split_selectors(overrides)
+        tree = compose(spec.config, selectors)
+        cfg = validate(apply_overrides(tree, split_selectors(overrides)[1]), f"config {spec.config}")
         planned.base_epochs = cfg.train.epochs
         epochs = suite.epochs if spec.epochs is _INHERIT else spec.epochs
         if epochs is not None:
@@ -342,7 +362,8 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
         if spec.stage1 is not None:
             planned.stage1_dir = (suite_dir / spec.stage1).resolve()
             overrides.append(f"stage1={planned.stage1_dir}")
-        planned.cfg = validate(apply_overrides(tree, overrides), f"config {spec.config}")
+        planned.cfg = validate(apply_overrides(tree, split_selectors(overrides)[1]),
+                               f"config {spec.config}")
         if planned.cfg.stages:   # a pipeline: its stages follow the scaled settings (epochs_scale)
             from longtail.engine.pipeline import expand_stages
 

@@ -39,8 +39,6 @@ class DataConfig(_Strict):
     val_per_class: int = 200                # balanced held-out split from unused training images
     meta_per_class: int = 0                 # balanced meta set (meta-learning methods); 0 = none
     meta_from: Literal["unused", "before_subset"] = "unused"  # longtail/data/meta.py
-    sampler: str = "instance"
-    sampler_params: Dict[str, Any] = Field(default_factory=dict)
     crop_padding: int = 4                   # random crop with zero padding; 0 disables
     flip: bool = True                       # random horizontal flip
     # residual set: drop these classes' images from the TRAINING set only ("largest": argmax n_c;
@@ -58,45 +56,33 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Open):
+    """``loss.name`` and the loss's own options (longtail/losses/)."""
+
     name: str = "ce"
 
 
-class MLRSNetOptions(_Strict):
-    """``optim.mlrsnet.*``: the learned schedule of ``optim.schedule=mlrsnet``
-    (longtail/optim/mlrsnet.py)."""
+class SamplerConfig(_Open):
+    """``sampler.name`` and the sampler's own options (longtail/data/samplers.py)."""
 
-    mode: Optional[Literal["meta_train", "transfer"]] = None  # None: transfer iff checkpoint
-    checkpoint: Optional[str] = None        # mlrsnet.safetensors (or its run folder) for transfer
-    hidden: int = Field(50, ge=1)           # width of the LSTM-style cell
-    meta_every: int = Field(300, ge=1)      # meta_train: one update of the net every N steps
-    meta_batch_size: int = Field(128, ge=1)  # meta images per update (global, split over ranks)
-    meta_lr: float = Field(1e-3, gt=0.0)    # Adam on the net's weights
-    meta_weight_decay: float = Field(1e-4, ge=0.0)
-    gamma: Optional[float] = Field(None, gt=0.0)  # fixed lr scale instead of the initial-loss rule
-    gamma_images: Optional[int] = Field(None, ge=1)  # training images for that loss (None: all)
+    name: str = "instance"
 
 
-class OptimConfig(_Strict):
+class OptimConfig(_Open):
+    """``optim.name``, the settings every optimiser has, and the optimiser's own options (e.g.
+    ``momentum`` for sgd, ``rho`` for sam / rsam), validated by the optimiser (longtail/optim/)."""
+
     name: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
     weight_decay: float = 2e-4
-    schedule: str = "step"                  # step | cosine | constant | mlrsnet
-    warmup_epochs: float = 5.0
-    milestones: List[int] = Field(default_factory=lambda: [160, 180])
-    gamma: float = 0.01                     # step factor at each milestone (0.01, then 1e-4)
-    min_lr: float = 0.0                     # cosine floor
     grad_clip: Optional[float] = None       # max global grad norm
-    # sam / rsam (longtail/optim/sam.py): wrappers around base_optimizer, driven by the step closure
-    base_optimizer: str = "sgd"             # the optimiser sam / rsam wrap (a registered name)
-    rho: float = Field(0.05, ge=0.0)        # neighbourhood radius (SAM |e|; RSAM noise scale)
-    sam_adaptive: bool = False              # sam: ASAM scaling, e = rho w^2 g / | |w| g |
-    rsam_dis_mul: float = Field(0.1, ge=0.0)  # rsam: GNM-PT's dis_mul (noise x rho x dis_mul)
-    rsam_decay_epoch: Optional[int] = Field(None, ge=1)  # rsam: noise x0.5 from this 0-based
-    #                                         epoch on (GNM-PT reweight_epoch + 1); None: loss.drw_epoch
-    rsam_fix_epoch0_quirk: bool = False     # rsam: factor 1 at epoch 0 (GNM-PT's formula gives 2)
-    mlrsnet: MLRSNetOptions = Field(default_factory=MLRSNetOptions)  # schedule: mlrsnet
+
+
+class ScheduleConfig(_Open):
+    """``schedule.name``, the warm-up every schedule has, and the schedule's own options (e.g.
+    ``milestones`` / ``gamma`` for step, ``min_lr`` for cosine): longtail/optim/schedules.py."""
+
+    name: str = "step"
+    warmup_epochs: float = 5.0
 
 
 class TrainConfig(_Strict):
@@ -115,6 +101,8 @@ class TrainConfig(_Strict):
 
 
 class MethodConfig(_Open):
+    """``method.name`` and the method's own options (longtail/methods/)."""
+
     name: str = "erm"
 
 
@@ -137,6 +125,10 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    # training hooks by name, each with its own options (longtail/hooks/), e.g. {mlrsnet: {...}}
+    hooks: Dict[str, Dict[str, Any]] = Field(default_factory=dict)
     stages: Optional[List[StageConfig]] = None   # a pipeline: `longtail train` runs them in order
 
     def to_dict(self) -> Dict[str, Any]:
@@ -146,16 +138,57 @@ class Config(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# keys that moved, for the message that rejects the old name
+MOVED = {
+    "optim.schedule": "schedule.name", "optim.warmup_epochs": "schedule.warmup_epochs",
+    "optim.milestones": "schedule.milestones", "optim.gamma": "schedule.gamma",
+    "optim.min_lr": "schedule.min_lr", "optim.base_optimizer": "optim.base",
+    "optim.sam_adaptive": "optim.adaptive", "optim.rsam_dis_mul": "optim.dis_mul",
+    "optim.rsam_decay_epoch": "optim.decay_epoch",
+    "optim.rsam_fix_epoch0_quirk": "optim.fix_epoch0_quirk",
+    "optim.mlrsnet": "hooks.mlrsnet", "data.sampler": "sampler.name",
+    "data.sampler_params": "sampler (its options are keys of the sampler section)",
+}
+
+
+def component_sections() -> Dict[str, type]:
+    """Sections that name a registered component (``name``) and hold its own options."""
+    return {key: f.annotation for key, f in Config.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, _Open)}
+
+
+def switch_component(tree: Dict[str, Any], section: str, name: Any) -> bool:
+    """The override ``section=NAME`` (e.g. ``sampler=class_balanced``): choose another component
+    with its default options, keeping the section's typed settings (``optim.lr``, ...). Returns
+    False when ``section`` is not a component section (then it is an ordinary override)."""
+    model = component_sections().get(section)
+    if model is None or not isinstance(name, str):
+        return False
+    old = tree.get(section) if isinstance(tree.get(section), dict) else {}
+    kept = {k: v for k, v in old.items() if k in model.model_fields and k != "name"}
+    tree[section] = {"name": name, **kept}
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 
 
-def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any], _top: bool = True) -> Dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base`` (dicts merge, everything else replaces).
+
+    A component section (loss, optim, schedule, sampler, method) whose ``name`` the update changes
+    starts from the new component's defaults: the old component's own options are dropped, the
+    section's typed settings (``optim.lr``, ``schedule.warmup_epochs``) are kept.
+    """
     out = dict(base)
+    sections = component_sections() if _top else {}
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            if key in sections and "name" in value and value["name"] != old.get("name"):
+                old = {k: v for k, v in old.items() if k in sections[key].model_fields}
+            out[key] = deep_merge(old, value, _top=False)
         else:
             out[key] = value
     return out
@@ -164,7 +197,7 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file such as "
-                          f"configs/cifar10_lt/ce.yaml.")
+                          f"configs/methods/ce.yaml.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -187,6 +220,143 @@ def load_yaml_tree(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
     for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
     return deep_merge(merged, data)
+
+
+# Composition: ``longtail train RECIPE data=NAME model=NAME key=value ...`` merges, lowest first,
+# the dataset file (configs/datasets/NAME.yaml, with the model and schedule it inherits), the model
+# file (configs/models/NAME.yaml), the recipe (with its _base_ chain), then the dotted overrides.
+# A *selector* is an override whose key has no dot and names one of these folders.
+SELECTORS = {"data": "datasets", "model": "models"}
+_PROJECT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+_SELECTOR_WHAT = {"data": "dataset", "model": "model"}
+
+
+def selector_of(item: str) -> Optional[tuple]:
+    """``("data", "cifar100_lt")`` for the override ``data=cifar100_lt``; None for any other
+    override (a dotted key, or ``data=`` given a mapping such as ``data={flip: false}``)."""
+    if not isinstance(item, str) or "=" not in item:
+        return None
+    key, raw = item.split("=", 1)
+    if key.strip() not in SELECTORS:
+        return None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return (key.strip(), value) if isinstance(value, str) and value else None
+
+
+def split_selectors(overrides: Sequence[str]) -> tuple:
+    """``({"data": NAME, ...}, [the other overrides, in order])``; a repeated selector: the last."""
+    selectors: Dict[str, str] = {}
+    rest: List[str] = []
+    for item in overrides:
+        sel = selector_of(item)
+        if sel is None:
+            rest.append(item)
+        else:
+            selectors[sel[0]] = sel[1]
+    return selectors, rest
+
+
+def selector_folders(kind: str, near: Optional[Path] = None) -> List[Path]:
+    """Where ``kind=NAME`` is looked up: the ``datasets/`` (``models/``) folder of the first folder
+    from ``near`` (the recipe's folder) upwards that has one, then ./configs/, then the project's."""
+    sub = SELECTORS[kind]
+    out: List[Path] = []
+    if near is not None:
+        near = Path(near).resolve()
+        for parent in (near, *near.parents):
+            if (parent / sub).is_dir():
+                out.append(parent / sub)
+                break
+    out += [Path.cwd() / "configs" / sub, _PROJECT_CONFIGS / sub]
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+def _natural(name: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def selector_names(kind: str, near: Optional[Path] = None) -> List[str]:
+    """The names ``kind=NAME`` accepts (file stems of its folders), e.g. cifar10_lt, cifar100_lt."""
+    names = {p.stem for d in selector_folders(kind, near) if d.is_dir() for p in d.glob("*.yaml")}
+    return sorted(names, key=_natural)
+
+
+def find_selected(kind: str, value: str, near: Optional[Path] = None) -> Path:
+    """The file of the selector ``kind=value``: a name of its folder or a path to a YAML file."""
+    what = _SELECTOR_WHAT[kind]
+    names = ", ".join(selector_names(kind, near)) or "none found"
+    if value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value:
+        path = Path(value).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path] + (
+            [Path(near) / path] if near is not None else [])
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        raise ConfigError(f"{kind}={value}: no such {what} file (looked for "
+                          f"{', '.join(str(c) for c in candidates)}). Give a YAML file or one of "
+                          f"the {what} names: {names}.")
+    folders = selector_folders(kind, near)
+    for folder in folders:
+        if (folder / f"{value}.yaml").is_file():
+            return (folder / f"{value}.yaml").resolve()
+    raise ConfigError(f"Unknown {what} {kind}={value}: no {value}.yaml in "
+                      f"{', '.join(str(f) for f in folders)}. Available: {names} (or a path to a "
+                      f"YAML file).")
+
+
+def setting_file(path: Path, dotted: str, _seen: Sequence[Path] = ()) -> Optional[Path]:
+    """The file of ``path``'s _base_ chain whose value of ``dotted`` wins (None: no file sets it)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        return None
+    data = _read_yaml(path)
+    if has_dotted({k: v for k, v in data.items() if k != "_base_"}, dotted):
+        return path
+    bases = data.get("_base_", [])
+    for base in reversed([bases] if isinstance(bases, str) else list(bases)):
+        found = setting_file(path.parent / base, dotted, (*_seen, path))
+        if found is not None:
+            return found
+    return None
+
+
+def compose(path: Optional[str | Path], selectors: Dict[str, str],
+            require_dataset: bool = True) -> Dict[str, Any]:
+    """The merged tree of the selected dataset file, the selected model file and the recipe
+    ``path`` (lowest first). ConfigError: an unknown name; a recipe that names no dataset without
+    ``data=`` (``require_dataset``); ``data=`` with a recipe whose _base_ chain fixes the dataset."""
+    unknown = sorted(set(selectors) - set(SELECTORS))
+    if unknown:
+        raise ConfigError(f"Unknown selector {unknown[0]}=...; the selectors are "
+                          f"{', '.join(f'{k}=NAME' for k in SELECTORS)}.")
+    near = Path(path).resolve().parent if path is not None else None
+    recipe = load_yaml_tree(Path(path)) if path is not None else {}
+    tree: Dict[str, Any] = {}
+    data = selectors.get("data")
+    if data is not None:
+        selected = find_selected("data", data, near)
+        if path is not None and has_dotted(recipe, "data.dataset"):
+            where = setting_file(Path(path), "data.dataset") or Path(path)
+            raise ConfigError(
+                f"{path} already fixes the dataset (data.dataset: {get_dotted(recipe, 'data.dataset')}, "
+                f"set in {where}), so data={data} cannot choose it. Drop data={data}, or run a "
+                f"recipe that names no dataset (configs/methods/) with data={data}.")
+        tree = load_yaml_tree(selected)
+    if selectors.get("model") is not None:
+        tree = deep_merge(tree, load_yaml_tree(find_selected("model", selectors["model"], near)))
+    tree = deep_merge(tree, recipe)
+    if require_dataset and path is not None and not has_dotted(tree, "data.dataset"):
+        names = selector_names("data", near)
+        raise ConfigError(
+            f"{path} names no dataset: name the dataset: add data=NAME (available: "
+            f"{', '.join(names) or 'none found'}), e.g. longtail train {path} "
+            f"data={names[0] if names else 'NAME'}.")
+    return tree
 
 
 _MISSING = object()
@@ -218,6 +388,11 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
+        if selector_of(item) is not None:
+            raise ConfigError(f"{item!r} selects a {_SELECTOR_WHAT[parts[0]]} file: it is given with a "
+                              f"recipe (longtail train RECIPE {item}), not applied to a config.")
+        if len(parts) == 1 and switch_component(tree, parts[0], value):
+            continue
         if not all(parts):
             raise ConfigError(f"Override key {key!r} is malformed; use dotted names like optim.lr=0.05.")
         node = tree
@@ -247,13 +422,19 @@ def _suggest(loc: Sequence[Any]) -> str:
 
 
 def validate(tree: Dict[str, Any], source: str = "config") -> Config:
+    moved = [k for k in MOVED if has_dotted(tree, k)]
+    if moved:
+        raise ConfigError(f"Invalid {source}: " + "; ".join(f"'{k}' has moved: use '{MOVED[k]}'"
+                                                           for k in moved) + ".")
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "extra_forbidden":
+            if e["type"] == "extra_forbidden" and key in MOVED:
+                lines.append(f"'{key}' has moved: use '{MOVED[key]}'.")
+            elif e["type"] == "extra_forbidden":
                 lines.append(f"unknown key '{key}'.{_suggest(e['loc'])}")
             else:
                 lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r}).")
@@ -261,8 +442,16 @@ def validate(tree: Dict[str, Any], source: str = "config") -> Config:
                           " Fix the key in the YAML file or the key=value override.") from None
 
 
+def load_config_tree(path: Optional[str | Path], overrides: Sequence[str] = (),
+                     require_dataset: bool = True) -> Dict[str, Any]:
+    """The unvalidated tree of :func:`load_config`: :func:`compose` with the selectors of
+    ``overrides`` (``data=NAME``, ``model=NAME``), then the other overrides applied."""
+    selectors, rest = split_selectors(overrides)
+    return apply_overrides(compose(path, selectors, require_dataset), rest)
+
+
 def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML config (with _base_ inheritance), apply overrides, validate."""
-    tree = load_yaml_tree(Path(path)) if path is not None else {}
-    tree = apply_overrides(tree, overrides)
+    """Load a YAML config (with _base_ inheritance), compose it with the selected dataset / model
+    files (``data=NAME`` / ``model=NAME`` in ``overrides``), apply the dotted overrides, validate."""
+    tree = load_config_tree(path, overrides)
     return validate(tree, source=f"config {path}" if path else "config")

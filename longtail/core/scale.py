@@ -1,30 +1,27 @@
 """Shorten (or lengthen) a run's schedule: every epoch-valued setting scaled with ``train.epochs``.
 
 ``scale_epochs(cfg, n)`` maps a config written for ``E = cfg.train.epochs`` epochs onto ``n``
-epochs with the ratio ``r = n / E``. The settings it treats as epoch-valued:
+epochs with the ratio ``r = n / E``. Epoch-valued settings are found by name, in every component
+section (``loss``, ``optim``, ``schedule``, ``sampler``, ``method``, ``hooks.*``) and in
+``model.*_params``: a key named ``epochs`` or ending in ``_epoch`` / ``_epochs``, or ending in
+``milestones``. A component that adds an epoch-valued option names it so.
 
 ==============================  ============================================================
 ``train.epochs``                ``n``
-``optim.milestones``            ``step`` schedule only (the others ignore milestones): each
-                                ``m`` -> ``round(m r)`` clamped to ``[1, n - 1]``, then made
-                                strictly increasing (a milestone that lands on the one before
-                                moves one epoch later, possibly to ``n`` where it no longer
-                                applies). 200 -> 8: ``[160, 180]`` -> ``[6, 7]``; 200 -> 4:
-                                ``[3, 4]``.
-``optim.warmup_epochs``         ``w r`` (a float, 4 decimals). The per-epoch ``step`` schedule
-                                runs epoch e at lr x e/w while e <= w, so w <= 1 means no
-                                warm-up: 200 -> 8 turns 5 into 0.2, no warm-up. ``cosine``
-                                warms up per step and keeps a fractional warm-up.
+integer epochs                  ``round(v r)``, clamped to ``[1, n - 1]`` when ``0 < v < E``
+(``drw_epoch``, ...)            (a phase inside the schedule stays inside it); ``v <= 0`` is
+                                kept and ``v >= E`` maps to ``round(v r) >= n`` (still
+                                "never"). 200 -> 8: ``drw_epoch`` 160 -> 6.
+float epochs                    ``v r`` (4 decimals): ``schedule.warmup_epochs`` 5 -> 0.2 for
+(``warmup_epochs``)             200 -> 8. The per-epoch ``step`` schedule runs epoch e at lr x
+                                e/w while e <= w, so w <= 1 means no warm-up; ``cosine`` warms
+                                up per step and keeps a fractional warm-up.
+integer lists (milestones)      each ``m`` -> ``round(m r)`` clamped to ``[1, n - 1]``, then
+                                made strictly increasing (a milestone that lands on the one
+                                before moves one epoch later, possibly to ``n`` where it no
+                                longer applies). 200 -> 8: ``[160, 180]`` -> ``[6, 7]``.
 ``train.eval_every``            ``round(k r)``; 0 (evaluate only at the end) when it rounds
                                 to 0. 200 -> 8: 10 -> 0.
-``loss.*``, ``method.*``,       integer "start epochs" (``drw_epoch``, ``total_epochs``, any
-``data.sampler_params.*``,      key named ``epochs`` or ending in ``_epoch`` / ``_epochs``):
-``model.*_params``              ``round(v r)``, clamped to ``[1, n - 1]`` when ``0 < v < E``
-                                (a phase inside the schedule stays inside it); ``v <= 0`` is
-                                kept and ``v >= E`` maps to ``round(v r) >= n`` (still
-                                "never"). Float values scale as ``v r``; integer lists under
-                                such keys or keys ending in ``milestones`` like
-                                ``optim.milestones``. 200 -> 8: ``drw_epoch`` 160 -> 6.
 ==============================  ============================================================
 
 ``round`` is round-half-up (``floor(x + 0.5)``). ``train.checkpoint_every`` is not scaled (it is
@@ -43,9 +40,9 @@ from typing import Any, Dict, List, Tuple, Union
 from longtail.core.config import Config, get_dotted, validate
 from longtail.core.errors import ConfigError
 
-# sections whose free-form options may hold epoch-valued settings (found by key name)
-_OPEN_SECTIONS = ("loss", "method", "data.sampler_params", "model.backbone_params",
-                  "model.neck_params", "model.head_params")
+# sections whose options may hold epoch-valued settings (found by key name)
+_SECTIONS = ("loss", "optim", "schedule", "sampler", "method", "model.backbone_params",
+             "model.neck_params", "model.head_params")
 _EPOCH_KEY = re.compile(r"(^epochs?$|_epochs?$)")
 _MILESTONE_KEY = re.compile(r"(^|_)milestones$")
 
@@ -110,14 +107,10 @@ def scaled_settings(cfg: Union[Config, Tree], new_epochs: int) -> Dict[str, Tupl
     if old <= 0 or new_epochs == old:
         return {}
     changes: Dict[str, Tuple[Any, Any]] = {"train.epochs": (old, new_epochs)}
-    if tree["optim"]["schedule"] == "step":           # the other schedules ignore milestones
-        milestones = tree["optim"]["milestones"]
-        changes["optim.milestones"] = (milestones, _scale_milestones(list(milestones), old, new_epochs))
-    warm = tree["optim"]["warmup_epochs"]
-    changes["optim.warmup_epochs"] = (warm, round(float(warm) * new_epochs / old, 4))
     every = int(tree["train"]["eval_every"])
     changes["train.eval_every"] = (every, max(_round(every * new_epochs / old), 0) if every > 0 else every)
-    for section in _OPEN_SECTIONS:
+    sections = list(_SECTIONS) + [f"hooks.{name}" for name in tree.get("hooks") or {}]
+    for section in sections:
         options = get_dotted(tree, section)
         if not isinstance(options, dict):
             continue

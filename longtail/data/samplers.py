@@ -21,18 +21,20 @@ name                      class distribution of an epoch                        
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from longtail.core.facts import RunFacts
 from longtail.core.errors import ConfigError
 from longtail.core.registry import Registry
 
 SAMPLERS = Registry("sampler")
 
-_KEY = "data.sampler_params."
+_KEY = "sampler."
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
@@ -110,6 +112,12 @@ class BaseSampler:
         # what can actually be sampled: counts taken from the labels themselves
         self.counts = np.array([len(ix) for ix in self.class_indices], dtype=np.int64)
         self.present = np.flatnonzero(self.counts > 0)
+
+    @classmethod
+    def from_facts(cls, labels, class_counts, facts: RunFacts, **options) -> "BaseSampler":
+        """Build for a run: the seed comes from the run; a sampler that needs another run fact
+        (the batch size, the number of epochs) overrides this and takes it from ``facts``."""
+        return cls(labels, class_counts, seed=facts.seed, **options)
 
     def __len__(self) -> int:
         """Items per epoch (global, all ranks together)."""
@@ -325,6 +333,11 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
         self._p_cb = np.zeros(self.num_classes)
         self._p_cb[self.present] = 1.0 / len(self.present)
 
+    @classmethod
+    def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
+        options.setdefault("total_epochs", facts.epochs)     # T: the run's schedule by default
+        return cls(labels, class_counts, seed=facts.seed, **options)
+
     def probabilities(self, epoch: int) -> np.ndarray:
         a = min(max(epoch / self.total_epochs, 0.0), 1.0)
         p = (1.0 - a) * self._p_ib + a * self._p_cb
@@ -349,12 +362,15 @@ class B3RSSampler(BaseSampler):
     so every rank slice holds every block whenever B_k >= world_size.
 
     Args:
-        batch_size: the global batch size B (the trainer passes it); ``batches`` must use it.
+        batch_size: the global batch size B (a run's ``train.batch_size``); ``batches`` must use it.
         num_blocks: K (default 4; reduced to the number of non-empty classes if larger).
         q: the exponent (0.5 "relatively balanced"; 1 ~ instance, 0 block-balanced).
     """
 
-    needs_batch_size = True
+    @classmethod
+    def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
+        options.setdefault("batch_size", facts.batch_size)   # B: the run's global batch
+        return cls(labels, class_counts, seed=facts.seed, **options)
 
     def __init__(self, labels, class_counts, seed: int = 0, batch_size: Optional[int] = None,
                  num_blocks: int = 4, q: float = 0.5):
@@ -529,7 +545,11 @@ class UndersampleSampler(BaseSampler):
         return items[rng.permutation(len(items))]
 
 
-def build_sampler(name: str, labels, class_counts, seed: int = 0, **params) -> BaseSampler:
-    """Build a registered sampler by name; unknown options raise a ConfigError naming them."""
-    return SAMPLERS.build(name, labels, class_counts, seed=seed, key_prefix="data.sampler_params.",
-                          **params)
+def build_sampler(name: str, labels, class_counts, facts: RunFacts = RunFacts(),
+                  **options) -> BaseSampler:
+    """Build a registered sampler for a run; unknown options raise a ConfigError naming them."""
+    cls = SAMPLERS.get(name)
+    if "seed" in options:                     # a direct call may fix the seed
+        facts = dataclasses.replace(facts, seed=int(options.pop("seed")))
+    SAMPLERS.check_kwargs(name, options, key_prefix=_KEY)
+    return cls.from_facts(labels, class_counts, facts, **options)

@@ -22,9 +22,11 @@ Stage keys (unknown ones are refused by name, like any config key):
 
 ==================  =============================================================================
 ``name``            the stage's folder, ``RUN_DIR/<name>/`` (letters, digits, ``_``, ``-``; unique)
-``config``          optional YAML file merged (with its own ``_base_`` chain) on top of the
-                    pipeline's settings; relative to the pipeline's config file, else to the
-                    working directory, else to the project root
+``config``          optional YAML file merged (with its own ``_base_`` chain, composed with the
+                    pipeline's ``data=NAME`` / ``model=NAME`` selectors like the pipeline's own
+                    file) on top of the pipeline's settings; relative to the pipeline's config
+                    file, else to the working directory, else to the project root, else a recipe
+                    of the ``methods/`` folder (``crt.yaml``: configs/methods/crt.yaml)
 ``overrides``       optional mapping merged on top of that: ``{optim.lr: 0.01}`` or
                     ``{optim: {lr: 0.01}}``
 ``lr_scale``        optional: ``optim.lr`` = lr_scale x the pipeline's ``optim.lr`` (the stage may
@@ -65,8 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from longtail.core.config import (Config, apply_overrides, deep_merge, has_dotted, load_yaml_tree,
-                             validate)
+from longtail.core.config import (Config, apply_overrides, compose, deep_merge, has_dotted,
+                                  load_yaml_tree, split_selectors, validate)
 from longtail.core import io as ckpt
 from longtail.core.errors import ConfigError, LongtailError
 
@@ -112,14 +114,30 @@ def nest(overrides: Dict[str, Any], where: str) -> Dict[str, Any]:
     return out
 
 
+def _methods_folders(source: Optional[Path]) -> List[Path]:
+    """The ``methods/`` folder of the first folder from the pipeline's file upwards that has one,
+    then ./configs/methods/, then the project's configs/methods/."""
+    out: List[Path] = []
+    if source is not None:
+        here = Path(source).resolve().parent
+        for parent in (here, *here.parents):
+            if (parent / "methods").is_dir():
+                out.append(parent / "methods")
+                break
+    out += [Path.cwd() / "configs" / "methods", PROJECT_ROOT / "configs" / "methods"]
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
 def resolve_stage_config(text: str, source: Optional[Path], where: str) -> Path:
-    """A stage's ``config``: absolute, next to the pipeline's file, in the cwd or the project."""
+    """A stage's ``config``: absolute, next to the pipeline's file, in the cwd or the project,
+    else a recipe of the ``methods/`` folder (configs/methods/)."""
     path = Path(text).expanduser()
     if path.is_absolute():
         candidates = [path]
     else:
         roots = ([Path(source).resolve().parent] if source is not None else []) + [Path.cwd(),
                                                                                    PROJECT_ROOT]
+        roots += [m for m in _methods_folders(source) if m not in roots]
         candidates = [root / path for root in roots]
     for candidate in candidates:
         if candidate.is_file():
@@ -138,8 +156,9 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
     """Every stage of the pipeline ``cfg`` as a complete, validated Config (see the module doc).
 
     ``overrides``: the command line's ``key=value`` list (normally already in ``cfg``; applied
-    again to each stage after its own settings); ``source``: the pipeline's config file (for relative stage
-    ``config`` paths); ``run_dir``: the pipeline's folder (chains ``stage1``; None leaves it
+    again to each stage after its own settings; its selectors ``data=NAME`` / ``model=NAME``
+    compose each stage's ``config`` file as they composed the pipeline's); ``source``: the
+    pipeline's config file (for relative stage ``config`` paths); ``run_dir``: the pipeline's folder (chains ``stage1``; None leaves it
     unset for the stages after the first). ConfigError names the stage and the key.
     """
     if not cfg.stages:
@@ -147,6 +166,7 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
                           "directly).")
     from longtail.core.scale import scale_epochs
 
+    selectors, overrides = split_selectors(overrides)   # data=NAME: composes the stage files
     if overrides:   # cfg normally holds them already; applying them again changes nothing then
         cfg = validate(apply_overrides(cfg.to_dict(), overrides), "pipeline config")
     base = cfg.to_dict()
@@ -163,7 +183,7 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
         delta: Dict[str, Any] = {}
         if spec.config:
             path = resolve_stage_config(spec.config, source, where)
-            delta = load_yaml_tree(path)
+            delta = compose(path, selectors, require_dataset=False)
             if delta.get("stages"):
                 raise ConfigError(f"{where}: its config {path} is itself a pipeline (has `stages`); "
                                   f"a stage must be a single run.")
@@ -351,7 +371,8 @@ def _run_stages(stages: Sequence[Stage], run_dir: Path, data_root: Path,
             continue
         if (folder / "config.yaml").is_file():
             saved = folder / "config.yaml"
-            stage_cfg = validate(apply_overrides(load_yaml_tree(saved), overrides), f"config {saved}")
+            stage_cfg = validate(apply_overrides(load_yaml_tree(saved), split_selectors(overrides)[1]),
+                                 f"config {saved}")
             if info.is_main:
                 print(f"{tag}: resuming {folder} (its saved config.yaml)", flush=True)
             fit(stage_cfg, folder, data_root, resume=True)

@@ -6,8 +6,6 @@ evaluates, writes ``history.jsonl`` / checkpoints / ``metrics.json`` atomically,
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import platform
 import sys
@@ -20,23 +18,23 @@ import torch
 from tqdm import tqdm
 
 from longtail.core.config import Config
+from longtail.core.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
+                                       broadcast_buffers, init_distributed, resolve_device,
+                                       wrap_ddp)
+from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.facts import RunFacts
+from longtail.core.metrics import shot_groups
+from longtail.core.run_folder import RunFolder
 from longtail.data import DataBundle, build_data
 from longtail.data.loader import TrainLoader
-from longtail.core.metrics import shot_groups
-from longtail.data.samplers import SAMPLERS, build_sampler
-from longtail.core import io as ckpt
-from longtail.core.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
-                                         broadcast_buffers, init_distributed, resolve_device)
+from longtail.data.samplers import build_sampler
 from longtail.engine.evaluate import evaluate
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
-from longtail.core.errors import ConfigError, LongtailError
+from longtail.hooks import Hook, build_hooks
 from longtail.losses import create as create_loss
 from longtail.methods import Method, MethodContext, build_method
 from longtail.models import build_model
-from longtail.optim import build_schedule, set_lr
-
-CHECKPOINT = "last.pt"
-WEIGHTS = "model.safetensors"
+from longtail.optim import OptimWrapper, Schedule, build_optimizer, build_schedule, optim_info
 
 
 @dataclass
@@ -44,12 +42,19 @@ class Run:
     """Everything a training run is made of (built once by :func:`build_run`)."""
 
     cfg: Config
-    run_dir: Path
+    folder: RunFolder
     data: DataBundle
     method: Method
+    optim: OptimWrapper
+    schedule: Schedule
+    hooks: Dict[str, Hook]
     loader: TrainLoader
     device: torch.device
     dist: DistInfo
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,12 +68,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
     No rank writes into the folder before every rank has passed this point, so the checks below
     see the same folder on all ranks and fail (or pass) together.
     """
+    folder = RunFolder(run_dir)
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass the folder that "
-                                f"`longtail train` wrote, e.g. --resume runs/<name>.")
+        if not folder.is_run():
+            raise LongtailError(f"{run_dir} is not a run folder (no {folder.CONFIG}). Pass the folder "
+                                f"that `longtail train` wrote, e.g. --resume runs/<name>.")
         return False
-    if (run_dir / "config.yaml").exists():
+    if folder.config_path.exists():
         raise LongtailError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
                             f"choose another folder with --out DIR.")
     error, created = None, False
@@ -124,66 +130,78 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     loss = create_loss(cfg.loss.name, class_counts=counts, **cfg.loss.params())
     if getattr(loss, "requires_normalized_head", False) and not getattr(model.head, "normalized", False):
         raise ConfigError(f"loss.name={cfg.loss.name} expects cosine logits: set model.head=cosine.")
+    facts = RunFacts(seed=cfg.seed, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                     class_counts=counts, rank=info.rank, world_size=info.world_size,
+                     device=str(device), loss=loss)
     ctx = MethodContext(cfg=cfg, model=model, loss=loss, class_counts=counts, device=device,
-                        dist=info, train_labels=data.train.labels, data=data)
+                        dist=info, train_labels=data.train.labels, data=data, facts=facts)
     method = build_method(cfg.method.name, ctx, cfg.method.params())
-    sampler_params = dict(d.sampler_params)
-    # run facts a sampler may ask for by name (b3rs: batch_size; progressive: total_epochs)
-    accepts = inspect.signature(SAMPLERS.get(d.sampler)).parameters
-    for key, value in (("batch_size", cfg.train.batch_size), ("total_epochs", cfg.train.epochs)):
-        if key in accepts:
-            sampler_params.setdefault(key, value)
-    sampler = build_sampler(d.sampler, data.train.labels.numpy(), counts, seed=cfg.seed,
-                            **sampler_params)
+    model = method.model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = wrap_ddp(model, info, device)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
+    optim = OptimWrapper(optimizer, needs_closure=optim_info(cfg.optim.name).needs_closure,
+                         device_type=device.type, amp=cfg.train.amp, grad_clip=cfg.optim.grad_clip,
+                         model=model)
+    method.attach(optim, train_model)
+    schedule = build_schedule(cfg.schedule, cfg.train.epochs, cfg.optim.lr)
+    hooks = build_hooks(cfg.hooks, facts)
+    sampler = build_sampler(cfg.sampler.name, data.train.labels.numpy(), counts, facts,
+                            **cfg.sampler.params())
     loader = TrainLoader(data.train.images, data.train.labels, sampler, cfg.train.batch_size,
                          data.mean, data.std, device=device, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, padding=d.crop_padding, flip=d.flip,
                          drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
-    return Run(cfg, run_dir, data, method, loader, device, info)
+    run = Run(cfg, RunFolder(run_dir), data, method, optim, schedule, hooks, loader, device, info)
+    for hook in hooks.values():
+        hook.before_run(run)
+    for hook in hooks.values():
+        optim.after_first_backward.append(
+            lambda batch, step_loss, hook=hook: hook.after_backward(run, batch, step_loss))
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
 # state
 
 
-def training_state(run: Run, epochs_done: int, schedule=None) -> Dict[str, Any]:
-    return {"format": 1, "epoch": epochs_done, "model": run.method.model.state_dict(),
-            "method": run.method.state_dict(), "torch_rng": torch.get_rng_state(),
-            "schedule": schedule.state_dict() if schedule is not None else {}}
+def training_state(run: Run, epochs_done: int) -> Dict[str, Any]:
+    return {"format": 2, "epoch": epochs_done, "model": run.method.model.state_dict(),
+            "method": run.method.state_dict(), "optim": run.optim.state_dict(),
+            "hooks": {name: hook.state_dict() for name, hook in run.hooks.items()},
+            "torch_rng": torch.get_rng_state()}
 
 
-def restore(run: Run, schedule=None) -> int:
-    """Load ``last.pt`` into the run (and its schedule); returns the number of epochs done."""
-    state = ckpt.load_checkpoint(run.run_dir / CHECKPOINT)
+def restore(run: Run) -> int:
+    """Load ``last.pt`` into the run; returns the number of epochs done."""
+    state = run.folder.load_checkpoint()
+    if state.get("format") != 2:
+        raise LongtailError(f"{run.folder.checkpoint_path} was written by an older longtail "
+                            f"(checkpoint format {state.get('format')}); resume it with that "
+                            f"version, or start the run again in a new folder.")
     run.method.model.load_state_dict(state["model"])
     run.method.load_state_dict(state["method"])
-    if schedule is not None and state.get("schedule"):
-        schedule.load_state_dict(state["schedule"])
+    run.optim.load_state_dict(state["optim"])
+    for name, hook in run.hooks.items():
+        hook.load_state_dict(state["hooks"].get(name, {}))
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"])
-
-
-def read_history(path: Path, upto_epoch: int) -> List[Dict[str, Any]]:
-    """History lines of epochs <= upto_epoch (later ones belong to an interrupted epoch)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= upto_epoch]
-
-
-def write_history(path: Path, rows: List[Dict[str, Any]]) -> None:
-    ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------
 # loop
 
 
-def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict[str, float]:
-    method, loader = run.method, run.loader
+def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, float]:
+    method, loader, optim = run.method, run.loader, run.optim
     method.train_model.train()
     method.on_epoch_start(epoch)
-    schedule.on_epoch_start(epoch)
+    optim.set_epoch(epoch)
+    for hook in run.hooks.values():
+        hook.before_epoch(run, epoch)
     steps = len(loader)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     seen = 0
@@ -191,14 +209,14 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
     lr = 0.0
     world, global_batch, total = run.dist.world_size, loader.batch_size, len(loader.sampler)
     for step, batch in enumerate(loader.epoch(epoch)):
-        lr = set_lr(method.optimizer, schedule.factor(epoch, step, steps))
+        lr = optim.set_lr(run.schedule.factor(epoch, step, steps))
         n = batch.labels.numel()
         if run.dist.enabled:
             # DDP averages gradients over ranks: weight each rank by its share of the global batch,
             # so a last batch split unevenly (e.g. 23 + 22) still gives the single-process step
-            method.grad_scale = n * world / min(global_batch, total - step * global_batch)
+            optim.set_batch_share(n * world / min(global_batch, total - step * global_batch))
         stats = method.train_step(batch)
-        lr = method.optimizer.param_groups[0]["lr"]   # a loss-driven schedule sets it in the step
+        lr = optim.lr   # a hook may set the step's lr from its loss (mlrsnet)
         loss_sum += stats["loss"].double() * n
         seen += n
         if bar is not None:
@@ -215,7 +233,8 @@ def train_one_epoch(run: Run, epoch: int, schedule, bar: Optional[tqdm]) -> Dict
     row = {"epoch": epoch + 1, "lr": lr, "loss": float(totals[0] / max(totals[1], 1)),
            "images_per_s": float(totals[1]) / seconds, "seconds": seconds}
     row.update(method.on_epoch_end(epoch))
-    row.update(schedule.on_epoch_end(epoch))
+    for hook in run.hooks.values():
+        row.update(hook.after_epoch(run, epoch))
     return row
 
 
@@ -230,7 +249,7 @@ def evaluate_splits(run: Run, splits=("test", "val")) -> Dict[str, Dict[str, Any
         out[split] = evaluate(run.method.model, subset.images, subset.labels, data.class_counts,
                               data.mean, data.std, device=run.device,
                               batch_size=cfg.train.eval_batch_size, info=run.dist,
-                              amp_dtype=run.method.amp_dtype,
+                              amp_dtype=run.optim.amp_dtype,
                               channels_last=cfg.train.channels_last,
                               logits_fn=run.method.eval_logits_fn())
     return out
@@ -251,18 +270,17 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     created = prepare_run_dir(run_dir, resume, info)
     try:
         run = build_run(cfg, run_dir, data_root)
-        schedule = build_schedule(cfg.optim, cfg.train.epochs)
-        schedule.attach(run)
     except Exception:
         if created and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that never started leaves no folder behind
         raise
     info = run.dist
     barrier(info)
-    start_epoch = restore(run, schedule) if resume and (run_dir / CHECKPOINT).exists() else 0
-    history = read_history(run_dir / "history.jsonl", start_epoch) if resume else []
+    folder = run.folder
+    start_epoch = restore(run) if resume and folder.has_checkpoint() else 0
+    history = folder.read_history(start_epoch) if resume else []
     if info.is_main and not resume:
-        ckpt.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        folder.write_config(cfg)
     if info.is_main:
         counts = run.data.class_counts
         print(f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
@@ -280,7 +298,7 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     for epoch in range(start_epoch, cfg.train.epochs):
         bar = tqdm(total=len(run.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    leave=False, dynamic_ncols=True, disable=not show_bar)
-        row = train_one_epoch(run, epoch, schedule, bar if show_bar else None)
+        row = train_one_epoch(run, epoch, bar if show_bar else None)
         bar.close()
         last = epoch + 1 == cfg.train.epochs
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and not last:
@@ -292,21 +310,19 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
             print(f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['loss']:.4f}  "
                   f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s"
                   + (f"  top-1 {evals}" if evals else ""), flush=True)
-            write_history(run_dir / "history.jsonl", history)
+            folder.write_history(history)
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
-                ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, epoch + 1, schedule))
+                folder.save_checkpoint(training_state(run, epoch + 1))
         barrier(info)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             return None
 
     run.method.on_train_end()
     if info.is_main:  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
-        ckpt.save_checkpoint(run_dir / CHECKPOINT, training_state(run, cfg.train.epochs, schedule))
+        folder.save_checkpoint(training_state(run, cfg.train.epochs))
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
-    metrics.update(schedule.extra_metrics())
     if info.is_main:
-        schedule.save_artifacts(run_dir)   # before metrics.json, which marks the run finished
         write_results(run, results, metrics)
     barrier(info)
     return metrics
@@ -327,6 +343,8 @@ def final_metrics(run: Run, results: Dict[str, Dict[str, Any]],
         "torch": torch.__version__, "machine": platform.machine(),
     })
     metrics.update(run.method.extra_metrics())
+    for hook in run.hooks.values():
+        metrics.update(hook.metrics(run))
     for split, m in results.items():
         if split != "test":
             metrics[split] = m
@@ -334,13 +352,14 @@ def final_metrics(run: Run, results: Dict[str, Dict[str, Any]],
 
 
 def write_results(run: Run, results: Dict[str, Dict[str, Any]], metrics: Dict[str, Any]) -> None:
-    run_dir = run.run_dir
-    ckpt.save_weights(run_dir / WEIGHTS, run.method.model.state_dict(),
-                      {"format": "longtail", "dataset": run.data.name})
-    run.method.save_artifacts(run_dir)   # method-specific files (e.g. MFM's modulator.safetensors)
-    ckpt.atomic_write_json(run_dir / "metrics.json", metrics)
-    plot_per_class(run_dir / "per_class_accuracy.png", run.data.class_counts, results,
+    folder = run.folder
+    folder.save_weights(run.method.model.state_dict(), {"format": "longtail", "dataset": run.data.name})
+    run.method.save_artifacts(folder.path)   # method files (e.g. MFM's modulator.safetensors)
+    for hook in run.hooks.values():
+        hook.save_artifacts(run, folder)
+    folder.write_metrics(metrics)            # last: marks the run finished
+    plot_per_class(folder.plot_path, run.data.class_counts, results,
                    title=f"{run.data.name}: {run.cfg.method.name} / {run.cfg.loss.name}")
     print()
     print(results_table(results))
-    print(f"\nmetrics: {run_dir / 'metrics.json'}   plot: {run_dir / 'per_class_accuracy.png'}")
+    print(f"\nmetrics: {folder.metrics_path}   plot: {folder.plot_path}")

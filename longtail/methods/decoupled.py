@@ -3,8 +3,8 @@ facebookresearch/classifier-balancing): cRT, LWS, tau-normalisation and NCM.
 
 A stage-2 run names its stage-1 run folder with the top-level key ``stage1``::
 
-    longtail train configs/cifar10_lt/ce.yaml --out runs/ce        # stage 1 (instance sampling)
-    longtail train configs/cifar10_lt/crt.yaml stage1=runs/ce      # stage 2
+    longtail train configs/methods/ce.yaml data=cifar10_lt --out runs/ce     # stage 1 (instance sampling)
+    longtail train configs/methods/crt.yaml data=cifar10_lt stage1=runs/ce   # stage 2
 
 ``load_stage1`` reads ``stage1/model.safetensors`` and checks that stage 1 trained on the same
 training set (dataset, imbalance factor, profile, subset seed, cap) and that its tensors fit this
@@ -19,7 +19,7 @@ name           what it does                                                     
 ``ncm``        cosine to the class means of L2-normalised training features            nothing
 =============  =====================================================================  =========
 
-cRT and LWS are meant for class-balanced sampling (``data.sampler: class_balanced``); the
+cRT and LWS are meant for class-balanced sampling (``sampler.name: class_balanced``); the
 backbone (and neck) stay bit-identical to stage 1: no gradients, BatchNorm in eval mode, and the
 feature forward of a step runs under ``torch.no_grad()``. The methods that train nothing need
 ``train.epochs: 0``: their work happens in ``on_train_end``, before the final evaluation, and the
@@ -42,12 +42,11 @@ import yaml
 
 from longtail.data.loader import eval_batches
 from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.run_folder import RunFolder
 from longtail.methods.base import METHODS, Method, MethodContext
 from longtail.models.heads import LinearHead, LWSHead, NCMHead
 from longtail.models.registry import HEADS
 
-WEIGHTS = "model.safetensors"   # the names the trainer writes (kept here to avoid an import cycle)
-CHECKPOINT = "last.pt"
 
 # data options that decide the training set: stage 2 must train on stage 1's images.
 # data.exclude_classes is left out on purpose: it only removes whole classes from that same
@@ -72,14 +71,20 @@ class Stage1:
     config: Dict[str, Any]
 
 
-CONFIG_NAMES = {"posthoc_la": "la_posthoc"}   # method name -> configs/<dataset>/<name>.yaml
+def recipe_name(method: str) -> str:
+    """The recipe (configs/methods/<recipe>.yaml) of a registered method: its class attribute
+    ``recipe``, else the method's name."""
+    try:
+        return getattr(METHODS.get(method), "recipe", method)
+    except ConfigError:
+        return method
 
 
 def _how_to(cfg, method: str) -> str:
-    folder = f"configs/{str(cfg.data.dataset).replace('-', '_')}"
-    return (f"Train stage 1 first and pass its run folder, e.g. `longtail train {folder}/ce.yaml "
-            f"--out runs/ce` then `longtail train {folder}/{CONFIG_NAMES.get(method, method)}.yaml "
-            f"stage1=runs/ce`.")
+    data = str(cfg.data.dataset).replace("-", "_")     # cifar10-lt -> configs/datasets/cifar10_lt.yaml
+    return (f"Train stage 1 first and pass its run folder, e.g. `longtail train "
+            f"configs/methods/ce.yaml data={data} --out runs/ce` then `longtail train "
+            f"configs/methods/{recipe_name(method)}.yaml data={data} stage1=runs/ce`.")
 
 
 def load_stage1(cfg, method: str) -> Stage1:
@@ -88,30 +93,30 @@ def load_stage1(cfg, method: str) -> Stage1:
     if not cfg.stage1:
         raise LongtailError(f"method.name={method} builds on a stage-1 run, but the top-level key "
                             f"`stage1` is not set. {_how_to(cfg, method)}")
-    run_dir = Path(str(cfg.stage1)).expanduser()
-    if not run_dir.is_dir():
+    folder = RunFolder(Path(str(cfg.stage1)).expanduser())
+    if not folder.path.is_dir():
         raise LongtailError(f"stage1={cfg.stage1}: no such folder. {_how_to(cfg, method)}")
-    if not (run_dir / "config.yaml").is_file():
-        raise LongtailError(f"stage1={cfg.stage1} is not a run folder (no config.yaml). "
+    if not folder.is_run():
+        raise LongtailError(f"stage1={cfg.stage1} is not a run folder (no {folder.CONFIG}). "
                             f"{_how_to(cfg, method)}")
-    if not (run_dir / WEIGHTS).is_file():
-        if (run_dir / CHECKPOINT).is_file():
-            raise LongtailError(f"stage1={cfg.stage1} has not finished (no {WEIGHTS}, only "
-                                f"{CHECKPOINT}). Finish it with `longtail train --resume "
+    if not folder.has_weights():
+        if folder.has_checkpoint():
+            raise LongtailError(f"stage1={cfg.stage1} has not finished (no {folder.WEIGHTS}, only "
+                                f"{folder.CHECKPOINT}). Finish it with `longtail train --resume "
                                 f"{cfg.stage1}`, then run stage 2 again.")
-        raise LongtailError(f"stage1={cfg.stage1} has no weights ({WEIGHTS}). "
+        raise LongtailError(f"stage1={cfg.stage1} has no weights ({folder.WEIGHTS}). "
                             f"{_how_to(cfg, method)}")
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        saved = yaml.safe_load(folder.config_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise LongtailError(f"stage1={cfg.stage1}: its config.yaml is not valid YAML ({err}).") from None
     check_same_data(cfg, saved, method)
     try:
-        from safetensors.torch import load_file
-        weights = load_file(str(run_dir / WEIGHTS))
+        weights = folder.load_weights()
     except Exception as err:  # truncated / not safetensors
-        raise LongtailError(f"stage1={cfg.stage1}: {WEIGHTS} cannot be read ({err}). Re-run stage 1 "
-                            f"or pass another stage1 folder.") from None
+        raise LongtailError(f"stage1={cfg.stage1}: {folder.WEIGHTS} cannot be read ({err}). Re-run "
+                            f"stage 1 or pass another stage1 folder.") from None
+    run_dir = folder.path
     return Stage1(run_dir, weights, saved)
 
 
@@ -269,7 +274,7 @@ class Stage2Method(Method):
     def __init__(self, ctx: MethodContext):
         if not self.trains and ctx.cfg.train.epochs != 0:
             raise ConfigError(f"method.name={self.name} trains nothing: set train.epochs=0 "
-                              f"(configs/*/{self.name}.yaml do), got train.epochs="
+                              f"(configs/methods/{recipe_name(self.name)}.yaml does), got train.epochs="
                               f"{ctx.cfg.train.epochs}.")
         super().__init__(ctx)
 
@@ -338,7 +343,7 @@ class LearnableWeightScaling(FrozenFeatureMethod):
     def setup_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, LWSHead):
             raise ConfigError(f"method.name=lws learns per-class scales of an LWS head: set "
-                              f"model.head=lws (configs/*/lws.yaml do), got "
+                              f"model.head=lws (configs/methods/lws.yaml does), got "
                               f"model.head={self.cfg.model.head}.")
         load_stage1_weights(self.cfg, model, self.stage1(), allow_missing={"head.scales"})
         freeze_features(model)
@@ -455,7 +460,7 @@ class NearestClassMean(Stage2Method):
 
     def setup_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, NCMHead):
-            raise ConfigError(f"method.name=ncm needs model.head=ncm (configs/*/ncm.yaml set it), "
+            raise ConfigError(f"method.name=ncm needs model.head=ncm (configs/methods/ncm.yaml sets it), "
                               f"got model.head={self.cfg.model.head}.")
         load_stage1_weights(self.cfg, model, self.stage1(), skip_head=True)
 

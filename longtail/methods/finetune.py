@@ -60,7 +60,8 @@ class FineTune(Stage2Method):
             raise LongtailError(
                 f"method.name={self.name} fine-tunes a previous run, but the top-level key `stage1` "
                 f"is not set. Run it as a stage of a pipeline (e.g. `longtail train "
-                f"configs/cifar10_lt/three_stage.yaml`), or pass stage1=RUN_DIR of a finished run.")
+                f"configs/methods/three_stage.yaml data=cifar10_lt`), or pass stage1=RUN_DIR of a "
+                f"finished run.")
         return load_stage1(self.cfg, self.name)
 
     def setup_model(self, model: nn.Module) -> None:

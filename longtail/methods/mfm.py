@@ -47,7 +47,7 @@ Options (``method.*``)::
     modulator: null             PATH (or run folder) of a saved modulator.safetensors to start from
     freeze_modulator: false     keep it fixed: no meta step, no meta set needed (transfer)
 
-Transfer: ``longtail train configs/fashion_mnist_lt/ce.yaml method.name=mfm
+Transfer: ``longtail train configs/methods/ce.yaml data=fashion_mnist_lt method.name=mfm
 method.modulator=runs/c10-mfm/modulator.safetensors method.freeze_modulator=true`` trains a new
 network under the frozen modulator of another run (stage widths must match; the CIFAR ResNets
 have 16/32/64 for any input channel count) without a meta set. The loaded modulator's own
@@ -75,6 +75,7 @@ from longtail.core.distributed import all_reduce_sum
 from longtail.optim.meta import bilevel_meta_step, loss_closure, make_meta_optimizer
 from longtail.core.errors import ConfigError
 from longtail.methods.base import METHODS, Method, MethodContext
+from longtail.methods.decoupled import eval_forward, require_val
 from longtail.models.modulator import (FeatureModulator, StageModulation, build_modulator,
                                        load_modulator, save_modulator)
 
@@ -168,9 +169,9 @@ class MFM(Method):
     def meta_step(self, batch: Batch) -> torch.Tensor:
         """Steps 1-2: update the modulator on the next meta batch; returns the meta loss."""
         meta = self.meta_loader.batch(self.meta_steps)
-        model = self.bare_model
-        amp = self.amp_dtype if self.meta_amp else None
-        lr = self.inner_lr if self.inner_lr is not None else self.optimizer.param_groups[0]["lr"]
+        model = self.model
+        amp = self.optim.amp_dtype if self.meta_amp else None
+        lr = self.inner_lr if self.inner_lr is not None else self.optim.lr
         train_fn = loss_closure(model, batch.images, batch.labels, self.loss, amp_dtype=amp,
                                 context=lambda: self.modulation.active(True))
         meta_fn = loss_closure(model, meta.images, meta.labels, F.cross_entropy, amp_dtype=amp,
@@ -191,7 +192,7 @@ class MFM(Method):
             out["meta_loss"] = meta_loss
         # step 3, the real step (the base class's closure protocol: also works with sam / rsam)
         with self.modulation.active(True), self._modulator_constant():
-            loss = self.optimizer_step(self.make_closure(batch))
+            loss = self.optim.update(lambda: self.compute_loss(batch), context=batch)
         self.steps += 1
         out["loss"] = loss.detach()
         return out
@@ -214,8 +215,6 @@ class MFM(Method):
         """``modulate_at_test: auto``: deploy the modulated network iff its val top-1 is higher."""
         if not self.deploy_auto:
             return
-        from longtail.methods.decoupled import eval_forward, require_val
-
         val = require_val(self, "mfm with modulate_at_test=auto")
         top1 = {}
         for flag in (False, True):

@@ -33,6 +33,7 @@ class PosthocLogitAdjustment(Stage2Method):
     """
 
     name = "posthoc_la"
+    recipe = "la_posthoc"          # configs/methods/la_posthoc.yaml
     trains = False
 
     def __init__(self, ctx: MethodContext, tau: Optional[float] = None,

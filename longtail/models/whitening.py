@@ -11,7 +11,7 @@ every choice below is ours and is named by an option::
                     affine: false, bet: queue, bet_queue: 4, running: cov}
 
 (the neck's own defaults; ``bet`` defaults to ``none`` in the neck and is set to ``queue`` by the
-``configs/*/whitening_*.yaml`` recipes).
+``configs/methods/whitening_*.yaml`` recipes).
 
 ZCA whitening (training mode, batch statistics)
     mu = mean(x),  Sigma = (1/m) X_c^T X_c + eps I  (biased, as BatchNorm),  W = Sigma^(-1/2),

@@ -1,16 +1,16 @@
 """Sharpness-aware minimisation (SAM) and random-neighbourhood SAM (RSAM / GNM) as optimiser
 wrappers driven by PyTorch's closure protocol.
 
-Both wrap a base optimiser built from the same ``optim`` section (``optim.base_optimizer``, SGD by
-default) and share its ``param_groups`` (so the trainer's learning-rate schedule, ``base_lr`` and
+Both wrap a base optimiser built from the same ``optim`` section (``optim.base``, SGD by
+default; the base's own options, e.g. ``momentum``, are keys of the same section) and share its ``param_groups`` (so the trainer's learning-rate schedule, ``base_lr`` and
 gradient clipping see the base's groups). ``step(closure)`` needs the closure: it zeroes the
-gradients, runs forward + loss + backward and returns the loss (``Method.make_closure``).
+gradients, runs forward + loss + backward and returns the loss (:meth:`longtail.optim.wrapper.OptimWrapper.update` builds it).
 
 **SAM** (Foret et al., ICLR 2021; ``optim.name: sam``), two forward/backward passes per step::
 
     g  = closure() at w                      # under DDP the backward all-reduces: g is global
     e  = rho * g / (|g| + 1e-12)             # |.|: L2 norm over all parameters with a gradient
-         (sam_adaptive: e = rho * w^2 g / (| |w| g | + 1e-12), ASAM without its eta, as davda54/sam)
+         (adaptive: e = rho * w^2 g / (| |w| g | + 1e-12), ASAM without its eta, as davda54/sam)
     w <- w + e ; g' = closure() at w + e ; w <- w (restored bit for bit from a copy)
     base step with g'                        # returns the loss at w (comparable with SGD's)
 
@@ -19,11 +19,11 @@ forward/backward pass per step::
 
     xi ~ N(0, (1/3)^2) per element of every trainable parameter, clamped to [-1, 1]
     w <- w + rho * dis_mul * decay(epoch) * xi ; g = closure() ; w <- w (restored) ; base step
-    decay(e) = 0.5 ** floor((e - 1) / (D - 1))  with D = rsam_decay_epoch (0-based, default the
+    decay(e) = 0.5 ** floor((e - 1) / (D - 1))  with D = decay_epoch (0-based, default the
                loss's drw_epoch; GNM-PT's reweight_epoch is D - 1, its 59 of 70 is D = 60)
 
 At e = 0 GNM-PT's formula gives floor(-1 / 59) = -1, a factor 2 in the first epoch: kept by
-default (``rsam_fix_epoch0_quirk: false``), factor 1 with the flag. With no decay epoch (no DRW)
+default (``fix_epoch0_quirk: false``), factor 1 with the flag. With no decay epoch (no DRW)
 the factor is 1 throughout. The period is clamped to at least one epoch (D = 1 behaves as D = 2).
 The noise comes from the optimiser's own ``torch.Generator`` on the parameters' device, seeded
 from the run's ``seed`` (the same on every DDP rank, so all ranks perturb identically) and saved
@@ -38,39 +38,61 @@ Details shared by both:
 * DDP: the closure's backward runs without ``no_sync``, so the first SAM gradient is already the
   all-reduced one and |g|, e are identical on every rank (not "m-sharpness" per rank).
 * BatchNorm running statistics are updated by the first closure evaluation of a step only
-  (``Method.make_closure``): SAM's second pass does not count the batch twice.
+  (:meth:`longtail.optim.wrapper.OptimWrapper.update` builds it): SAM's second pass does not count the batch twice.
 * AMP: bf16 autocast works as is. fp16: ``step(closure, base_step=...)`` lets the caller run the
-  base update itself: ``Method`` passes ``lambda: scaler.step(optimizer.base)``, so GradScaler
+  base update itself: ``base_step(base_optimizer)``; the step wrapper passes ``scaler.step``, so GradScaler
   unscales, checks for inf/NaN and skips the update once per step, after every closure. SAM's
   e = rho g / |g| does not depend on the loss scale, so the scaled first gradient gives the same
   ascent; an overflowing first gradient makes the second one non-finite and the step is skipped
   (the weights are restored from their copy either way). Clipping inside the closure then acts on
-  the scaled gradients at ``grad_clip x scale`` (``Method.backward``), the same cut.
-* ``set_epoch(e)`` is called by ``Method.on_epoch_start`` (0-based epochs).
+  the scaled gradients at ``grad_clip x scale`` (``OptimWrapper.backward``), the same cut.
+* ``set_epoch(e)`` is called by ``OptimWrapper.set_epoch`` at the start of each epoch (0-based).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from pydantic import ConfigDict, Field
 
 from longtail.core.errors import ConfigError
-from longtail.optim import OPTIMIZERS
+from longtail.optim.base import OptimInfo, Options, optim_info, parse_options, register_optimizer
 
-WRAPPERS = ("sam", "rsam")
+BaseStep = Callable[[torch.optim.Optimizer], Any]
 
 
-def build_base(params, cfg, **facts: Any) -> torch.optim.Optimizer:
-    """The optimiser sam / rsam wrap: ``optim.base_optimizer`` built from the same section."""
-    name = getattr(cfg, "base_optimizer", "sgd")
-    if name in WRAPPERS:
-        raise ConfigError(f"optim.base_optimizer={name} cannot be used under optim.name={cfg.name}: "
+def _plain_step(optimizer: torch.optim.Optimizer) -> Any:
+    return optimizer.step()
+
+
+class PerturbedOptions(Options):
+    """Options of sam / rsam; the keys they do not know are the base optimiser's (``momentum``)."""
+
+    model_config = ConfigDict(extra="allow")
+    rho: float = Field(0.05, ge=0.0)        # neighbourhood radius (SAM |e|; RSAM noise scale)
+    base: str = "sgd"                       # the optimiser wrapped (a registered name)
+
+
+class SAMOptions(PerturbedOptions):
+    adaptive: bool = False                  # ASAM scaling, e = rho w^2 g / | |w| g |
+
+
+class RSAMOptions(PerturbedOptions):
+    dis_mul: float = Field(0.1, ge=0.0)     # GNM-PT's dis_mul (noise x rho x dis_mul)
+    decay_epoch: Optional[int] = Field(None, ge=1)  # noise x0.5 from this 0-based epoch on
+    #                                         (GNM-PT reweight_epoch + 1); None: the loss's drw_epoch
+    fix_epoch0_quirk: bool = False          # factor 1 at epoch 0 (GNM-PT's formula gives 2)
+
+
+def build_base(params, cfg, options: PerturbedOptions, facts) -> torch.optim.Optimizer:
+    """The optimiser sam / rsam wrap: ``optim.base`` with the section's remaining keys."""
+    info = optim_info(options.base)
+    if info.needs_closure:
+        raise ConfigError(f"optim.base={options.base} cannot be used under optim.name={cfg.name}: "
                           f"the base must be a plain optimiser such as sgd.")
-    builder = OPTIMIZERS.get(name)
-    accepts = inspect.signature(builder).parameters
-    return builder(params, cfg, **{k: v for k, v in facts.items() if k in accepts})
+    base_options = parse_options(info.options_model, dict(options.model_extra or {}), "optim")
+    return info.build(params, cfg, base_options, facts)
 
 
 def rsam_noise_factor(epoch: int, decay_epoch: Optional[int], fix_epoch0_quirk: bool = False) -> float:
@@ -90,8 +112,6 @@ def rsam_noise_factor(epoch: int, decay_epoch: Optional[int], fix_epoch0_quirk: 
 class PerturbedOptimizer(torch.optim.Optimizer):
     """Base of SAM and RSAM: shares the base optimiser's groups and state, saves its own extras."""
 
-    #: step() evaluates the closure itself, at weights of its choosing; step(closure, base_step)
-    needs_closure = True
     kind = "perturbed"
 
     def __init__(self, base: torch.optim.Optimizer, rho: float):
@@ -130,7 +150,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise RuntimeError(f"{name}.step() needs a closure that zeroes the gradients, runs "
                                f"forward + loss + backward and returns the loss "
-                               f"(Method.make_closure builds it).")
+                               f"(OptimWrapper.update builds it).")
         return torch.enable_grad()(closure)
 
     # -- torch.optim.Optimizer interface ------------------------------------------------------
@@ -197,21 +217,21 @@ class SAM(PerturbedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None,
-             base_step: Optional[Callable[[], Any]] = None) -> Any:
-        """One SAM step; ``base_step`` (default ``self.base.step``) makes the final update."""
+             base_step: Optional[BaseStep] = None) -> Any:
+        """One SAM step; ``base_step(base)`` (default ``base.step()``) makes the final update."""
         closure = self._check_closure(closure, "SAM")
-        base_step = base_step or self.base.step
+        base_step = base_step or _plain_step
         loss = closure()                                      # gradient at w
         params = [p for p in self._params() if p.grad is not None]
         if not params:
-            base_step()
+            base_step(self.base)
             return loss
         saved = self._move(params, self.perturbation(params))  # w + e
         try:
             closure()                                         # gradient at w + e
         finally:
             self._restore(params, saved)                      # back to w, bit for bit
-        base_step()
+        base_step(self.base)
         return loss
 
     def __repr__(self) -> str:
@@ -227,9 +247,9 @@ class RSAM(PerturbedOptimizer):
                  decay_epoch: Optional[int] = None, fix_epoch0_quirk: bool = False, seed: int = 0):
         super().__init__(base, rho)
         if not dis_mul >= 0.0:
-            raise ConfigError(f"optim.rsam_dis_mul must be >= 0, got {dis_mul!r}.")
+            raise ConfigError(f"optim.dis_mul must be >= 0, got {dis_mul!r}.")
         if decay_epoch is not None and (isinstance(decay_epoch, bool) or int(decay_epoch) < 1):
-            raise ConfigError(f"optim.rsam_decay_epoch must be a positive epoch or null, got "
+            raise ConfigError(f"optim.decay_epoch must be a positive epoch or null, got "
                               f"{decay_epoch!r}.")
         self.dis_mul = float(dis_mul)
         self.decay_epoch = None if decay_epoch is None else int(decay_epoch)
@@ -255,8 +275,8 @@ class RSAM(PerturbedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None,
-             base_step: Optional[Callable[[], Any]] = None) -> Any:
-        """One RSAM step; ``base_step`` (default ``self.base.step``) makes the final update."""
+             base_step: Optional[BaseStep] = None) -> Any:
+        """One RSAM step; ``base_step(base)`` (default ``base.step()``) makes the final update."""
         closure = self._check_closure(closure, "RSAM")
         params = [p for p in self._params() if p.requires_grad]
         factor = self.noise_factor()
@@ -265,7 +285,7 @@ class RSAM(PerturbedOptimizer):
             loss = closure()                                  # gradient at w + e
         finally:
             self._restore(params, saved)
-        (base_step or self.base.step)()
+        (base_step or _plain_step)(self.base)
         self.steps += 1
         return loss
 
@@ -281,23 +301,21 @@ class RSAM(PerturbedOptimizer):
                 f"fix_epoch0_quirk={self.fix_epoch0_quirk}, base={self.base!r})")
 
 
-@OPTIMIZERS.register("sam")
-def sam(params, cfg, seed: int = 0, drw_epoch: Optional[int] = None) -> SAM:
-    """SAM around ``optim.base_optimizer``: ``optim.rho``, ``optim.sam_adaptive``."""
-    base = build_base(params, cfg, seed=seed, drw_epoch=drw_epoch)
-    return SAM(base, rho=getattr(cfg, "rho", 0.05), adaptive=getattr(cfg, "sam_adaptive", False))
+def build_sam(params, cfg, options: SAMOptions, facts) -> SAM:
+    return SAM(build_base(params, cfg, options, facts), rho=options.rho, adaptive=options.adaptive)
 
 
-@OPTIMIZERS.register("rsam")
-def rsam(params, cfg, seed: int = 0, drw_epoch: Optional[int] = None) -> RSAM:
-    """RSAM around ``optim.base_optimizer``: ``optim.rho``, ``optim.rsam_dis_mul``,
-    ``optim.rsam_decay_epoch`` (None: the loss's ``drw_epoch``), ``optim.rsam_fix_epoch0_quirk``;
-    the noise generator is seeded from the run's ``seed``."""
-    base = build_base(params, cfg, seed=seed, drw_epoch=drw_epoch)
-    decay = getattr(cfg, "rsam_decay_epoch", None)
-    return RSAM(base, rho=getattr(cfg, "rho", 0.05), dis_mul=getattr(cfg, "rsam_dis_mul", 0.1),
-                decay_epoch=drw_epoch if decay is None else decay,
-                fix_epoch0_quirk=getattr(cfg, "rsam_fix_epoch0_quirk", False), seed=seed)
+def build_rsam(params, cfg, options: RSAMOptions, facts) -> RSAM:
+    """The noise decays at ``decay_epoch``, by default the epoch the run's loss starts re-weighting
+    (its ``drw_epoch``); the noise generator is seeded from the run's seed."""
+    decay = options.decay_epoch
+    if decay is None:
+        decay = getattr(facts.loss, "drw_epoch", None)
+    return RSAM(build_base(params, cfg, options, facts), rho=options.rho, dis_mul=options.dis_mul,
+                decay_epoch=decay, fix_epoch0_quirk=options.fix_epoch0_quirk, seed=facts.seed)
 
+
+SAM_INFO = register_optimizer(OptimInfo("sam", build_sam, SAMOptions, needs_closure=True))
+RSAM_INFO = register_optimizer(OptimInfo("rsam", build_rsam, RSAMOptions, needs_closure=True))
 
 __all__ = ["SAM", "RSAM", "PerturbedOptimizer", "rsam_noise_factor", "build_base"]

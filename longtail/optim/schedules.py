@@ -1,63 +1,49 @@
-"""Learning-rate schedules as pure functions of training progress (stateless, so resume is exact).
+"""Learning-rate schedules: a multiplier of the base lr as a pure function of (epoch, step), so
+resume is exact. A schedule states its options (the extra keys of the ``schedule`` section).
 
 step: linear warm-up lr*e/W for epochs e<=W (1-based, per epoch as in LDAM-DRW), then lr*gamma^k
-after the k-th milestone; cosine: warm-up then min_lr + (lr-min_lr)(1+cos(pi t))/2, per step;
-mlrsnet: a meta-learned lr per step from the training loss (stateful, ``longtail/optim/mlrsnet.py``).
+after the k-th milestone; cosine: per-step warm-up then min_lr + (lr-min_lr)(1+cos(pi t))/2;
+constant: warm-up then lr. A learned schedule (MLR-SNet) is a training hook, not a schedule.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Type
+
+from pydantic import Field
 
 from longtail.core.registry import Registry
-
-SCHEDULES = Registry("schedule")
+from longtail.optim.base import Options, parse_options
 
 
 class Schedule:
-    """factor(epoch, step, steps_per_epoch) -> multiplier of the base lr. ``epoch`` is 0-based.
-
-    The other methods are no-ops here; a schedule with state (``mlrsnet``: a learned schedule
-    driven by the training loss) overrides them and the trainer calls them for every schedule:
-    ``attach(run)`` once after the run is built, ``on_epoch_start`` / ``on_epoch_end`` (extra
-    history entries) around each epoch, ``state_dict`` / ``load_state_dict`` with the checkpoint,
-    ``extra_metrics`` for metrics.json and ``save_artifacts(run_dir)`` on rank 0 at the end.
-    """
+    """factor(epoch, step, steps_per_epoch) -> multiplier of the base lr. ``epoch`` is 0-based."""
 
     def factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         raise NotImplementedError
 
-    def attach(self, run) -> None:
-        pass
 
-    def on_epoch_start(self, epoch: int) -> None:
-        pass
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """``build(epochs, warmup_epochs, options, base_lr)`` -> Schedule."""
 
-    def on_epoch_end(self, epoch: int) -> Dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
-
-    def extra_metrics(self) -> Dict[str, Any]:
-        return {}
-
-    def save_artifacts(self, run_dir) -> None:
-        pass
+    name: str
+    build: Callable[..., Schedule]
+    options_model: Type[Options]
 
 
-@SCHEDULES.register("step")
+SCHEDULES = Registry("schedule")
+
+
 class StepSchedule(Schedule):
     """The LDAM-DRW CIFAR recipe: e = epoch + 1; lr*e/W while e <= W; lr*gamma^(#milestones < e).
 
     Defaults give lr x1 up to epoch 160, x0.01 for 161-180, x1e-4 after 180 (1-based epochs).
     """
 
-    def __init__(self, epochs: int, warmup_epochs: float = 5, milestones: Sequence[int] = (160, 180),
+    def __init__(self, epochs: int, warmup_epochs: float = 5, milestones=(160, 180),
                  gamma: float = 0.01):
         self.warmup = warmup_epochs
         self.milestones = sorted(milestones)
@@ -70,7 +56,6 @@ class StepSchedule(Schedule):
         return self.gamma ** sum(e > m for m in self.milestones)
 
 
-@SCHEDULES.register("cosine")
 class CosineSchedule(Schedule):
     """Per-step linear warm-up over ``warmup_epochs`` then cosine decay to ``min_ratio``."""
 
@@ -86,7 +71,6 @@ class CosineSchedule(Schedule):
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@SCHEDULES.register("constant")
 class ConstantSchedule(Schedule):
     def __init__(self, epochs: int, warmup_epochs: float = 0):
         self.warmup = warmup_epochs
@@ -96,16 +80,38 @@ class ConstantSchedule(Schedule):
         return e / self.warmup if self.warmup and e <= self.warmup else 1.0
 
 
-def build_schedule(cfg, epochs: int) -> Schedule:
-    """Schedule from an ``OptimConfig``."""
-    if cfg.schedule == "step":
-        return StepSchedule(epochs, cfg.warmup_epochs, cfg.milestones, cfg.gamma)
-    if cfg.schedule == "cosine":
-        return CosineSchedule(epochs, cfg.warmup_epochs, cfg.min_lr / cfg.lr if cfg.lr else 0.0)
-    if cfg.schedule == "constant":
-        return ConstantSchedule(epochs, cfg.warmup_epochs)
-    if cfg.schedule == "mlrsnet":
-        from longtail.optim.mlrsnet import MLRSNetSchedule
+class StepOptions(Options):
+    milestones: List[int] = Field(default_factory=lambda: [160, 180])
+    gamma: float = Field(0.01, gt=0.0)     # factor at each milestone (0.01, then 1e-4)
 
-        return MLRSNetSchedule(epochs, cfg.mlrsnet, weight_decay=cfg.weight_decay, base_lr=cfg.lr)
-    return SCHEDULES.build(cfg.schedule, epochs)
+
+class CosineOptions(Options):
+    min_lr: float = Field(0.0, ge=0.0)     # the floor (absolute lr)
+
+
+class NoOptions(Options):
+    pass
+
+
+def _step(epochs, warmup, o: StepOptions, base_lr) -> Schedule:
+    return StepSchedule(epochs, warmup, o.milestones, o.gamma)
+
+
+def _cosine(epochs, warmup, o: CosineOptions, base_lr) -> Schedule:
+    return CosineSchedule(epochs, warmup, o.min_lr / base_lr if base_lr else 0.0)
+
+
+def _constant(epochs, warmup, o: NoOptions, base_lr) -> Schedule:
+    return ConstantSchedule(epochs, warmup)
+
+
+for _info in (ScheduleInfo("step", _step, StepOptions), ScheduleInfo("cosine", _cosine, CosineOptions),
+              ScheduleInfo("constant", _constant, NoOptions)):
+    SCHEDULES.register(_info.name)(_info)
+
+
+def build_schedule(cfg, epochs: int, base_lr: float) -> Schedule:
+    """The schedule of a ``schedule`` section for a run of ``epochs`` epochs."""
+    info: ScheduleInfo = SCHEDULES.get(cfg.name)
+    options = parse_options(info.options_model, cfg.params(), "schedule")
+    return info.build(epochs, cfg.warmup_epochs, options, base_lr)

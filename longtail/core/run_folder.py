@@ -1,0 +1,141 @@
+"""The run folder: the one place that knows its layout.
+
+=========================  ==========================================================
+``config.yaml``            the resolved config (written first; marks the folder as a run)
+``history.jsonl``          one JSON line per finished epoch
+``last.pt``                the resumable state (``torch.load(weights_only=True)``)
+``model.safetensors``      the final weights
+``metrics.json``           the final metrics (written last; marks the run as finished)
+``per_class_accuracy.png`` accuracy against class frequency
+anything else              artifacts of methods and hooks (``artifact(name)``)
+=========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from longtail.core import io
+from longtail.core.config import Config, load_yaml_tree, validate
+from longtail.core.errors import LongtailError
+
+
+class RunFolder:
+    CONFIG = "config.yaml"
+    HISTORY = "history.jsonl"
+    CHECKPOINT = "last.pt"
+    WEIGHTS = "model.safetensors"
+    METRICS = "metrics.json"
+    PER_CLASS_PLOT = "per_class_accuracy.png"
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / self.HISTORY
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.WEIGHTS
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def plot_path(self) -> Path:
+        return self.path / self.PER_CLASS_PLOT
+
+    def artifact(self, name: str) -> Path:
+        return self.path / name
+
+    # -- state -------------------------------------------------------------------------------
+    def is_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def has_weights(self) -> bool:
+        return self.weights_path.is_file()
+
+    def is_finished(self) -> bool:
+        return self.metrics_path.is_file()
+
+    def epochs_done(self) -> int:
+        """Lines in history.jsonl (0 when there is none)."""
+        try:
+            return sum(1 for line in self.history_path.read_text().splitlines() if line.strip())
+        except OSError:
+            return 0
+
+    # -- config ------------------------------------------------------------------------------
+    def write_config(self, cfg: Config) -> None:
+        io.atomic_write_text(self.config_path, cfg.to_yaml())
+
+    def config_tree(self) -> Dict[str, Any]:
+        """The saved config as a YAML tree; LongtailError when missing or unreadable."""
+        if not self.is_run():
+            raise LongtailError(f"{self.path} is not a run folder (no {self.CONFIG}). Pass the "
+                                f"folder that `longtail train` wrote, e.g. runs/<name>.")
+        try:
+            return load_yaml_tree(self.config_path)
+        except (yaml.YAMLError, OSError) as err:
+            raise LongtailError(f"{self.config_path} cannot be read ({err}).") from None
+
+    def load_config(self) -> Config:
+        return validate(self.config_tree(), f"config {self.config_path}")
+
+    # -- history -----------------------------------------------------------------------------
+    def read_history(self, upto_epoch: Optional[int] = None) -> List[Dict[str, Any]]:
+        """History rows (of epochs <= upto_epoch: later ones belong to an interrupted epoch)."""
+        if not self.history_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.history_path.read_text().splitlines()
+                if line.strip()]
+        return rows if upto_epoch is None else [r for r in rows if r["epoch"] <= upto_epoch]
+
+    def write_history(self, rows: List[Dict[str, Any]]) -> None:
+        io.atomic_write_text(self.history_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- checkpoint, weights, metrics --------------------------------------------------------
+    def save_checkpoint(self, state: Dict[str, Any]) -> None:
+        io.save_checkpoint(self.checkpoint_path, state)
+
+    def load_checkpoint(self) -> Dict[str, Any]:
+        return io.load_checkpoint(self.checkpoint_path)
+
+    def save_weights(self, state_dict, metadata: Dict[str, str]) -> None:
+        io.save_weights(self.weights_path, state_dict, metadata)
+
+    def load_weights(self):
+        return io.load_weights(self.weights_path)
+
+    def write_metrics(self, metrics: Dict[str, Any]) -> None:
+        io.atomic_write_json(self.metrics_path, metrics)
+
+    def read_metrics(self) -> Optional[Dict[str, Any]]:
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except (OSError, ValueError):
+            return None

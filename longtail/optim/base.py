@@ -1,0 +1,83 @@
+"""The optimiser registry: each optimiser states its own facts in an :class:`OptimInfo` (as timm's
+``OptimInfo``): its builder, the pydantic model of its options (the extra keys of the ``optim``
+section) and whether its ``step`` must evaluate the loss closure itself (sam, rsam)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Type
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from longtail.core.errors import ConfigError
+from longtail.core.facts import RunFacts
+from longtail.core.registry import Registry
+
+
+class Options(BaseModel):
+    """Base of a component's options: unknown keys are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """``build(params, cfg, options, facts)`` -> optimizer; ``cfg`` is the ``optim`` section
+    (``lr``, ``weight_decay``), ``options`` its extra keys validated by ``options_model``."""
+
+    name: str
+    build: Callable[..., torch.optim.Optimizer]
+    options_model: Type[Options]
+    needs_closure: bool = False     # step(closure, base_step) evaluates the closure itself
+
+
+OPTIMIZERS = Registry("optimizer")
+
+
+def register_optimizer(info: OptimInfo) -> OptimInfo:
+    OPTIMIZERS.register(info.name)(info)
+    return info
+
+
+def parse_options(model: Type[Options], values: Dict[str, Any], where: str) -> Options:
+    """``model(**values)`` with a ConfigError that names each bad key under ``where``."""
+    try:
+        return model(**values)
+    except ValidationError as err:
+        lines = []
+        allowed = ", ".join(model.model_fields) or "none"
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                lines.append(f"unknown option '{where}.{key}' (its options: {allowed})")
+            else:
+                lines.append(f"'{where}.{key}': {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("; ".join(lines) + ". Fix the key in the YAML file or the override.") \
+            from None
+
+
+def optim_info(name: str) -> OptimInfo:
+    return OPTIMIZERS.get(name)
+
+
+def build_optimizer(cfg, params: Iterable[torch.nn.Parameter], facts: RunFacts = RunFacts(),
+                    **fact_values: Any) -> torch.optim.Optimizer:
+    """The optimizer named by ``optim.name`` for a run described by ``facts`` (``fact_values``
+    replace single facts, e.g. ``seed=3``); every param group remembers its lr as ``base_lr``."""
+    if fact_values:
+        facts = dataclasses.replace(facts, **fact_values)
+    info = optim_info(cfg.name)
+    options = parse_options(info.options_model, cfg.params(), "optim")
+    optimizer = info.build(list(params), cfg, options, facts)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to base_lr * factor; returns the first group's lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
