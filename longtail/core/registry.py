@@ -6,7 +6,9 @@ arguments are checked against the builder's signature so a misspelt option is re
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Any, Callable, Dict, Iterable
 
 from longtail.core.errors import ConfigError
@@ -78,3 +80,10 @@ def check_kwargs(builder: Callable[..., Any], kwargs: Dict[str, Any], what: str,
         raise ConfigError(f"Unknown option {shown} for {what}. Its options are: {options}.")
 
 
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (its ``__name__`` and ``__path__``), so each registers
+    its components: adding a component is adding its file."""
+    for module in pkgutil.iter_modules(list(path)):
+        importlib.import_module(f"{package}.{module.name}")

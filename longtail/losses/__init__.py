@@ -15,6 +15,10 @@ from longtail.losses.ldam import LDAMLoss
 from longtail.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss, posthoc_adjust, select_tau
 from longtail.losses.gcl import GCLLoss
 
+from longtail.core.registry import import_submodules
+
+import_submodules(__name__, __path__)   # every module registers its losses: a new loss is a file
+
 
 def create(name: str, class_counts: Optional[Sequence[float]] = None, **params: Any) -> nn.Module:
     """Build the loss registered as ``name`` with ``params``; ``class_counts`` goes to every builder.

@@ -3,7 +3,7 @@
 Per-channel scale/shift modulation of intermediate features (``longtail.models.modulator``),
 meta-learned on a small balanced meta set with the bi-level step of ``longtail.optim.meta``.
 The paper's body and code are not public: everything beyond the abstract is [PROPOSED]
-(METHODS.md §1). Per training step t, with α_t the current lr of the model optimiser::
+(docs/methods/meta.md). Per training step t, with α_t the current lr of the model optimiser::
 
     1. θ̂(φ) = θ − α_t ∇θ L_train(θ, φ)                 virtual SGD step (second order in φ)
     2. φ ← Adam(φ, ∇φ CE_meta(θ̂(φ)))                    meta batch from data.meta (balanced)
@@ -72,7 +72,8 @@ import torch.nn.functional as F
 from longtail.data.loader import Batch
 from longtail.data.meta import build_meta_loader
 from longtail.core.distributed import all_reduce_sum
-from longtail.optim.meta import bilevel_meta_step, loss_closure, make_meta_optimizer
+from longtail.optim.meta import (META_OPTIMIZERS, bilevel_meta_step, loss_closure,
+                                 make_meta_optimizer)
 from longtail.core.errors import ConfigError
 from longtail.methods.base import METHODS, Method, MethodContext
 from longtail.methods.decoupled import eval_forward, require_val
@@ -96,8 +97,9 @@ class MFM(Method):
                  inner_weight_decay: float = 0.0, second_order: bool = True,
                  meta_amp: bool = False, modulator: Optional[str] = None,
                  freeze_modulator: bool = False):
-        if meta_optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"method.meta_optimizer={meta_optimizer!r}: use adam or sgd.")
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise ConfigError(f"method.meta_optimizer={meta_optimizer!r}: use one of "
+                              f"{', '.join(META_OPTIMIZERS)}.")
         if not isinstance(meta_every, int) or meta_every < 1:
             raise ConfigError(f"method.meta_every={meta_every!r} must be an integer >= 1.")
         if not isinstance(meta_batch_size, int) or meta_batch_size < 1:

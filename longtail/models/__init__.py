@@ -1,8 +1,9 @@
 """Models: backbones, necks and heads, assembled by :func:`build_model`."""
 
-from longtail.models import heads, necks, resnet_cifar  # noqa: F401  (register components)
-from longtail.models import whitening  # noqa: F401  (registers the 'whitening' neck)
+from longtail.core.registry import import_submodules
 from longtail.models.classifier import Classifier, ModelOutput, build_model
 from longtail.models.registry import BACKBONES, HEADS, NECKS
+
+import_submodules(__name__, __path__)   # every module registers its parts: a new one is a file
 
 __all__ = ["BACKBONES", "HEADS", "NECKS", "Classifier", "ModelOutput", "build_model"]

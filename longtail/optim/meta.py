@@ -208,18 +208,22 @@ def loss_closure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return fn
 
 
+META_OPTIMIZERS = {
+    "adam": lambda params, lr, wd, momentum: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                                           weight_decay=wd),
+}
+
+
 def make_meta_optimizer(params: Sequence[torch.Tensor], name: str = "adam", lr: float = 1e-3,
                         weight_decay: float = 1e-4, momentum: float = 0.9) -> torch.optim.Optimizer:
     """The meta optimiser: ``adam`` (default, lr 1e-3, wd 1e-4: MLR-SNet's choice) or ``sgd``
     (momentum, the Meta-Weight-Net choice: lr 1e-5, nesterov off here)."""
-    params = list(params)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"meta optimiser {name!r}: use 'adam' or 'sgd'")
+    if name not in META_OPTIMIZERS:
+        raise ValueError(f"meta optimiser {name!r}: use one of {', '.join(META_OPTIMIZERS)}")
+    return META_OPTIMIZERS[name](list(params), lr, weight_decay, momentum)
 
 
-__all__ = ["MetaStepStats", "apply_meta_gradients", "bilevel_meta_step", "functional_forward",
+__all__ = ["META_OPTIMIZERS", "MetaStepStats", "apply_meta_gradients", "bilevel_meta_step", "functional_forward",
            "hypergradient", "loss_closure", "make_meta_optimizer", "trainable_params",
            "virtual_sgd_step"]
