@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
                      run_header, spread, timing_parser, write_json)
 
-C10 = REPO_ROOT / "configs" / "cifar10_lt"
+C10 = REPO_ROOT / "configs" / "methods"          # the recipes, run on data=cifar10_lt
 BATCH = 128
 # (label, config, overrides): the first arm is the reference
 ARMS = [
@@ -50,7 +50,7 @@ ARMS = [
     ("mfm (meta every step)", C10 / "mfm.yaml", ["method.meta_every=1"]),
     ("mfm (meta every 8, cifar-short)", C10 / "mfm.yaml", ["method.meta_every=8"]),
     ("mlrsnet (meta every 10, cifar-short)", C10 / "mlrsnet.yaml",
-     ["optim.mlrsnet.meta_every=10", "optim.mlrsnet.gamma_images=512"]),
+     ["hooks.mlrsnet.meta_every=10", "hooks.mlrsnet.gamma_images=512"]),
 ]
 
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     load_at_start = load_average()
     data_root = resolve_data_root(args.data_root)
-    common = ["train.device=cpu", "train.progress=false", f"train.batch_size={BATCH}"]
+    common = ["data=cifar10_lt", "train.device=cpu", "train.progress=false",
+              f"train.batch_size={BATCH}"]
     t0 = time.perf_counter()
     arms = [Arm(label, cfg, ov, data_root, common) for label, cfg, ov in ARMS]
     n = args.warmup + args.steps * args.repeats

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of a training step with SAM and RSAM against plain SGD, on CPU, in one run.
 
-Three arms train the same ResNet-32 (``configs/cifar10_lt/ce.yaml``, same seed, same
+Three arms train the same ResNet-32 (``configs/methods/ce.yaml data=cifar10_lt``, same seed, same
 channels_last setting as ``longtail train``) through the engine's own step,
 ``Method.train_step`` (closure protocol, ``optim.name`` = ``sgd`` | ``rsam`` | ``sam``), on the
 same pre-built batches of 128: the real CIFAR-10-LT IF100 training subset, augmented by the
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
                      run_header, spread, timing_parser, write_json)
 
-CONFIG = REPO_ROOT / "configs" / "cifar10_lt" / "ce.yaml"
+CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"      # with data=cifar10_lt
 BATCH = 128
 ARMS = ("sgd", "rsam", "sam")
 EXPECTED_PASSES = {"sgd": 1, "rsam": 1, "sam": 2}
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     load_at_start = load_average()
     t0 = time.perf_counter()
-    overrides = ["train.device=cpu", "train.progress=false", f"train.batch_size={BATCH}"]
+    overrides = ["data=cifar10_lt", "train.device=cpu", "train.progress=false",
+                 f"train.batch_size={BATCH}"]
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
     base_cfg = load_config(CONFIG, overrides)

@@ -5,7 +5,7 @@ Both sides train ResNet-32 (``longtail.models.build_model``, same seed) on the r
 IF100 training subset with batch 128, random crop (4-px zero padding) + horizontal flip +
 normalisation, cross-entropy and SGD (momentum 0.9, weight decay 2e-4), in one process:
 
-* engine: the run is built by ``build_run`` from ``configs/cifar10_lt/ce.yaml`` exactly as
+* engine: the run is built by ``build_run`` from ``configs/methods/ce.yaml data=cifar10_lt`` exactly as
   ``longtail train`` builds it (progress bar on, as users have it) and driven by the engine's own
   ``train_one_epoch`` with its tqdm bar, schedule, sampler, TrainLoader and ``Method.train_step``.
   The only change is that each "epoch" is cut to its first ``--steps`` batches (the real loader's
@@ -49,7 +49,7 @@ from tqdm import tqdm  # noqa: E402
 from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
                      run_header, spread, timing_parser, write_json)
 
-CONFIG = REPO_ROOT / "configs" / "cifar10_lt" / "ce.yaml"
+CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"      # with data=cifar10_lt
 DATASET = "cifar10-lt"
 BATCH = 128
 PADDING = 4
@@ -93,7 +93,7 @@ class EngineArm:
 
         self.name = name
         self.channels_last = channels_last
-        self.overrides = ["train.device=cpu", "train.progress=true",
+        self.overrides = ["data=cifar10_lt", "train.device=cpu", "train.progress=true",
                           f"train.channels_last={str(channels_last).lower()}",
                           f"train.batch_size={BATCH}"]
         if threads:

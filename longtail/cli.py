@@ -107,8 +107,13 @@ def _split_overrides(config: Optional[str], overrides: List[str]):
 
 
 def cmd_train(args) -> int:
-    from longtail.core.config import (load_config, validate, apply_overrides, load_yaml_tree,
-                                      split_selectors)
+    from longtail.core.config import (
+        apply_overrides,
+        load_config,
+        load_yaml_tree,
+        split_selectors,
+        validate,
+    )
     from longtail.data.paths import resolve_data_root
     from longtail.engine.trainer import fit
 

@@ -67,6 +67,54 @@ def write_cifar10_folder(root: Path, train_per_class: int = 30, test_per_class: 
     return root
 
 
+def write_cifar100_folder(root: Path, train_per_class: int = 10, test_per_class: int = 2,
+                          seed: int = 0) -> Path:
+    """A small CIFAR-100 in the official extracted layout (``cifar-100-python/`` with the
+    ``train`` / ``test`` / ``meta`` pickles, bytes keys, fine and coarse labels).
+
+    Images are learnable: class c has a distinct colour mean plus noise. Returns ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(30, 226, size=(100, 3))
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        fine = rng.permutation(np.repeat(np.arange(100), n))
+        pix = colours[fine][:, :, None] + rng.normal(0, 25, size=(len(fine), 3, 1024))
+        data = np.clip(pix, 0, 255).astype(np.uint8).reshape(len(fine), 3072)
+        with open(folder / split, "wb") as fh:
+            pickle.dump({b"filenames": [b"x.png"] * len(fine), b"batch_label": split.encode(),
+                         b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
+                         b"data": data}, fh, protocol=2)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [b"class%02d" % i for i in range(100)],
+                     b"coarse_label_names": [b"super%02d" % i for i in range(20)]}, fh, protocol=2)
+    return root
+
+
+def write_idx_folder(root: Path, folder: str = "FashionMNIST", train_per_class: int = 10,
+                     test_per_class: int = 2, seed: int = 0) -> Path:
+    """A small MNIST (``folder="MNIST"``) or Fashion-MNIST (``"FashionMNIST"``) in the official
+    layout: ``ROOT/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` with real idx
+    headers. Class c is a bright band at rows 2c+4 .. 2c+7. Returns ``root``."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
+        images = rng.normal(40, 20, size=(len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 4:2 * c + 8] += 150
+        images = np.clip(images, 0, 255).astype(np.uint8)
+        for stem, arr, magic in ((f"{prefix}-images-idx3-ubyte", images, 2051),
+                                 (f"{prefix}-labels-idx1-ubyte", labels, 2049)):
+            header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (raw / f"{stem}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar_root(tmp_path_factory) -> Path:
     """A 300-image CIFAR-10 (30 per class, 10 test images per class) in the official layout."""

@@ -32,11 +32,11 @@ COMPARED = ("top1", "many", "medium", "few", "mean_class_acc", "per_class", "ece
 
 
 def cfg(name, *extra, dataset="cifar10_lt"):
-    return load_config(CONFIGS / dataset / f"{name}.yaml", [*TINY, *extra])
+    return load_config(CONFIGS / "methods" / f"{name}.yaml", [f"data={dataset}", *TINY, *extra])
 
 
 def stage1_cfg(*extra):
-    return cfg("ce", "train.epochs=3", "optim.warmup_epochs=1", "optim.milestones=[2]", *extra)
+    return cfg("ce", "train.epochs=3", "schedule.warmup_epochs=1", "schedule.milestones=[2]", *extra)
 
 
 def metrics_of(run_dir):
@@ -89,8 +89,8 @@ def stage1_nobias(tiny_cifar_root, runs):
 @pytest.mark.parametrize("dataset", ["cifar10_lt", "cifar100_lt", "fashion_mnist_lt"])
 @pytest.mark.parametrize("name", STAGE2)
 def test_configs_load_and_name_registered_methods(dataset, name):
-    c = load_config(CONFIGS / dataset / f"{name}.yaml")
-    base = load_config(CONFIGS / dataset / "ce.yaml")
+    c = load_config(CONFIGS / "methods" / f"{name}.yaml", [f"data={dataset}"])
+    base = load_config(CONFIGS / "methods" / "ce.yaml", [f"data={dataset}"])
     assert c.data == base.data
     assert c.method.name in METHODS
     METHODS.check_kwargs(c.method.name, c.method.params())
@@ -101,8 +101,8 @@ def test_configs_load_and_name_registered_methods(dataset, name):
         assert c.train.epochs == 0
     assert c.model.head == {"lws": "lws", "ncm": "ncm"}.get(name, "linear")
     # the IF 50 / 10 variants are overrides
-    assert load_config(CONFIGS / dataset / f"{name}.yaml",
-                       ["data.imbalance_factor=50"]).data.imbalance_factor == 50
+    assert load_config(CONFIGS / "methods" / f"{name}.yaml",
+                       [f"data={dataset}", "data.imbalance_factor=50"]).data.imbalance_factor == 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,12 +351,13 @@ def test_crt_lifts_tail_accuracy_on_real_cifar10_lt(real_data_root, tmp_path):
     common = ["model.backbone=resnet8", "train.progress=false", "data.max_test_per_class=300",
               "data.val_per_class=100"]
     s1 = tmp_path / "ce"
-    a = fit(load_config(CONFIGS / "cifar10_lt" / "ce.yaml",
-                        [*common, "train.epochs=1", "optim.warmup_epochs=0", "train.eval_every=0"]),
+    a = fit(load_config(CONFIGS / "methods" / "ce.yaml",
+                        ["data=cifar10_lt", *common, "train.epochs=1", "schedule.warmup_epochs=0",
+                         "train.eval_every=0"]),
             s1, real_data_root)
-    b = fit(load_config(CONFIGS / "cifar10_lt" / "crt.yaml",
-                        [*common, f"stage1={s1}", "train.epochs=1",
-                         "data.sampler_params.epoch_length=dataset"]),
+    b = fit(load_config(CONFIGS / "methods" / "crt.yaml",
+                        ["data=cifar10_lt", *common, f"stage1={s1}", "train.epochs=1",
+                         "sampler.epoch_length=dataset"]),
             tmp_path / "crt", real_data_root)
     assert_same_features(tmp_path / "crt", s1)
     assert b["val"]["mean_class_acc"] > a["val"]["mean_class_acc"] + 5

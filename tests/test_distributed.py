@@ -34,9 +34,9 @@ from longtail.data.loader import TrainLoader
 from longtail.data.samplers import SAMPLERS, build_sampler
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "cifar10_lt" / "ce.yaml")
+CONFIG = str(REPO / "configs" / "methods" / "ce.yaml")
 # the tiny CIFAR-10 at imbalance 5 keeps 149 training images (odd: the last batch splits unevenly)
-TINY = ["train.device=cpu", "train.progress=false", "model.backbone=resnet8",
+TINY = ["data=cifar10_lt", "train.device=cpu", "train.progress=false", "model.backbone=resnet8",
         "data.imbalance_factor=5", "data.val_per_class=5", "train.epochs=2"]
 TIMEOUT = 240
 
@@ -277,9 +277,9 @@ def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
     from longtail.engine import trainer
     from longtail.core.distributed import shutdown_distributed
 
-    cfg = load_config(REPO / "configs" / "cifar10_lt" / "mlrsnet.yaml", [
-        *TINY, "train.batch_size=32", "data.meta_per_class=2", "optim.mlrsnet.meta_every=2",
-        "optim.mlrsnet.meta_batch_size=10", "optim.mlrsnet.meta_lr=0.05"])
+    cfg = load_config(REPO / "configs" / "methods" / "mlrsnet.yaml", [
+        *TINY, "train.batch_size=32", "data.meta_per_class=2", "hooks.mlrsnet.meta_every=2",
+        "hooks.mlrsnet.meta_batch_size=10", "hooks.mlrsnet.meta_lr=0.05"])
     seen = []
     original = trainer.build_hooks
 

@@ -14,10 +14,10 @@ from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import fit
 from longtail.core.errors import LongtailError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "ce.yaml"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
+TINY = ["data=cifar10_lt", "model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "optim.warmup_epochs=1", "optim.milestones=[3]", "optim.gamma=0.1"]
+        "schedule.warmup_epochs=1", "schedule.milestones=[3]", "schedule.gamma=0.1"]
 
 
 def tiny_cfg(epochs=3, extra=()):
@@ -139,7 +139,7 @@ def test_ldam_requires_cosine_head(tiny_cifar_root, tmp_path):
 def test_failed_start_leaves_no_run_folder(tmp_path, tiny_cifar_root, capsys):
     run_dir = tmp_path / "never"
     code = main(["train", str(CONFIG), "--out", str(run_dir), "--data-root", str(tiny_cifar_root),
-                 "data.dataset=cifar11-lt"])
+                 "data=cifar10_lt", "data.dataset=cifar11-lt"])
     assert code == 2 and not run_dir.exists()
     assert "data.dataset" in capsys.readouterr().err
 

@@ -29,13 +29,14 @@ from longtail.models.modulator import StageModulation, build_modulator
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "optim.warmup_epochs=1", "optim.milestones=[2]", "optim.gamma=0.1"]
+        "schedule.warmup_epochs=1", "schedule.milestones=[2]", "schedule.gamma=0.1"]
 META = ["data.meta_per_class=2", "method.meta_batch_size=10"]
 COMPARED = ("top1", "many", "medium", "few", "per_class", "ece", "confusion")
 
 
 def mfm_cfg(epochs=3, *extra, dataset="cifar10_lt"):
-    return load_config(CONFIGS / dataset / "mfm.yaml", [*TINY, *META, f"train.epochs={epochs}", *extra])
+    return load_config(CONFIGS / "methods" / "mfm.yaml",
+                       [f"data={dataset}", *TINY, *META, f"train.epochs={epochs}", *extra])
 
 
 def write_fashion_mnist(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> Path:
@@ -168,10 +169,10 @@ def test_configuration_errors(tiny_cifar_root, tmp_path):
 
 def test_configs_load():
     for dataset in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt"):
-        cfg = load_config(CONFIGS / dataset / "mfm.yaml")
+        cfg = load_config(CONFIGS / "methods" / "mfm.yaml", [f"data={dataset}"])
         assert cfg.method.name == "mfm" and cfg.data.meta_per_class == 10
         assert cfg.data.meta_from == "unused" and cfg.method.params()["meta_batch_size"] == 100
-        ce = load_config(CONFIGS / dataset / "ce.yaml")
+        ce = load_config(CONFIGS / "methods" / "ce.yaml", [f"data={dataset}"])
         assert cfg.optim == ce.optim and cfg.train == ce.train and cfg.model == ce.model
 
 
@@ -228,8 +229,8 @@ def test_saved_modulator_transfers_frozen_without_meta_set(mfm_run, tmp_path):
     run_dir, _ = mfm_run
     source = load_file(str(run_dir / "modulator.safetensors"))
     fm_root = write_fashion_mnist(tmp_path / "fm")
-    cfg = load_config(CONFIGS / "fashion_mnist_lt" / "ce.yaml", [
-        *TINY, "train.epochs=2", "method.name=mfm", f"method.modulator={run_dir / 'modulator.safetensors'}",
+    cfg = load_config(CONFIGS / "methods" / "ce.yaml", [
+        "data=fashion_mnist_lt", *TINY, "train.epochs=2", "method.name=mfm", f"method.modulator={run_dir / 'modulator.safetensors'}",
         "method.freeze_modulator=true"])
     assert cfg.data.meta_per_class == 0
     target = tmp_path / "fm-run"
@@ -241,12 +242,12 @@ def test_saved_modulator_transfers_frozen_without_meta_set(mfm_run, tmp_path):
     for key in source:
         assert torch.equal(after[key], source[key]), key                # frozen
     # a run folder is accepted too, and a backbone with other stage widths is refused
-    by_folder = load_config(CONFIGS / "fashion_mnist_lt" / "ce.yaml", [
-        *TINY, "method.name=mfm", f"method.modulator={run_dir}", "method.freeze_modulator=true"])
+    by_folder = load_config(CONFIGS / "methods" / "ce.yaml", [
+        "data=fashion_mnist_lt", *TINY, "method.name=mfm", f"method.modulator={run_dir}", "method.freeze_modulator=true"])
     run = build_run(by_folder, tmp_path / "x", fm_root)
     assert all(not p.requires_grad for p in run.method.modulator.parameters())
-    wide = load_config(CONFIGS / "fashion_mnist_lt" / "ce.yaml", [
-        *TINY, "model.backbone_params={widths: [8, 16, 32]}", "method.name=mfm",
+    wide = load_config(CONFIGS / "methods" / "ce.yaml", [
+        "data=fashion_mnist_lt", *TINY, "model.backbone_params={widths: [8, 16, 32]}", "method.name=mfm",
         f"method.modulator={run_dir}", "method.freeze_modulator=true"])
     with pytest.raises(LongtailError, match="stage widths"):
         build_run(wide, tmp_path / "y", fm_root)

@@ -28,12 +28,13 @@ from test_mfm import write_fashion_mnist
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "data.meta_per_class=2", "optim.mlrsnet.meta_batch_size=10", "optim.mlrsnet.meta_every=2",
-        "optim.mlrsnet.meta_lr=0.05"]
+        "data.meta_per_class=2", "hooks.mlrsnet.meta_batch_size=10", "hooks.mlrsnet.meta_every=2",
+        "hooks.mlrsnet.meta_lr=0.05"]
 
 
 def meta_cfg(epochs=4, *extra):
-    return load_config(CONFIGS / "cifar10_lt" / "mlrsnet.yaml", [*TINY, f"train.epochs={epochs}", *extra])
+    return load_config(CONFIGS / "methods" / "mlrsnet.yaml",
+                       ["data=cifar10_lt", *TINY, f"train.epochs={epochs}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_snapshot_file_round_trip_and_clear_errors(tmp_path):
     assert hidden == 6 and epochs == [1, 2, 4] and len(loaded) == 3
     for a, b in zip(nets, loaded):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="configs/cifar10_lt/mlrsnet.yaml"):
+    with pytest.raises(ConfigError, match="configs/methods/mlrsnet.yaml"):
         load_snapshots(tmp_path / "nowhere")
     assert bundle_epochs(200) == [1, 100, 200] and bundle_epochs(8) == [1, 4, 8]
 
@@ -181,9 +182,9 @@ def test_resume_is_bit_exact(meta_run, tiny_cifar_root, tmp_path):
 def test_transfer_trains_a_new_task_with_three_snapshots(meta_run, tmp_path):
     run_dir, _ = meta_run
     fm_root = write_fashion_mnist(tmp_path / "fm")
-    cfg = load_config(CONFIGS / "fashion_mnist_lt" / "mlrsnet_transfer.yaml",
-                      [*TINY, "data.meta_per_class=0", "train.epochs=3",
-                       f"optim.mlrsnet.checkpoint={run_dir}"])
+    cfg = load_config(CONFIGS / "methods" / "mlrsnet_transfer.yaml",
+                      ["data=fashion_mnist_lt", *TINY, "data.meta_per_class=0", "train.epochs=3",
+                       f"hooks.mlrsnet.checkpoint={run_dir}"])
     target = tmp_path / "fm-transfer"
     metrics = fit(cfg, target, fm_root)
     info = metrics["mlrsnet"]

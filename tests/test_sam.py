@@ -30,8 +30,8 @@ from longtail.optim.sam import RSAM, SAM, rsam_noise_factor
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
+TINY = ["data=cifar10_lt", "model.backbone=resnet8", "data.imbalance_factor=10",
+        "data.val_per_class=3", "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
         "schedule.warmup_epochs=1", "schedule.milestones=[3]", "schedule.gamma=0.1"]
 
 
@@ -216,7 +216,7 @@ def test_wrappers_share_the_base_param_groups_and_resume_their_state():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"optim\.rho"):
-        load_config(CONFIGS / "cifar10_lt" / "ce.yaml", ["optim.rho=-0.1"])
+        load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim.rho=-0.1"])
     with pytest.raises(ConfigError, match=r"optim\.base"):
         build_optimizer(OptimConfig(name="sam", base="rsam"), [nn.Parameter(torch.zeros(1))])
     with pytest.raises(ConfigError, match="sgd"):                       # unknown base: the choices
@@ -227,7 +227,7 @@ def test_config_errors():
 
 def test_rsam_gcl_drw_resume_is_bit_exact(tiny_cifar_root, tmp_path):
     # DRW (and the noise halving) from epoch 2 of 3: epoch 0 factor 2, epoch 1 factor 1, epoch 2 0.5
-    cfg = load_config(CONFIGS / "cifar10_lt" / "rsam_gcl_drw.yaml",
+    cfg = load_config(CONFIGS / "methods" / "rsam_gcl_drw.yaml",
                       [*TINY, "train.epochs=3", "loss.drw_epoch=2"])
     assert cfg.optim.name == "rsam" and cfg.loss.name == "gcl"
     fit(cfg, tmp_path / "straight", tiny_cifar_root)
@@ -248,7 +248,7 @@ def test_rsam_gcl_drw_resume_is_bit_exact(tiny_cifar_root, tmp_path):
 def test_sam_trains_end_to_end_and_eval_reproduces_metrics(tiny_cifar_root, tmp_path, capsys):
     run_dir = tmp_path / "sam"
     # the CE run of test_engine.py (4 epochs, > 40 % there with SGD) with optim.name=sam
-    cfg = load_config(CONFIGS / "cifar10_lt" / "ce.yaml", [*TINY, "train.epochs=4", "optim.name=sam"])
+    cfg = load_config(CONFIGS / "methods" / "ce.yaml", [*TINY, "train.epochs=4", "optim.name=sam"])
     metrics = fit(cfg, run_dir, tiny_cifar_root)
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
@@ -328,7 +328,7 @@ def test_overflowing_step_is_skipped_and_the_scale_halves(name):
 
 @pytest.mark.parametrize("name", ["sgd", "sam", "rsam"])
 def test_fp16_autocast_trains_end_to_end(name, tiny_cifar_root, tmp_path):
-    cfg = load_config(CONFIGS / "cifar10_lt" / "ce.yaml",
+    cfg = load_config(CONFIGS / "methods" / "ce.yaml",
                       [*TINY, "train.epochs=2", f"optim.name={name}", "train.amp=fp16",
                        "optim.grad_clip=5.0"])
     metrics = fit(cfg, tmp_path / name, tiny_cifar_root)

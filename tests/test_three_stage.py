@@ -27,7 +27,8 @@ from longtail.core.errors import ConfigError, DataError, LongtailError
 from longtail.methods.finetune import mask_logits
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-THREE = CONFIGS / "cifar10_lt" / "three_stage.yaml"
+THREE = CONFIGS / "methods" / "three_stage.yaml"
+C10 = "data=cifar10_lt"                 # the dataset selector of every run of THREE here
 TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
         "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false"]
 NAMES = ["stage1", "stage2", "stage3a", "stage3b"]
@@ -44,15 +45,15 @@ def train(*argv, root):
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_cifar_root, tmp_path_factory):
-    """configs/cifar10_lt/three_stage.yaml, 1 epoch a stage, run with ONE `longtail train`."""
+    """configs/methods/three_stage.yaml data=cifar10_lt, 1 epoch a stage, run with ONE `longtail train`."""
     run_dir = tmp_path_factory.mktemp("three_stage") / "run"
-    assert train(THREE, *TINY, "train.epochs=1", "--out", run_dir, root=tiny_cifar_root) == 0
+    assert train(THREE, C10, *TINY, "train.epochs=1", "--out", run_dir, root=tiny_cifar_root) == 0
     return run_dir
 
 
 def stage_cfgs(run_dir, *extra):
     """The pipeline's stage configs, chained to ``run_dir``'s stage folders."""
-    overrides = [*TINY, "train.epochs=1", *extra]      # as `longtail train THREE <overrides>`
+    overrides = [C10, *TINY, "train.epochs=1", *extra]   # as `longtail train THREE <overrides>`
     cfg = load_config(THREE, overrides)
     return {s.name: s.cfg for s in expand_stages(cfg, overrides, source=THREE,
                                                  run_dir=run_dir.resolve())}
@@ -64,23 +65,23 @@ def stage_cfgs(run_dir, *extra):
 
 @pytest.mark.parametrize("dataset", ["cifar10_lt", "cifar100_lt", "fashion_mnist_lt"])
 def test_three_stage_configs_hold_the_proposed_recipe(dataset):
-    path = CONFIGS / dataset / "three_stage.yaml"
-    stages = expand_stages(load_config(path), source=path, run_dir=Path("/runs/x"))
+    path, data = THREE, f"data={dataset}"
+    stages = expand_stages(load_config(path, [data]), [data], source=path, run_dir=Path("/runs/x"))
     assert [s.name for s in stages] == NAMES
     c1, c2, c3a, c3b = (s.cfg for s in stages)
-    ce = load_config(CONFIGS / dataset / "ce.yaml").to_dict()
+    ce = load_config(CONFIGS / "methods" / "ce.yaml", [data]).to_dict()
     assert c1.to_dict() == ce                                      # stage 1 = ce.yaml
     assert [c.method.name for c in (c1, c2, c3a, c3b)] == ["erm", "residual", "finetune", "crt"]
     assert [c.train.epochs for c in (c1, c2, c3a, c3b)] == [200, 50, 10, 10]
     assert [c.optim.lr for c in (c1, c2, c3a)] == [0.1, 0.01, 0.001]
     assert c2.data.exclude_classes == "largest" and c2.schedule.params()["milestones"] == [40, 45]
     assert c3a.sampler.name == "undersample" and c3a.data.exclude_classes is None
-    crt = load_config(CONFIGS / dataset / "crt.yaml").to_dict()
+    crt = load_config(CONFIGS / "methods" / "crt.yaml", [data]).to_dict()
     assert {**c3b.to_dict(), "stage1": None} == crt                # stage 3b = crt.yaml
     assert [c.stage1 for c in (c1, c2, c3a, c3b)] == [None, *(f"/runs/x/{n}" for n in NAMES[:3])]
     # a shorter pipeline shortens every stage alike; the IF override reaches every stage
-    short = expand_stages(load_config(path, ["train.epochs=8", "data.imbalance_factor=50"]),
-                          ["train.epochs=8", "data.imbalance_factor=50"], source=path)
+    short = expand_stages(load_config(path, [data, "train.epochs=8", "data.imbalance_factor=50"]),
+                          [data, "train.epochs=8", "data.imbalance_factor=50"], source=path)
     assert [s.cfg.train.epochs for s in short] == [8, 2, 1, 1]
     assert {s.cfg.data.imbalance_factor for s in short} == {50}
 
@@ -244,7 +245,7 @@ def test_resume_after_an_interrupted_stage2_skips_stage1(tiny_cifar_root, tmp_pa
 
     monkeypatch.setattr(trainer, "fit", crashing_fit)
     # train.epochs=6: stage 2 runs round(0.25 x 6) = 2 epochs, stages 3a / 3b one each
-    argv = [THREE, *TINY, "train.epochs=6", "optim.milestones=[5]", "--out", run_dir]
+    argv = [THREE, C10, *TINY, "train.epochs=6", "schedule.milestones=[5]", "--out", run_dir]
     assert train(*argv, root=tiny_cifar_root) == 130
     assert calls == [("stage1", False), ("stage2", False)]
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "stage2" / "metrics.json").exists()
@@ -278,7 +279,8 @@ def test_resume_after_an_interrupted_stage2_skips_stage1(tiny_cifar_root, tmp_pa
 
 def write_pipeline(folder: Path, stages, **top) -> Path:
     path = folder / "pipe.yaml"
-    path.write_text(yaml.safe_dump({"_base_": str(CONFIGS / "cifar10_lt" / "ce.yaml"),
+    path.write_text(yaml.safe_dump({"_base_": [str(CONFIGS / "datasets" / "cifar10_lt.yaml"),
+                                              str(CONFIGS / "methods" / "ce.yaml")],
                                     **top, "stages": stages}, sort_keys=False))
     return path
 
@@ -306,7 +308,7 @@ def test_bad_override_key_names_the_stage_and_key(tmp_path, tiny_cifar_root, cap
 
 def test_failed_start_leaves_no_pipeline_folder(tmp_path, tiny_cifar_root, capsys):
     run_dir = tmp_path / "never"
-    assert train(THREE, *TINY, "data.dataset=cifar11-lt", "--out", run_dir,
+    assert train(THREE, C10, *TINY, "data.dataset=cifar11-lt", "--out", run_dir,
                  root=tiny_cifar_root) == 2
     assert not run_dir.exists() and "data.dataset" in capsys.readouterr().err
 
@@ -341,10 +343,10 @@ def test_exclude_classes_option():
 
 def test_residual_and_finetune_need_their_inputs(tiny_cifar_root, tmp_path):
     with pytest.raises(ConfigError, match="data.exclude_classes"):
-        build_run(load_config(THREE, [*TINY, "method.name=residual", "stage1=/nowhere"]),
+        build_run(load_config(THREE, [C10, *TINY, "method.name=residual", "stage1=/nowhere"]),
                   tmp_path / "a", tiny_cifar_root)
     with pytest.raises(LongtailError, match="stage1"):
-        build_run(load_config(THREE, [*TINY, "method.name=finetune"]), tmp_path / "b",
+        build_run(load_config(THREE, [C10, *TINY, "method.name=finetune"]), tmp_path / "b",
                   tiny_cifar_root)
 
 
@@ -359,7 +361,7 @@ def test_bench_runs_a_pipeline_as_one_run(tiny_cifar_root, tmp_path):
     pipe = write_pipeline(tmp_path, [{"name": "first"},
                                      {"name": "second", "lr_scale": 0.1, "epochs_scale": 0.5,
                                       "overrides": {"method.name": "finetune",
-                                                    "data.sampler": "undersample"}}])
+                                                    "sampler.name": "undersample"}}])
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"epochs": 2, "overrides": TINY, "runs": [
         {"name": "pipe", "config": str(pipe)}]}))

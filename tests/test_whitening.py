@@ -22,7 +22,7 @@ from longtail.models import NECKS, build_model
 from longtail.models.whitening import inv_sqrt_eig, inv_sqrt_newton_schulz
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CONFIG = CONFIGS / "cifar10_lt" / "whitening_ldam_drw.yaml"
+CONFIG = CONFIGS / "methods" / "whitening_ldam_drw.yaml"
 EPS = 1e-5
 
 
@@ -58,7 +58,7 @@ def ns_scalar(a, iterations):
 def resnet8_features(tiny_cifar_root):
     """Pooled features [300, 64] of a random-init ResNet-8 on the 300 tiny CIFAR training images."""
     torch.manual_seed(0)
-    model = build_model(load_config(CONFIG, ["model.backbone=resnet8"]).model, 10, 3)
+    model = build_model(load_config(CONFIG, ["data=cifar10_lt", "model.backbone=resnet8"]).model, 10, 3)
     images = load_split("cifar10", "train", tiny_cifar_root).images.float() / 255.0
     with torch.no_grad():
         return model.backbone.forward_features((images - 0.5) / 0.25)
@@ -178,7 +178,8 @@ def test_group_whitening_is_block_identity(resnet8_features):
 @pytest.mark.parametrize("method", ["eig", "newton_schulz"])
 def test_gradients_reach_input_and_backbone(method, tiny_cifar_root):
     torch.manual_seed(0)
-    cfg = load_config(CONFIG, ["model.backbone=resnet8", f"model.neck_params.method={method}"])
+    cfg = load_config(CONFIG, ["data=cifar10_lt", "model.backbone=resnet8",
+                               f"model.neck_params.method={method}"])
     model = build_model(cfg.model, 10, 3).train()
     data = load_split("cifar10", "train", tiny_cifar_root)
     images = ((data.images[:96].float() / 255.0 - 0.5) / 0.25).requires_grad_(True)
@@ -358,9 +359,10 @@ def test_state_dict_round_trip_keeps_the_queue():
 # ---------------------------------------------------------------------------------------------
 # end to end
 
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "optim.warmup_epochs=1", "optim.milestones=[3]", "optim.gamma=0.1", "loss.drw_epoch=2"]
+TINY = ["data=cifar10_lt", "model.backbone=resnet8", "data.imbalance_factor=10",
+        "data.val_per_class=3", "train.batch_size=32", "train.eval_batch_size=64",
+        "train.progress=false", "schedule.warmup_epochs=1", "schedule.milestones=[3]",
+        "schedule.gamma=0.1", "loss.drw_epoch=2"]
 
 
 def tiny_cfg(epochs, extra=()):
@@ -368,12 +370,12 @@ def tiny_cfg(epochs, extra=()):
 
 
 def test_config_combination():
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, ["data=cifar10_lt"])
     assert (cfg.model.neck, cfg.model.head, cfg.loss.name, cfg.sampler.name) == \
         ("whitening", "cosine", "ldam", "b3rs")
     assert cfg.model.neck_params["bet"] == "queue" and cfg.loss.drw_epoch == 160
     for name in ("cifar100_lt", "fashion_mnist_lt"):
-        other = load_config(CONFIGS / name / "whitening_ldam_drw.yaml")
+        other = load_config(CONFIGS / "methods" / "whitening_ldam_drw.yaml", [f"data={name}"])
         assert other.model.neck_params == cfg.model.neck_params and other.sampler.name == "b3rs"
 
 
@@ -440,8 +442,8 @@ def test_whitening_decorrelates_classifier_inputs_on_real_cifar10_lt(real_data_r
     the classifier inputs of the ~1,000 held-out test images are far less correlated with the
     whitening neck (evaluation mode: running statistics) than with the identity neck."""
     start = time.process_time()          # CPU time: wall time depends on the machine's load
-    common = ["model.backbone=resnet8", "train.progress=false", "train.epochs=2",
-              "optim.warmup_epochs=0", "optim.milestones=[1]", "optim.gamma=0.01",
+    common = ["data=cifar10_lt", "model.backbone=resnet8", "train.progress=false", "train.epochs=2",
+              "schedule.warmup_epochs=0", "schedule.milestones=[1]", "schedule.gamma=0.01",
               "data.max_per_class=300", "data.max_test_per_class=100", "data.val_per_class=10",
               "train.batch_size=64"]
     corr = {}

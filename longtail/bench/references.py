@@ -1,10 +1,10 @@
 """Published top-1 accuracies (%, test set) that our baseline runs are compared with.
 
-All numbers come from METHODS.md §8b (ResNet-32, CIFAR-LT, ~200-epoch regime unless noted), with
+All numbers come from the papers and BagofTricks-LT's tables (ResNet-32, CIFAR-LT, ~200-epoch regime unless noted), with
 its source tags: [CODE] read in the named repository, [AGG] a results aggregator, [MEM] a commonly
 quoted value not re-verified. Error rates are converted to accuracy (100 - error).
 
-Comparability (METHODS.md §0, §8d): our CIFAR-LT subset is the LDAM-DRW construction; the
+Comparability (docs/results.md): our CIFAR-LT subset is the LDAM-DRW construction; the
 BagofTricks-LT grid uses the older Cui et al. split; the logit-adjustment repository uses its own
 LT files and a ~4.8x longer schedule; most papers report the best test epoch, we report the last.
 Fashion-MNIST-LT has no published reference.
@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 class Reference:
     top1: float
     source: str          # who reported it, and how
-    tag: str             # METHODS.md source tag
+    tag: str             # where the number comes from
 
     def cell(self) -> str:
         return f"{self.top1:.2f}"
@@ -88,7 +88,7 @@ REFERENCES: Dict[Tuple[str, str, int], List[Reference]] = {
     ("tau_norm", C100, 50): [_bot(56.10)],
 }
 
-# methods with no CIFAR-LT number in METHODS.md §8b (cRT / LWS / NCM: ImageNet-LT only, §8a)
+# methods with no published CIFAR-LT number (cRT / LWS / NCM: ImageNet-LT only)
 NO_CIFAR_REFERENCE = ("crt", "lws", "ncm")
 
 
@@ -106,7 +106,7 @@ def missing_reason(method: str, dataset: str) -> str:
     if dataset not in (C10, C100):
         return f"no published reference for {dataset}"
     if method in NO_CIFAR_REFERENCE:
-        return "no CIFAR-LT reference (METHODS.md §8a: ImageNet-LT only)"
+        return "no CIFAR-LT reference (published for ImageNet-LT only)"
     if not any(m == method and d == dataset for m, d, _ in REFERENCES):
-        return f"no {dataset} reference for {method} in METHODS.md §8b"
-    return "no reference at this imbalance factor in METHODS.md §8b"
+        return f"no published {dataset} reference for {method}"
+    return "no published reference at this imbalance factor"

@@ -319,7 +319,7 @@ from the suite files in `configs/bench/` and their results in `benchmarks/result
 regenerate with `longtail bench SUITE --report-only` (do not edit by hand). "not run yet": the
 suite has no result for that row.
 
-Reading the comparison (METHODS.md §0, §8b, §8d):
+Reading the comparison (the notes below):
 
 - Reference numbers are test top-1 (%) on the full 10,000-image CIFAR test sets, mostly the
   *best* test epoch; ours are the *last* epoch. Tags: [CODE] read in the named repository, [AGG]

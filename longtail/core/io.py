@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from longtail.core.errors import LongtailError
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename over ``path``
+    (whatever ``write`` returns is ignored)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))

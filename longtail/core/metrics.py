@@ -77,7 +77,7 @@ def metrics_from_sums(confusion: torch.Tensor, bins: torch.Tensor, nll_sum: floa
     groups = shot_groups(class_counts)
     out: Dict[str, Any] = {"top1": _pct(float(confusion.trace()), total)}
     for name in ("many", "medium", "few"):
-        accs = [per_class[c] for c in groups[name] if per_class[c] is not None]
+        accs = [a for a in (per_class[c] for c in groups[name]) if a is not None]
         out[name] = sum(accs) / len(accs) if accs else None
     present = [a for a in per_class if a is not None]
     out["mean_class_acc"] = sum(present) / len(present) if present else None

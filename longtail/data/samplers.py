@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Type, Union, cast
 
 import numpy as np
 
@@ -347,7 +347,7 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
 @SAMPLERS.register("b3rs")
 class B3RSSampler(BaseSampler):
     """B3RS, block-based relatively balanced batch sampler (Zhang, "You Only Need End-to-End
-    Training for Long-Tailed Recognition", arXiv 2112.05958; [PROPOSED] reading of METHODS.md §5).
+    Training for Long-Tailed Recognition", arXiv 2112.05958; [PROPOSED] reading of docs/methods/whitening.md).
 
     Classes are sorted by n_c (descending) and cut into K contiguous blocks of roughly equal total
     count N_k (each block at least one class). Every global batch of size B holds exactly
@@ -502,7 +502,7 @@ class B3RSSampler(BaseSampler):
 @SAMPLERS.register("undersample")
 class UndersampleSampler(BaseSampler):
     """Random undersampling to a class-balanced set, re-drawn every epoch: the balanced set of
-    the three-stage strategy (Li, Tan, Pan, arXiv 2104.09830; [PROPOSED] reading of METHODS.md §3).
+    the three-stage strategy (Li, Tan, Pan, arXiv 2104.09830; [PROPOSED] reading of docs/methods/three_stage.md).
 
     Every epoch takes m distinct items of each class that has items, uniformly without
     replacement, and shuffles the m * C' items together (C' = classes with items):
@@ -548,7 +548,8 @@ class UndersampleSampler(BaseSampler):
 def build_sampler(name: str, labels, class_counts, facts: RunFacts = RunFacts(),
                   **options) -> BaseSampler:
     """Build a registered sampler for a run; unknown options raise a ConfigError naming them."""
-    cls = SAMPLERS.get(name)
+    # SAMPLERS holds BaseSampler subclasses only; Registry.get is typed as returning any callable
+    cls = cast(Type[BaseSampler], SAMPLERS.get(name))
     if "seed" in options:                     # a direct call may fix the seed
         facts = dataclasses.replace(facts, seed=int(options.pop("seed")))
     SAMPLERS.check_kwargs(name, options, key_prefix=_KEY)

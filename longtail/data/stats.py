@@ -49,6 +49,7 @@ def dataset_stats(name: str, imbalance_factor: float = 100.0, profile: str = "ex
 def export_split(name: str, out: Path, imbalance_factor: float = 100.0, profile: str = "exp",
                  data_root: Optional[str] = None) -> int:
     """Write the training subset as 'index label' lines (index into the official training set)."""
+    # imported here, not at the top: `longtail data stats` needs no torch (a second faster)
     from longtail.data.build import load_split
     from longtail.data.paths import resolve_data_root
     from longtail.core.io import atomic_write_text

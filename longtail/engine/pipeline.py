@@ -266,7 +266,8 @@ def stage_row(st: Stage, metrics: Dict[str, Any], run_dir: Path) -> Dict[str, An
     d = st.cfg.data
     return {
         "name": st.name, "run_dir": str(run_dir / st.name), "method": st.cfg.method.name,
-        "loss": st.cfg.loss.name, "sampler": d.sampler, "exclude_classes": d.exclude_classes,
+        "loss": st.cfg.loss.name, "sampler": st.cfg.sampler.name,
+        "exclude_classes": d.exclude_classes,
         "epochs": metrics.get("epochs"), "lr": st.cfg.optim.lr,
         "top1": metrics.get("top1"), "many": metrics.get("many"), "medium": metrics.get("medium"),
         "few": metrics.get("few"), "mean_class_acc": metrics.get("mean_class_acc"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -72,8 +72,9 @@ def check_epoch(epoch: Any, key: str) -> int:
 # class-balanced (effective-number) weights
 # --------------------------------------------------------------------------------------------
 
-def class_balanced_weights(class_counts: Sequence[float], beta: float = 0.9999) -> torch.Tensor:
-    """Effective-number class weights of Cui et al. (CVPR 2019), METHODS.md section 0.
+def class_balanced_weights(class_counts: Union[Sequence[float], np.ndarray],
+                           beta: float = 0.9999) -> torch.Tensor:
+    """Effective-number class weights of Cui et al. (CVPR 2019), docs/index.md.
 
     ``w_c = (1 - beta) / (1 - beta ** n_c)``, then ``w <- w * C / sum(w)`` so the weights sum to C.
     ``beta = 0`` gives all-ones weights (no re-weighting); ``beta -> 1`` tends to ``1 / n_c``.
@@ -143,6 +144,8 @@ class LongtailLoss(nn.Module):
     needs_class_counts: bool = False
 
     weight: Optional[torch.Tensor]
+    static_weight: Optional[torch.Tensor]
+    drw_weight: Optional[torch.Tensor]
 
     def __init__(self, class_counts: Optional[Sequence[float]] = None, *, drw_epoch: Optional[int] = None,
                  drw_beta: float = 0.9999, own_weight: Optional[torch.Tensor] = None):
@@ -161,6 +164,7 @@ class LongtailLoss(nn.Module):
             static, deferred = own_weight, None
         else:
             static = None
+            assert self.counts is not None    # DRW without class_counts was refused above
             deferred = own_weight if own_weight is not None else class_balanced_weights(self.counts, self.drw_beta)
         self.register_buffer("weight", None, persistent=False)
         self.register_buffer("static_weight", _as_f32(static), persistent=False)
@@ -216,4 +220,4 @@ def resolve_beta(beta: Optional[float], drw_beta: Optional[float], default: floa
     return check_beta(chosen, "loss.beta")
 
 
-__all__: Iterable[str] = ["LOSSES", "LongtailLoss", "class_balanced_weights", "as_class_counts"]
+__all__ = ["LOSSES", "LongtailLoss", "class_balanced_weights", "as_class_counts"]

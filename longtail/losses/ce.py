@@ -1,4 +1,4 @@
-"""Cross-entropy, the instance-balanced baseline (METHODS.md section 7).
+"""Cross-entropy, the instance-balanced baseline (docs/methods/losses.md).
 Formula: L = -log softmax(z)_y, batch mean; with class weights (DRW) sum_i w_{y_i} l_i / sum_i w_{y_i}."""
 
 from __future__ import annotations

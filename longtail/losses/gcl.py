@@ -15,7 +15,7 @@ from longtail.losses.base import LOSSES, LongtailLoss, check_number, resolve_bet
 class GCLLoss(LongtailLoss):
     """GCL on cosine logits [B, C] float in [-1, 1] (normalised head) and targets [B] int64 -> scalar.
 
-    Follows GNM-PT ``loss.py`` (METHODS.md section 4):
+    Follows GNM-PT ``loss.py`` (docs/methods/sharpness.md):
 
     * ``cloud`` buffer (float32 [C]) = ``m_c / max_j m_j`` with ``m_c = log n_max - log n_c``
       (0 for the head class, 1 for the rarest). If all counts are equal there is no cloud (0/0 := 0).
@@ -34,6 +34,8 @@ class GCLLoss(LongtailLoss):
     registry_name = "gcl"
     requires_normalized_head = True
     needs_class_counts = True
+
+    cloud: torch.Tensor
 
     def __init__(self, class_counts: Optional[Sequence[float]] = None, scale: float = 25.0, margin: float = 0.1,
                  noise_mul: float = 1.0, beta: Optional[float] = None, drw_epoch: Optional[int] = None,

@@ -3,7 +3,7 @@ Formula: L = CE(z + tau log pi, y), pi_c = n_c / sum n; Balanced Softmax CE(z + 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from longtail.losses.base import LOSSES, LongtailLoss, as_class_counts, check_nu
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def log_prior(class_counts: Sequence[float]) -> np.ndarray:
+def log_prior(class_counts: Union[Sequence[float], np.ndarray]) -> np.ndarray:
     """``log(n_c / sum_j n_j)`` in float64, shape [C]."""
     counts = as_class_counts(class_counts)
     return np.log(counts) - np.log(counts.sum())
@@ -33,10 +33,13 @@ class LogitAdjustedLoss(LongtailLoss):
     registry_name = "logit_adjusted"
     needs_class_counts = True
 
+    log_prior: torch.Tensor
+
     def __init__(self, class_counts: Optional[Sequence[float]] = None, tau: float = 1.0,
                  drw_epoch: Optional[int] = None, drw_beta: float = 0.9999):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.tau = check_number(tau, "loss.tau")
+        assert self.counts is not None    # needs_class_counts: the base refused None
         self.register_buffer("log_prior", torch.tensor(log_prior(self.counts), dtype=torch.float32),
                              persistent=False)
 
@@ -58,14 +61,25 @@ class BalancedSoftmaxLoss(LongtailLoss):
     registry_name = "balanced_softmax"
     needs_class_counts = True
 
+    log_counts: torch.Tensor
+
     def __init__(self, class_counts: Optional[Sequence[float]] = None, drw_epoch: Optional[int] = None,
                  drw_beta: float = 0.9999):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
+        assert self.counts is not None    # needs_class_counts: the base refused None
         self.register_buffer("log_counts", torch.tensor(np.log(self.counts), dtype=torch.float32),
                              persistent=False)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits + self.log_counts, targets, weight=self.weight)
+
+
+@overload
+def posthoc_adjust(logits: torch.Tensor, class_counts: Sequence[float],
+                   tau: float = ...) -> torch.Tensor: ...
+@overload
+def posthoc_adjust(logits: np.ndarray, class_counts: Sequence[float],
+                   tau: float = ...) -> np.ndarray: ...
 
 
 def posthoc_adjust(logits: ArrayLike, class_counts: Sequence[float], tau: float = 1.0) -> ArrayLike:
@@ -113,4 +127,4 @@ def select_tau(logits_val: ArrayLike, labels_val: ArrayLike, class_counts: Seque
     return best_tau, table
 
 
-__all__: Any = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "posthoc_adjust", "select_tau", "log_prior"]
+__all__ = ["LogitAdjustedLoss", "BalancedSoftmaxLoss", "posthoc_adjust", "select_tau", "log_prior"]

@@ -1,5 +1,5 @@
 """Fine-tuning a previous run: the later stages of a multi-stage recipe (the three-stage strategy,
-Li, Tan, Pan, arXiv 2104.09830; METHODS.md §3) that train the WHOLE model from another run.
+Li, Tan, Pan, arXiv 2104.09830; docs/methods/three_stage.md) that train the WHOLE model from another run.
 
 Both methods start from the run folder named by the top-level key ``stage1`` (every tensor,
 head included, checked as the decoupled methods check it: same training subset, same model

@@ -36,7 +36,9 @@ class Classifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, D] classifier input."""
-        return self.neck(self.backbone.forward_features(x))
+        # torch types Module.__getattr__ as Tensor | Module, but forward_features is a method of
+        # every backbone (the backbone contract), never a parameter or buffer
+        return self.neck(self.backbone.forward_features(x))  # type: ignore[operator]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         features = self.forward_features(x)

@@ -73,6 +73,8 @@ class NCMHead(nn.Module):
 
     normalized = True
 
+    means: torch.Tensor
+
     def __init__(self, in_features: int, num_classes: int, scale: float = 1.0):
         super().__init__()
         self.scale = float(scale)

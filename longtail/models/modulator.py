@@ -2,7 +2,7 @@
 scale and shift of intermediate feature maps, h̃_l = γ_l ⊙ h_l + β_l (FiLM-style, broadcast over
 H x W), applied to the output of backbone stages through forward hooks.
 
-Two variants ([PROPOSED], METHODS.md §1; the paper's body and code are not public):
+Two variants ([PROPOSED], docs/methods/meta.md; the paper's body and code are not public):
 
 ``direct``
     φ = {γ_l, β_l} free per-channel parameters, γ_l = 1, β_l = 0 at initialisation.
@@ -38,7 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors import safe_open
+
 from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.io import save_weights
 
 VARIANTS = ("direct", "network")
 FORMAT = "longtail-modulator"
@@ -186,15 +189,12 @@ def build_modulator(backbone: nn.Module, variant: str = "network",
 
 
 def save_modulator(path: Path, modulator: FeatureModulator) -> None:
-    from longtail.core.io import save_weights
     save_weights(Path(path), modulator.state_dict(), modulator.metadata())
 
 
 def load_modulator(path: Path, backbone: nn.Module, key: str = "method.modulator") -> FeatureModulator:
     """Rebuild a saved modulator and check that it fits ``backbone``'s stages (LongtailError
     naming ``key`` otherwise)."""
-    from safetensors import safe_open
-
     path = Path(str(path)).expanduser()
     if path.is_dir():
         path = path / "modulator.safetensors"

@@ -6,7 +6,7 @@ global average pooling: ~0.46M parameters; ``forward_features`` returns the pool
 
 from __future__ import annotations
 
-from typing import List
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ class ResNetCifar(nn.Module):
     Shapes: x [B, in_chans, H, W] -> forward_features [B, widths[-1]].
     """
 
-    def __init__(self, depth: int = 32, in_chans: int = 3, widths: List[int] = (16, 32, 64)):
+    def __init__(self, depth: int = 32, in_chans: int = 3, widths: Sequence[int] = (16, 32, 64)):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
@@ -89,16 +89,16 @@ class ResNetCifar(nn.Module):
 
 
 @BACKBONES.register("resnet32")
-def resnet32(in_chans: int = 3, widths: List[int] = (16, 32, 64)) -> ResNetCifar:
+def resnet32(in_chans: int = 3, widths: Sequence[int] = (16, 32, 64)) -> ResNetCifar:
     return ResNetCifar(32, in_chans=in_chans, widths=list(widths))
 
 
 @BACKBONES.register("resnet20")
-def resnet20(in_chans: int = 3, widths: List[int] = (16, 32, 64)) -> ResNetCifar:
+def resnet20(in_chans: int = 3, widths: Sequence[int] = (16, 32, 64)) -> ResNetCifar:
     return ResNetCifar(20, in_chans=in_chans, widths=list(widths))
 
 
 @BACKBONES.register("resnet8")
-def resnet8(in_chans: int = 3, widths: List[int] = (16, 32, 64)) -> ResNetCifar:
+def resnet8(in_chans: int = 3, widths: Sequence[int] = (16, 32, 64)) -> ResNetCifar:
     """A tiny variant for fast tests."""
     return ResNetCifar(8, in_chans=in_chans, widths=list(widths))

@@ -1,6 +1,6 @@
 """Channel whitening of the classifier input, with BET (batch embedded training).
 
-A neck ``[B, D] -> [B, D]`` for the [PROPOSED] reading of METHODS.md section 5 (Zhang, "You Only
+A neck ``[B, D] -> [B, D]`` for the [PROPOSED] reading of docs/methods/whitening.md (Zhang, "You Only
 Need End-to-End Training for Long-Tailed Recognition", arXiv 2112.05958, withdrawn; successor
 "Covariance-corrected Whitening ...", arXiv 2408.17197, "Whitening-Net"). No public code exists;
 every choice below is ours and is named by an option::
@@ -49,7 +49,7 @@ Running statistics (evaluation mode)
     batch, with ``W_eval`` chosen by ``running``:
     ``cov`` (default): the whitening matrix of ``running_cov`` (same ``method``, recomputed at each
     evaluation forward; deterministic); ``whiten``: ``running_whiten``, the literal "running W" of
-    METHODS.md. Both buffers are always kept, so a run can be re-evaluated either way. Why
+    docs/methods/whitening.md. Both buffers are always kept, so a run can be re-evaluated either way. Why
     ``cov`` by default: Sigma -> Sigma^(-1/2) is operator convex, so the average of batch
     whitening matrices over-whitens (E[W_b] >= (E Sigma_b)^(-1/2)), and a batch with fewer
     samples than channels has eps-sized eigenvalues, W_b ~ eps^(-1/2) = 316 in its null
@@ -80,7 +80,7 @@ BET (``bet``), the [PROPOSED] "batch embedded training"
     a stale entry leaves the queue within Q steps anyway) and is updated only by training-mode
     forwards. It is made of persistent buffers, so it is in ``state_dict``, hence in the
     checkpoint: resuming a run is bit-exact. ``longtail eval`` loads it too but never uses it.
-    ``subbatch``: the other reading in METHODS.md ("draw a large batch, compute Sigma on the whole,
+    ``subbatch``: the other reading (docs/methods/whitening.md) ("draw a large batch, compute Sigma on the whole,
     take SGD steps on several sub-batches sharing that Sigma") is rejected with a ConfigError.
     Inside one step, whitening sub-batches with the whole batch's statistics is exactly whole-batch
     whitening (same outputs, same gradients), so the reading only differs through *several
@@ -200,6 +200,16 @@ class ChannelWhitening(nn.Module):
     (group k's centred scatter in rows k G .. (k+1) G - 1) and ``queue_next`` [] (float64 /
     int64).
     """
+
+    running_mean: torch.Tensor
+    running_whiten: torch.Tensor
+    running_cov: torch.Tensor
+    weight: Optional[nn.Parameter]       # None unless affine
+    bias: Optional[nn.Parameter]
+    queue_count: torch.Tensor            # the queue_* buffers exist only with bet: queue
+    queue_mean: torch.Tensor
+    queue_scatter: torch.Tensor
+    queue_next: torch.Tensor
 
     def __init__(self, in_features: int, method: str = "eig", group_size: Optional[int] = None,
                  eps: float = 1e-5, momentum: float = 0.1, iterations: int = 5,
@@ -367,5 +377,6 @@ class ChannelWhitening(nn.Module):
             xc = self._blocks(x64 - mean)                               # [D/G, B, G]
             out = (xc @ whiten.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
             if self.affine:
+                assert self.weight is not None and self.bias is not None   # set when affine
                 out = out * self.weight.double() + self.bias.double()
         return out.to(dtype)

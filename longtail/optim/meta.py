@@ -63,7 +63,7 @@ Params = Dict[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
 
 
-def trainable_params(model: nn.Module) -> Dict[str, nn.Parameter]:
+def trainable_params(model: nn.Module) -> Params:
     """``{name: parameter}`` of the parameters of ``model`` that require grad, in module order."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -135,8 +135,9 @@ def hypergradient(model: nn.Module, meta_params: Sequence[torch.Tensor], train_l
                                  differentiable=differentiable)
     meta_loss = meta_loss_fn(theta_hat)
     meta_params = list(meta_params)
-    grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, grads)]
+    raw_grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g.detach()
+             for p, g in zip(meta_params, raw_grads)]
     return grads, train_loss.detach(), meta_loss.detach()
 
 

@@ -202,7 +202,10 @@ class SAM(PerturbedOptimizer):
 
     def perturbation(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
         """e for each parameter with a gradient (the gradient the closure left in ``.grad``)."""
-        grads = [p.grad for p in params]
+        grads: List[torch.Tensor] = []
+        for p in params:                  # step passes only parameters with a gradient
+            assert p.grad is not None
+            grads.append(p.grad)
         scaled = [(p.abs() * g if self.adaptive else g) for p, g in zip(params, grads)]
         device = params[0].device
         norms = [torch.linalg.vector_norm(s.float() if s.dtype in (torch.float16, torch.bfloat16)

@@ -17,7 +17,7 @@ only computes losses. ``autocast()`` is the forward context of the run's precisi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,14 @@ from longtail.core.errors import ConfigError
 from longtail.core.modules import frozen_running_stats
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _ClosureStepOptimizer(Protocol):
+    """What ``needs_closure`` promises of an optimiser (sam, rsam): ``step`` evaluates the
+    closure itself and makes the final update with ``base_step(base_optimizer)``."""
+
+    def step(self, closure: Callable[[], torch.Tensor],
+             base_step: Callable[[torch.optim.Optimizer], Any]) -> torch.Tensor: ...
 
 
 class OptimWrapper:
@@ -109,8 +117,8 @@ class OptimWrapper:
             nonlocal calls
             again = calls > 0
             calls += 1
-            frozen = again and self.model is not None
-            with frozen_running_stats(self.model) if frozen else contextlib.nullcontext():
+            with (frozen_running_stats(self.model) if again and self.model is not None
+                  else contextlib.nullcontext()):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn()
                 self.backward(loss)
@@ -126,13 +134,15 @@ class OptimWrapper:
         returns the closure's (first) loss."""
         if self.scaler.is_enabled():
             if self.needs_closure:
-                loss = self.optimizer.step(closure, base_step=self.scaler.step)
+                optimizer = cast(_ClosureStepOptimizer, self.optimizer)   # needs_closure: sam, rsam
+                loss = optimizer.step(closure, base_step=self.scaler.step)
             else:
                 loss = closure()
                 self.scaler.step(self.optimizer)
             self.scaler.update()
             return loss
-        return self.optimizer.step(closure)
+        # torch types a closure as returning float; it returns the loss tensor, and so does step
+        return self.optimizer.step(closure)  # type: ignore[arg-type, return-value]
 
     def update(self, loss_fn: Callable[[], torch.Tensor], context: Any = None) -> torch.Tensor:
         """One optimisation step from ``loss_fn`` (the loss at the current weights)."""
