@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", default=None)
     ev.add_argument("--json", action="store_true")
 
+    ls = sub.add_parser("list", help="the registered components a config can name, with options")
+    ls.add_argument("section", nargs="?", default=None,
+                    help="only one section: loss, optim, schedule, sampler, method, hooks, model")
+    ls.add_argument("--json", action="store_true")
+
     bench = sub.add_parser("bench", help="run a benchmark suite (configs/bench/<name>.yaml)")
     bench.add_argument("suite", help="suite name (configs/bench/<name>.yaml) or a suite file")
     bench.add_argument("--out", default="runs/bench", help="runs go to OUT/<suite>/<run> "
@@ -141,6 +146,10 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / (
             f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.print_config:
+        from longtail.engine.config_check import check_config
+
+        if not cfg.stages:      # a pipeline's stages are checked when they are expanded
+            check_config(cfg)
         print(cfg.to_yaml(), end="")
         return 0
     if cfg.stages:  # a multi-stage config: RUN_DIR/<stage>/ each (longtail.engine.pipeline)
@@ -194,7 +203,30 @@ def cmd_bench(args) -> int:
         command=_bench_command(args)))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_list(args) -> int:
+    from longtail.engine.config_check import LISTED, describe_components
+
+    if args.section is not None and not any(k == args.section or k.startswith(args.section + ".")
+                                            for k in LISTED):
+        raise LongtailError(f"No section {args.section!r}: use one of "
+                            f"{', '.join(sorted({k.split('.')[0] for k in LISTED}))}.")
+    rows = describe_components(args.section)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    section = None
+    for r in rows:
+        if r["section"] != section:
+            section = r["section"]
+            print(f"\n{section}:" if r is not rows[0] else f"{section}:")
+        opts = "any (checked by the component)" if r["options"] is None else (
+            ", ".join(r["options"]) or "none")
+        print(f"  {r['name']:<18} {r['summary']}")
+        print(f"  {'':<18} options: {opts}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "list": cmd_list}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -216,6 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except LongtailError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `longtail list | head`
+        sys.stderr.close()
+        return 0
     except OSError as err:  # an unwritable --out, a full disk, a folder that vanished
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot access{where}: {err.strerror or err}. Check that the path exists and is "

@@ -61,7 +61,7 @@ TWO_RUNS = [{"name": "base", "data": "cifar10_lt", "config": str(METHODS / "ce.y
 def tiny_suite(tiny_cifar_root, tmp_path_factory):
     """The two-run suite, run once: (suite file, out root, results dir, first stdout)."""
     tmp = tmp_path_factory.mktemp("bench")
-    suite = write_suite(tmp / "suites", TWO_RUNS)
+    suite = write_suite(tmp / "suites", TWO_RUNS, baseline="ce")
     out, results = tmp / "runs", tmp / "results"
     rc, text = bench(suite, "--out", out, "--results", results, "--data-root", tiny_cifar_root)
     assert rc == 0, text
@@ -146,8 +146,9 @@ def test_results_files_hold_rows_machine_commit_command(tiny_suite):
         assert r["epochs"] == 1 and r["wall_seconds"] > 0
         assert {"top1", "many", "medium", "few", "ece"} <= set(r["test"])
         assert {"top1", "mean_class_acc"} <= set(r["val"])
-    assert rows["base"]["time_vs_ce"] == pytest.approx(1.0)
-    assert rows["second"]["time_vs_ce"] > 1.0             # its stage 1 counts too
+    assert data["baseline"] == "ce"                       # the suite names its baseline
+    assert rows["base"]["time_vs_baseline"] == pytest.approx(1.0)
+    assert rows["second"]["time_vs_baseline"] > 1.0       # its stage 1 counts too
     md = (results / "tiny.md").read_text()
     assert "| base | ce | CIFAR-10-LT | 10 | 1 |" in md and "| second | focal |" in md
     assert "Machine:" in md and data["machine"]["cpu_model"] in md

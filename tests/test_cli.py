@@ -99,3 +99,17 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "longtail", "data", "stats", "cifar10-lt", "--json"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["total"] == 12406
+
+
+def test_list_shows_every_registered_component_with_its_options(capsys):
+    from longtail.losses import LOSSES
+
+    rows = run_json(capsys, "list", "--json")
+    names = {(r["section"], r["name"]) for r in rows}
+    assert {("loss", n) for n in LOSSES.names()} <= names
+    rsam = next(r for r in rows if (r["section"], r["name"]) == ("optim", "rsam"))
+    assert {"rho", "dis_mul", "decay_epoch", "momentum"} <= set(rsam["options"])   # base's too
+    step = next(r for r in rows if (r["section"], r["name"]) == ("schedule", "step"))
+    assert step["options"] == ["gamma", "milestones"] and step["summary"].startswith("Per-epoch")
+    assert main(["list", "sampler"]) == 0 and "b3rs" in capsys.readouterr().out
+    assert main(["list", "nope"]) == 2 and "No section 'nope'" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from longtail.cli import main
 from longtail.core.config import OptimConfig, load_config
 from longtail.core.io import load_checkpoint
+from longtail.engine.config_check import check_config
 from longtail.engine.trainer import fit
 from longtail.core.errors import ConfigError
 from longtail.optim import build_optimizer, set_lr
@@ -215,8 +216,11 @@ def test_wrappers_share_the_base_param_groups_and_resume_their_state():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match=r"optim\.rho"):
-        load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim.rho=-0.1"])
+    with pytest.raises(ConfigError, match=r"'optim\.rho': Input should be greater than or equal to 0"):
+        check_config(load_config(CONFIGS / "methods" / "ce.yaml",
+                                 ["data=cifar10_lt", "optim=sam", "optim.rho=-0.1"]))
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.rho'.*optimizer 'sgd'"):
+        check_config(load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim.rho=0.1"]))
     with pytest.raises(ConfigError, match=r"optim\.base"):
         build_optimizer(OptimConfig(name="sam", base="rsam"), [nn.Parameter(torch.zeros(1))])
     with pytest.raises(ConfigError, match="sgd"):                       # unknown base: the choices

@@ -9,8 +9,8 @@ Modules: :mod:`~longtail.bench.suite` (suite files, planning), :mod:`~longtail.c
 :mod:`~longtail.bench.machine` (machine, commit).
 """
 
-from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
 from longtail.bench.suite import PlannedRun, RunSpec, Suite, load_suite, plan_suite
+from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
 
 __all__ = ["epoch_overrides", "scale_epochs", "scaled_settings", "PlannedRun", "RunSpec", "Suite",
            "load_suite", "plan_suite"]

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from longtail.bench.machine import short_machine
 from longtail.bench.references import missing_reason, references
-from longtail.bench.suite import PlannedRun, Suite
+from longtail.bench.suite import PlannedRun, Suite, load_suite, plan_suite
+from longtail.core.config import split_selectors
 from longtail.core.io import atomic_write_text
 
 BENCH_FILE = "bench.json"          # per run folder: wall time, commit, command of the bench run
@@ -53,7 +55,6 @@ def run_state(run_dir: Path) -> str:
 def _dataset_and_factor(p: PlannedRun) -> Tuple[str, Optional[float]]:
     if p.cfg is not None:
         return p.cfg.data.dataset, float(p.cfg.data.imbalance_factor)
-    from longtail.core.config import split_selectors
 
     selected = split_selectors(p.overrides)[0].get("data")     # the run's data=NAME
     name = Path(selected).stem if selected else p.spec.config.parent.name
@@ -62,7 +63,8 @@ def _dataset_and_factor(p: PlannedRun) -> Tuple[str, Optional[float]]:
 
 
 def collect_rows(plan: Sequence[PlannedRun],
-                 statuses: Optional[Dict[str, Tuple[str, str]]] = None) -> List[Dict[str, Any]]:
+                 statuses: Optional[Dict[str, Tuple[str, str]]] = None,
+                 baseline: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per planned run, numbers where its folder holds metrics.json.
 
     ``statuses`` (name -> (status, message)) overrides the state read from disk for runs that
@@ -107,7 +109,7 @@ def collect_rows(plan: Sequence[PlannedRun],
             if row.get("resumed"):   # the last invocation's wall time covers only part of the run:
                 row["wall_seconds_last_invocation"] = row.pop("wall_seconds")   # use train time
         rows.append(row)
-    _add_time_cost(rows)
+    _add_time_cost(rows, baseline)
     return rows
 
 
@@ -117,9 +119,10 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def _add_time_cost(rows: List[Dict[str, Any]]) -> None:
-    """``cost_seconds``: the run's wall time plus that of its stage-1 chain; ``time_vs_ce``: that
-    over the cost of the CE run (method ``ce``, no stage 1) of the same dataset and IF."""
+def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
+    """``cost_seconds``: the run's wall time plus that of its stage-1 chain; ``time_vs_baseline``:
+    that over the cost of the suite's baseline run (method ``baseline``, no stage 1) of the same
+    dataset and IF (None without a baseline)."""
     by_name = {r["name"]: r for r in rows}
 
     def own(r: Dict[str, Any]) -> Optional[float]:
@@ -137,15 +140,16 @@ def _add_time_cost(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         r["cost_seconds"] = cost(r)
     for r in rows:
-        same = [c for c in rows if c["method"] == "ce" and not c.get("stage1")
+        same = [c for c in rows if baseline is not None and c["method"] == baseline
+                and not c.get("stage1")
                 and c["dataset"] == r["dataset"] and c["imbalance_factor"] == r["imbalance_factor"]
                 and c.get("cost_seconds")]
         ce = [c for c in same if c.get("epochs") == r.get("epochs")]
-        if r.get("stage1") and not ce:      # a stage-2 run: compare with its own stage-1 CE run
+        if r.get("stage1") and not ce:      # a stage-2 run: compare with its own stage-1 run
             ce = [c for c in rows if c["name"] == r["stage1"] and c.get("cost_seconds")]
         if not ce:                          # a multi-stage recipe (epochs summed over its stages)
             ce = same
-        r["time_vs_ce"] = (r["cost_seconds"] / ce[0]["cost_seconds"]
+        r["time_vs_baseline"] = (r["cost_seconds"] / ce[0]["cost_seconds"]
                            if ce and r.get("cost_seconds") is not None else None)
 
 
@@ -216,7 +220,7 @@ def factor_text(x: Any) -> str:
 
 
 TABLE_HEADER = ("run", "method", "dataset", "IF", "epochs", "test all", "many", "medium", "few",
-                "val all", "val mean-class", "ECE", "wall", "img/s", "time vs CE")
+                "val all", "val mean-class", "ECE", "wall", "img/s", "time vs baseline")
 
 
 def results_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -230,7 +234,7 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
         wall = duration(r.get("wall_seconds")) if r.get("wall_seconds") is not None else (
             f"~{duration(r.get('train_seconds'))}")
         ips = r.get("images_per_s")
-        cost = r.get("time_vs_ce")
+        cost = r.get("time_vs_baseline", r.get("time_vs_ce"))   # time_vs_ce: results before 0.2
         lines.append("| " + " | ".join([
             r["name"], r["method"], DATASET_LABEL.get(r["dataset"], r["dataset"]),
             factor_text(r["imbalance_factor"]), str(r.get("epochs", "–")), pct(t.get("top1")),
@@ -244,7 +248,6 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
 def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
     git = header.get("git") or {}
     machine = header.get("machine") or {}
-    from longtail.bench.machine import short_machine
 
     out = [f"# Benchmark suite `{header['suite']}`", ""]
     if header.get("description"):
@@ -275,9 +278,10 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         "few-shot groups: > 100, 20-100, < 20 training images); on the balanced held-out val split "
         "(overall and mean of per-class accuracies); ECE (%) on test; the epochs trained; wall: "
         "the run's wall-clock time (data, training, final evaluation; `~` = training time only); "
-        "img/s: training images per second; time vs CE: wall time of the run plus its stage-1 "
-        "runs (a multi-stage recipe: all its stages) over that of the CE run of the same dataset, IF "
-        "and schedule; with equal epochs, the per-epoch cost relative to CE.", "",
+        "img/s: training images per second; time vs baseline: wall time of the run plus its "
+        "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's baseline run "
+        f"(`{header.get('baseline')}`) of the same dataset, IF and schedule; with equal epochs, the "
+        "per-epoch cost relative to it.", "",
         f"- Machine: {short_machine(machine)}",
         f"- Git commit: `{git.get('commit') or 'unknown'}`"
         + (f" (dirty: {len(git.get('changed_files') or [])} changed files)" if git.get("dirty") else
@@ -358,7 +362,6 @@ def render_results_doc(entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Opti
             out += [" ".join(suite.description.split()), ""]
         if results:
             git = results.get("git") or {}
-            from longtail.bench.machine import short_machine
 
             out += [f"Results: `benchmarks/results/{suite.name}.json` ({results.get('date_utc')}, "
                     f"commit `{(git.get('commit') or 'unknown')[:10]}`"
@@ -398,8 +401,6 @@ def load_results(results_dir: Path, suite_name: str) -> Optional[Dict[str, Any]]
 def write_results_doc(path: Path, suite_files: Sequence[Path], results_dir: Path,
                       out_root: Path) -> Path:
     """Regenerate ``path`` (docs/results.md) from ``suite_files`` and their results JSON."""
-    from longtail.bench.suite import load_suite, plan_suite
-
     entries = []
     for f in suite_files:
         suite = load_suite(f)
@@ -417,4 +418,5 @@ def header(suite: Suite, out_dir: Path, command: str, machine: Dict[str, Any],
     return {"suite": suite.name, "suite_file": str(suite.path), "description": suite.description,
             "epochs": suite.epochs, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": machine, "git": git, "command": command, "cwd": os.getcwd(), "env": env,
-            "out_dir": str(out_dir), "checks": [c.as_dict() for c in suite.checks]}
+            "out_dir": str(out_dir), "baseline": suite.baseline,
+            "checks": [c.as_dict() for c in suite.checks]}

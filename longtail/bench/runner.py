@@ -22,14 +22,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from longtail.bench import report
+from longtail.bench.machine import environment, git_info, machine_info, short_machine
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
-from longtail.core.config import load_yaml_tree, validate
-from longtail.core.io import atomic_write_json
+from longtail.core.config import load_yaml_tree, split_selectors, validate
 from longtail.core.errors import LongtailError
 from longtail.core.facts import RunFacts
+from longtail.core.io import atomic_write_json
 from longtail.data.build import resolve_exclude_classes
+from longtail.data.paths import resolve_data_root
 from longtail.data.samplers import build_sampler
 from longtail.data.stats import subset_counts
+from longtail.engine.pipeline import record, run_pipeline
+from longtail.engine.trainer import fit
 
 Printer = Callable[[str], None]
 
@@ -112,7 +116,8 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
                 if suite.epochs else "")]
     if suite.overrides:
         lines.append(f"suite overrides: {' '.join(suite.overrides)}")
-    head = f"{'#':>3}  {'run':<22} {'config':<40} {'IF':>4} {'epochs':>9}  {'stage1':<14} {'state':<9} {'train imgs':>11}"
+    head = (f"{'#':>3}  {'run':<22} {'config':<36} {'data':<17} {'IF':>4} {'epochs':>9}  "
+            f"{'stage1':<14} {'state':<9} {'train imgs':>11}")
     lines += [head, "-" * len(head)]
     totals = {"plain": 0, "stage2": 0}
     for i, p in enumerate(plan, 1):
@@ -127,7 +132,8 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
         imgs = nominal_run_images(p)
         if imgs is not None:
             totals["stage2" if p.spec.stage1 else "plain"] += imgs
-        lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<40} "
+        data = split_selectors(p.overrides)[0].get("data", "-")
+        lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<36} {data:<17} "
                      f"{report.factor_text(p.cfg.data.imbalance_factor):>4} {span:>9}  "
                      f"{p.spec.stage1 or '-':<14} {state:<9} "
                      f"{'?' if imgs is None else format(imgs, ','):>11}")
@@ -167,7 +173,6 @@ def _saved_config_note(p: PlannedRun) -> Optional[str]:
         return str(err)
     planned = p.cfg
     if p.cfg is not None and p.stages:   # a pipeline's folder records its resolved stages
-        from longtail.engine.pipeline import record
 
         planned = record(p.cfg, p.stages)
     keys = _diff(saved, planned.to_dict()) if planned is not None else []
@@ -175,8 +180,6 @@ def _saved_config_note(p: PlannedRun) -> Optional[str]:
 
 
 def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> None:
-    from longtail.data.paths import resolve_data_root
-    from longtail.engine.trainer import fit
 
     root = resolve_data_root(data_root)
     if resume:
@@ -185,7 +188,6 @@ def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> No
     else:
         cfg = p.cfg
     if cfg.stages:   # a multi-stage config: the pipeline runner (skips finished stages on resume)
-        from longtail.engine.pipeline import run_pipeline
 
         run_pipeline(cfg, p.run_dir, root, resume=resume,
                      overrides=() if resume else p.overrides, source=p.spec.config)
@@ -237,7 +239,6 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
         return _report_only(suite, plan, out_dir, opts, echo)
 
     check_plan(chosen)
-    from longtail.bench.machine import environment, git_info, machine_info, short_machine
 
     info = {"machine": machine_info(), "git": git_info(), "env": environment(),
             "command": opts.command or f"longtail bench {opts.suite}"}
@@ -247,7 +248,7 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
 
     def flush() -> Tuple[Path, Path]:
         head["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return report.write_results(opts.results_dir, head, report.collect_rows(plan, statuses))
+        return report.write_results(opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline))
 
     mode = "subprocess" if opts.subprocess else "in-process"
     echo(f"suite {suite.name}: {len(chosen)} of {len(plan)} runs, {mode}, folders under {out_dir}/")
@@ -306,7 +307,7 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     except KeyboardInterrupt:
         interrupted = True
     md, js = flush()
-    rows = report.collect_rows(plan, statuses)
+    rows = report.collect_rows(plan, statuses, suite.baseline)
     echo("")
     echo(report.results_table(rows))
     echo(f"\nresults: {md}  {js}")
@@ -326,10 +327,8 @@ def _report_only(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path, opts: 
                  echo: Printer) -> int:
     """Rewrite the suite's results files from its run folders (when there are any) and
     regenerate the docs page from every suite next to this one."""
-    rows = report.collect_rows(plan)
+    rows = report.collect_rows(plan, baseline=suite.baseline)
     if any(r["status"] == "done" for r in rows):
-        from longtail.bench.machine import environment, git_info, machine_info
-
         existing = report.load_results(opts.results_dir, suite.name) or {}
         head = report.header(suite, out_dir, existing.get("command") or opts.command,
                              existing.get("machine") or machine_info(),

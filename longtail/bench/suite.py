@@ -39,6 +39,7 @@ file, then in the project root (the folder holding ``configs/``), then in the wo
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -47,11 +48,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from longtail.core.scale import scaled_settings
 from longtail.core.config import Config, apply_overrides, compose, split_selectors, validate
 from longtail.core.errors import LongtailError
+from longtail.core.scale import scaled_settings
+from longtail.engine.config_check import check_config
+from longtail.engine.pipeline import expand_stages
 
-SUITE_KEYS = ("description", "epochs", "overrides", "data", "runs", "checks")
+SUITE_KEYS = ("description", "epochs", "overrides", "data", "baseline", "runs", "checks")
 CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")   # not "on": YAML reads it as true
 # what a check compares: top-1 on test / val, or a test shot group, or val mean-class accuracy
 CHECK_METRICS = ("test", "val", "many", "medium", "few", "val_mean_class")
@@ -112,6 +115,7 @@ class Suite:
     epochs: Optional[int] = None
     overrides: List[str] = field(default_factory=list)
     data: Optional[str] = None                 # default dataset selector of the runs
+    baseline: Optional[str] = None             # the method whose runs the time ratios compare with
     runs: List[RunSpec] = field(default_factory=list)
     checks: List[Check] = field(default_factory=list)
 
@@ -204,9 +208,14 @@ def _data(value: Any, where: str) -> Optional[str]:
     return value.strip()
 
 
-def _unknown(keys: Sequence[str], allowed: Sequence[str], where: str) -> None:
-    import difflib
+def _baseline(value: Any, where: str) -> Optional[str]:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise LongtailError(f"{where}: 'baseline' must name the method (a run's label, e.g. ce) "
+                            f"whose runs the time ratios compare with, got {value!r}.")
+    return None if value is None else value.strip()
 
+
+def _unknown(keys: Sequence[str], allowed: Sequence[str], where: str) -> None:
     for key in keys:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -251,7 +260,8 @@ def load_suite(suite: str | Path) -> Suite:
     out = Suite(name=path.stem, path=path, description=str(data.get("description") or "").strip(),
                 epochs=_epochs(data["epochs"], where, True) if "epochs" in data else None,
                 overrides=_overrides(data.get("overrides"), where),
-                data=_data(data.get("data"), where))
+                data=_data(data.get("data"), where),
+                baseline=_baseline(data.get("baseline"), where))
     seen: Dict[str, int] = {}
     for i, run in enumerate(runs):
         if not isinstance(run, dict):
@@ -365,10 +375,10 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
         planned.cfg = validate(apply_overrides(tree, split_selectors(overrides)[1]),
                                f"config {spec.config}")
         if planned.cfg.stages:   # a pipeline: its stages follow the scaled settings (epochs_scale)
-            from longtail.engine.pipeline import expand_stages
-
             planned.stages = expand_stages(planned.cfg, overrides, source=spec.config,
                                            run_dir=run_dir)
+        else:
+            check_config(planned.cfg, f"config {spec.config}")
     except LongtailError as err:
         planned.error = f"{where}: {err}"
     return planned

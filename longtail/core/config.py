@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -151,7 +151,7 @@ MOVED = {
 }
 
 
-def component_sections() -> Dict[str, type]:
+def component_sections() -> Dict[str, Type[_Open]]:
     """Sections that name a registered component (``name``) and hold its own options."""
     return {key: f.annotation for key, f in Config.model_fields.items()
             if isinstance(f.annotation, type) and issubclass(f.annotation, _Open)}
@@ -164,7 +164,8 @@ def switch_component(tree: Dict[str, Any], section: str, name: Any) -> bool:
     model = component_sections().get(section)
     if model is None or not isinstance(name, str):
         return False
-    old = tree.get(section) if isinstance(tree.get(section), dict) else {}
+    current = tree.get(section)
+    old = current if isinstance(current, dict) else {}
     kept = {k: v for k, v in old.items() if k in model.model_fields and k != "name"}
     tree[section] = {"name": name, **kept}
     return True

@@ -9,9 +9,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional, Set
 
 from longtail.core.errors import ConfigError
+
+
+# builder parameters that are the run's, not options of the config (a method's context, a
+# sampler's labels, a loss's class counts)
+_CONTEXT_PARAMS = frozenset({"self", "ctx", "labels", "class_counts", "num_classes", "facts"})
 
 
 class Registry:
@@ -52,6 +57,31 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+    def option_names(self, name: str, options: Dict[str, Any]) -> Optional[Set[str]]:
+        """The option keys component ``name`` accepts (None: any; it checks them itself).
+
+        A component states them with ``option_names(options)`` or an ``options_model`` (a
+        pydantic model); otherwise they are its builder's keyword parameters."""
+        entry = self.get(name)
+        if hasattr(entry, "option_names"):
+            return entry.option_names(options)
+        model = getattr(entry, "options_model", None)
+        if model is not None:
+            return set(model.model_fields)
+        params = inspect.signature(entry).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        return {n for n, p in params.items()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                and n not in _CONTEXT_PARAMS}
+
+    def check_options(self, name: str, options: Dict[str, Any], where: str) -> None:
+        """Let component ``name`` validate its option values (``check_options(options, where)``
+        or its ``options_model``) before anything is built; names are checked by the caller."""
+        entry = self.get(name)
+        if hasattr(entry, "check_options"):
+            entry.check_options(options, where)
 
     def check_kwargs(self, name: str, kwargs: Dict[str, Any], key_prefix: str = "",
                      ignore: Iterable[str] = ()) -> None:

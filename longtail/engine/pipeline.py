@@ -61,16 +61,19 @@ classes) with ``epochs`` / ``train_seconds`` / ``images_per_s`` summed over the 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from longtail.core.config import (Config, apply_overrides, compose, deep_merge, has_dotted,
-                                  load_yaml_tree, split_selectors, validate)
-from longtail.core import io as ckpt
+                                  split_selectors, validate)
 from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.scale import scale_epochs
+from longtail.core.distributed import barrier
+from longtail.core.run_folder import RunFolder
+from longtail.engine.config_check import check_config, option_accepted
+from longtail.engine import trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # the options that decide the training set (longtail.methods.decoupled.DATA_KEYS)
@@ -151,6 +154,17 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def applicable_overrides(tree: Dict[str, Any], overrides: Sequence[str], where: str) -> Config:
+    """``tree`` with the command line's overrides, validated, except the options of components
+    this stage does not use (``schedule.milestones`` for a stage on the cosine schedule): those
+    are the other stages' options."""
+    for item in overrides:
+        current = validate(copy.deepcopy(tree), where)
+        if option_accepted(current, item.split("=", 1)[0].strip()) is not False:
+            tree = apply_overrides(tree, [item])
+    return validate(tree, where)
+
+
 def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[Path] = None,
                   run_dir: Optional[Path] = None) -> List[Stage]:
     """Every stage of the pipeline ``cfg`` as a complete, validated Config (see the module doc).
@@ -164,11 +178,10 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
     if not cfg.stages:
         raise ConfigError("This config has no `stages`: it is a single run (longtail train runs it "
                           "directly).")
-    from longtail.core.scale import scale_epochs
-
     selectors, overrides = split_selectors(overrides)   # data=NAME: composes the stage files
     if overrides:   # cfg normally holds them already; applying them again changes nothing then
         cfg = validate(apply_overrides(cfg.to_dict(), overrides), "pipeline config")
+    check_config(cfg, "pipeline config")
     base = cfg.to_dict()
     base["stages"] = None
     label = f" of {source}" if source is not None else ""
@@ -194,8 +207,11 @@ def expand_stages(cfg: Config, overrides: Sequence[str] = (), source: Optional[P
         if spec.lr_scale is not None and has_dotted(delta, "optim.lr"):
             raise ConfigError(f"{where}: sets both lr_scale ({spec.lr_scale}) and optim.lr (in its "
                               f"config or overrides); keep one of them.")
-        tree = apply_overrides(deep_merge(copy.deepcopy(base), delta), overrides)
-        stage_cfg = validate(tree, f"{where}: config")
+        tree = deep_merge(copy.deepcopy(base), delta)
+        # a command-line option of a component this stage does not use (schedule.milestones for
+        # a stage on the cosine schedule) is the other stages' option: not applied here
+        stage_cfg = check_config(applicable_overrides(tree, overrides, f"{where}: config"),
+                                 f"{where}: config")
         if spec.epochs_scale is not None:
             if stage_cfg.train.epochs == 0:
                 raise ConfigError(f"{where}: epochs_scale needs a stage that trains (its "
@@ -254,13 +270,6 @@ def record(cfg: Config, stages: Sequence[Stage]) -> Config:
 # running
 
 
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def stage_row(st: Stage, metrics: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
     val = metrics.get("val") or {}
     d = st.cfg.data
@@ -301,7 +310,7 @@ def pipeline_metrics(stages: Sequence[Stage], run_dir: Path) -> Dict[str, Any]:
     """The last stage's metrics, with the cost fields summed over the stages and a row each."""
     per_stage = []
     for st in stages:
-        m = _read_json(run_dir / st.name / "metrics.json")
+        m = RunFolder(run_dir / st.name).read_metrics()
         if m is None:
             raise LongtailError(f"stage '{st.name}' ended without a readable metrics.json in "
                                 f"{run_dir / st.name}. Resume with `longtail train --resume {run_dir}`.")
@@ -327,27 +336,24 @@ def run_pipeline(cfg: Config, run_dir: Path, data_root: Path, resume: bool = Fal
     as ``run_dir/config.yaml`` recorded it; ``overrides``: the command line's ``key=value`` list
     (applied again to every stage); ``source``: the config file (relative stage ``config`` paths).
     """
-    from longtail.engine.trainer import prepare_run_dir, setup_process
-    from longtail.core.distributed import barrier
-
     run_dir = Path(run_dir)
     stages = expand_stages(cfg, overrides, source, run_dir=run_dir.resolve())
-    _, info = setup_process(cfg)
+    _, info = trainer.setup_process(cfg)
     created = False
     if not resume:
         rec = record(cfg, stages)
-        created = prepare_run_dir(run_dir, False, info)
+        created = trainer.prepare_run_dir(run_dir, False, info)
         if info.is_main:
-            ckpt.atomic_write_text(run_dir / "config.yaml", rec.to_yaml())
+            RunFolder(run_dir).write_config(rec)
     else:
-        prepare_run_dir(run_dir, True, info)
+        trainer.prepare_run_dir(run_dir, True, info)
     barrier(info)
     try:
         return _run_stages(stages, run_dir, data_root, overrides, info)
     except Exception:
         # a pipeline whose first stage never started leaves no folder behind (as a single run)
         if created and info.is_main and not any((run_dir / st.name).exists() for st in stages):
-            (run_dir / "config.yaml").unlink(missing_ok=True)
+            RunFolder(run_dir).config_path.unlink(missing_ok=True)
             if not any(run_dir.iterdir()):
                 run_dir.rmdir()
         raise
@@ -355,41 +361,37 @@ def run_pipeline(cfg: Config, run_dir: Path, data_root: Path, resume: bool = Fal
 
 def _run_stages(stages: Sequence[Stage], run_dir: Path, data_root: Path,
                 overrides: Sequence[str], info) -> Dict[str, Any]:
-    from longtail.engine.trainer import fit
-    from longtail.core.distributed import barrier
-
     if info.is_main:
         print(f"pipeline: {len(stages)} stages -> {run_dir}/ ("
               + ", ".join(f"{st.name}: {st.cfg.method.name} {st.cfg.train.epochs} ep"
                           for st in stages) + ")", flush=True)
 
     for st in stages:
-        folder = run_dir / st.name
+        folder = RunFolder(run_dir / st.name)
         tag = f"== stage {st.index + 1}/{len(stages)} '{st.name}'"
-        if (folder / "metrics.json").is_file():
+        if folder.is_finished():
             if info.is_main:
-                print(f"{tag}: finished earlier ({folder / 'metrics.json'}), skipped", flush=True)
+                print(f"{tag}: finished earlier ({folder.metrics_path}), skipped", flush=True)
             continue
-        if (folder / "config.yaml").is_file():
-            saved = folder / "config.yaml"
-            stage_cfg = validate(apply_overrides(load_yaml_tree(saved), split_selectors(overrides)[1]),
-                                 f"config {saved}")
+        if folder.is_run():
             if info.is_main:
-                print(f"{tag}: resuming {folder} (its saved config.yaml)", flush=True)
-            fit(stage_cfg, folder, data_root, resume=True)
+                print(f"{tag}: resuming {folder} (its saved {folder.CONFIG})", flush=True)
+            saved = applicable_overrides(folder.config_tree(), split_selectors(overrides)[1],
+                                         f"config {folder.config_path}")
+            trainer.fit(saved, folder.path, data_root, resume=True)
         else:
             if info.is_main:
                 print(f"{tag}: {st.cfg.method.name}, {st.cfg.train.epochs} epochs"
                       + (f", from {st.cfg.stage1}" if st.cfg.stage1 else ""), flush=True)
-            fit(st.cfg, folder, data_root)
+            trainer.fit(st.cfg, folder.path, data_root)
         barrier(info)
 
     metrics = pipeline_metrics(stages, run_dir)
     if info.is_main:
-        ckpt.atomic_write_json(run_dir / "metrics.json", metrics)
+        RunFolder(run_dir).write_metrics(metrics)
         print(f"\npipeline {run_dir}: {len(stages)} stages; the final metrics are those of stage "
               f"'{stages[-1].name}' (all {len(metrics.get('class_counts') or [])} classes)")
         print(summary_table(metrics["stages"]))
-        print(f"\nmetrics: {run_dir / 'metrics.json'}")
+        print(f"\nmetrics: {RunFolder(run_dir).metrics_path}")
     barrier(info)
     return metrics

@@ -28,6 +28,7 @@ from longtail.core.run_folder import RunFolder
 from longtail.data import DataBundle, build_data
 from longtail.data.loader import TrainLoader
 from longtail.data.samplers import build_sampler
+from longtail.engine.config_check import check_config
 from longtail.engine.evaluate import evaluate
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
 from longtail.hooks import Hook, build_hooks
@@ -266,6 +267,7 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     ``stop_after_epoch`` ends the process after that many epochs, as a crash would (for tests).
     """
     run_dir = Path(run_dir)
+    check_config(cfg)
     _, info = setup_process(cfg)
     created = prepare_run_dir(run_dir, resume, info)
     try:

@@ -190,6 +190,12 @@ class MLRSNetOptions(Options):
 class MLRSNetHook(Hook):
     """The MLR-SNet learned lr: every step's lr from the net (see the module docstring)."""
 
+    options_model = MLRSNetOptions
+
+    @staticmethod
+    def check_options(options: Dict[str, Any], where: str) -> None:
+        parse_options(MLRSNetOptions, options, where)
+
     def __init__(self, facts, **options):
         opts = parse_options(MLRSNetOptions, options, "hooks.mlrsnet")
         self.epochs, self.opts = int(facts.epochs), opts

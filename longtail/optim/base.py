@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Type, cast
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Type, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,6 +31,34 @@ class OptimInfo:
     build: Callable[..., torch.optim.Optimizer]
     options_model: Type[Options]
     needs_closure: bool = False     # step(closure, base_step) evaluates the closure itself
+    base_key: Optional[str] = None  # the option naming a wrapped optimiser: the keys this one does
+    #                                 not know are that optimiser's options (sam, rsam: "base")
+
+    def _split(self, options: Dict[str, Any]):
+        own = {k: v for k, v in options.items() if k in self.options_model.model_fields}
+        rest = {k: v for k, v in options.items() if k not in own}
+        base = options.get(self.base_key, self.options_model.model_fields[self.base_key].default) \
+            if self.base_key else None
+        return own, rest, base
+
+    def option_names(self, options: Dict[str, Any]) -> Set[str]:
+        own, rest, base = self._split(options)
+        names = set(self.options_model.model_fields)
+        if base is not None and base in OPTIMIZERS:
+            names |= optim_info(base).option_names(rest)
+        return names
+
+    def check_options(self, options: Dict[str, Any], where: str) -> None:
+        own, rest, base = self._split(options)
+        if base is None:
+            parse_options(self.options_model, options, where)
+            return
+        parse_options(self.options_model, own, where)
+        info = optim_info(base)
+        if info.needs_closure:
+            raise ConfigError(f"{where}.{self.base_key}={base} cannot be wrapped by {self.name}: "
+                              f"the base must be a plain optimiser such as sgd.")
+        info.check_options(rest, where)
 
 
 OPTIMIZERS = Registry("optimizer")

@@ -305,11 +305,14 @@ class RSAM(PerturbedOptimizer):
 
 
 def build_sam(params, cfg, options: SAMOptions, facts) -> SAM:
+    """SAM: the gradient at w + rho g / |g| drives the base step at w (two passes a step)."""
     return SAM(build_base(params, cfg, options, facts), rho=options.rho, adaptive=options.adaptive)
 
 
 def build_rsam(params, cfg, options: RSAMOptions, facts) -> RSAM:
-    """The noise decays at ``decay_epoch``, by default the epoch the run's loss starts re-weighting
+    """RSAM / GNM: the gradient at a random point near w drives the base step (one pass a step).
+
+    The noise decays at ``decay_epoch``, by default the epoch the run's loss starts re-weighting
     (its ``drw_epoch``); the noise generator is seeded from the run's seed."""
     decay = options.decay_epoch
     if decay is None:
@@ -318,7 +321,9 @@ def build_rsam(params, cfg, options: RSAMOptions, facts) -> RSAM:
                 decay_epoch=decay, fix_epoch0_quirk=options.fix_epoch0_quirk, seed=facts.seed)
 
 
-SAM_INFO = register_optimizer(OptimInfo("sam", build_sam, SAMOptions, needs_closure=True))
-RSAM_INFO = register_optimizer(OptimInfo("rsam", build_rsam, RSAMOptions, needs_closure=True))
+SAM_INFO = register_optimizer(OptimInfo("sam", build_sam, SAMOptions, needs_closure=True,
+                                        base_key="base"))
+RSAM_INFO = register_optimizer(OptimInfo("rsam", build_rsam, RSAMOptions, needs_closure=True,
+                                         base_key="base"))
 
 __all__ = ["SAM", "RSAM", "PerturbedOptimizer", "rsam_noise_factor", "build_base"]

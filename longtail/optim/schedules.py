@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Type, cast
+from typing import Any, Callable, Dict, List, Type, cast
 
 from pydantic import Field
 
@@ -32,6 +32,9 @@ class ScheduleInfo:
     name: str
     build: Callable[..., Schedule]
     options_model: Type[Options]
+
+    def check_options(self, options: Dict[str, Any], where: str) -> None:
+        parse_options(self.options_model, options, where)
 
 
 SCHEDULES = Registry("schedule")
@@ -94,14 +97,17 @@ class NoOptions(Options):
 
 
 def _step(epochs, warmup, o: StepOptions, base_lr) -> Schedule:
+    """Per-epoch warm-up, then lr x gamma at each milestone (the LDAM-DRW CIFAR recipe)."""
     return StepSchedule(epochs, warmup, o.milestones, o.gamma)
 
 
 def _cosine(epochs, warmup, o: CosineOptions, base_lr) -> Schedule:
+    """Per-step warm-up, then a cosine decay to min_lr."""
     return CosineSchedule(epochs, warmup, o.min_lr / base_lr if base_lr else 0.0)
 
 
 def _constant(epochs, warmup, o: NoOptions, base_lr) -> Schedule:
+    """Per-epoch warm-up, then the base lr."""
     return ConstantSchedule(epochs, warmup)
 
 
