@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from longtail.bench.machine import (command_info, cpu_model, git_info, machine_info,  # noqa: F401
-                                    usable_cores)
+from longtail.bench.machine import command_info, cpu_model, git_info, machine_info, usable_cores  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -70,34 +69,57 @@ def format_table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def timing_parser(doc: str, name: str, steps: int, repeats: int, warmup: int,
-                  quick_help: str) -> argparse.ArgumentParser:
+def timing_parser(
+    doc: str, name: str, steps: int, repeats: int, warmup: int, quick_help: str
+) -> argparse.ArgumentParser:
     """The options every paired-timing benchmark shares (its own go between this and
     :func:`parse_timing_args`): --steps --repeats --warmup --threads --quick --data-root --out."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=steps, help=f"steps per measurement ({steps})")
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help=f"measurements per arm, interleaved ({repeats})")
-    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps per arm first ({warmup})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's default)")
-    p.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help} (numbers are "
-                                                         f"not meaningful)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"measurements per arm, interleaved ({repeats})",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=warmup, help=f"untimed steps per arm first ({warmup})"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's default)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"smoke run: {quick_help} (numbers are not meaningful)"
+    )
     p.add_argument("--data-root", default=None, help="datasets folder (default: $LONGTAIL_DATA)")
-    p.add_argument("--out", default=None, help=f"JSON result path (default benchmarks/results/"
-                                               f"{name}-cpu.json; {name}-cpu-quick.json with --quick)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON result path (default benchmarks/results/"
+        f"{name}-cpu.json; {name}-cpu-quick.json with --quick)",
+    )
     return p
 
 
-def parse_timing_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], name: str,
-                      quick: Tuple[int, int, int]) -> argparse.Namespace:
+def parse_timing_args(
+    p: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    name: str,
+    quick: Tuple[int, int, int],
+) -> argparse.Namespace:
     """Parse; ``--quick`` sets (steps, repeats, warmup) to ``quick``; check the counts; fill
     the default ``--out``."""
     args = p.parse_args(argv)

@@ -38,25 +38,37 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    format_table,
+    load_average,
+    median,
+    parse_timing_args,
+    run_header,
+    spread,
+    timing_parser,
+    write_json,
+)
 
-from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
-                     run_header, spread, timing_parser, write_json)
-
-C10 = REPO_ROOT / "configs" / "methods"          # the recipes, run on data=cifar10_lt
+C10 = REPO_ROOT / "configs" / "methods"  # the recipes, run on data=cifar10_lt
 BATCH = 128
 # (label, config, overrides): the first arm is the reference
 ARMS = [
     ("ce", C10 / "ce.yaml", []),
     ("mfm (meta every step)", C10 / "mfm.yaml", ["method.meta_every=1"]),
     ("mfm (meta every 8, cifar-short)", C10 / "mfm.yaml", ["method.meta_every=8"]),
-    ("mlrsnet (meta every 10, cifar-short)", C10 / "mlrsnet.yaml",
-     ["hooks.mlrsnet.meta_every=10", "hooks.mlrsnet.gamma_images=512"]),
+    (
+        "mlrsnet (meta every 10, cifar-short)",
+        C10 / "mlrsnet.yaml",
+        ["hooks.mlrsnet.meta_every=10", "hooks.mlrsnet.gamma_images=512"],
+    ),
 ]
 
 
 class Arm:
-    def __init__(self, label: str, config: Path, overrides: List[str], data_root: Path,
-                 common: List[str]):
+    def __init__(
+        self, label: str, config: Path, overrides: List[str], data_root: Path, common: List[str]
+    ):
         from longtail.core.config import load_config
         from longtail.engine.trainer import build_run
 
@@ -66,7 +78,7 @@ class Arm:
         self.run = build_run(self.cfg, Path(self._tmp.name), data_root)
         self.run.method.train_model.train()
         self.run.method.on_epoch_start(0)
-        for hook in self.run.hooks.values():      # MLR-SNet: gamma, before any timing
+        for hook in self.run.hooks.values():  # MLR-SNet: gamma, before any timing
             hook.before_epoch(self.run, 0)
         self.step = 0
         self.last_loss = float("nan")
@@ -84,8 +96,14 @@ class Arm:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = timing_parser(__doc__, "method_cost", steps=40, repeats=3, warmup=2,
-                      quick_help="1 warm-up + 1 round of 4 steps")
+    p = timing_parser(
+        __doc__,
+        "method_cost",
+        steps=40,
+        repeats=3,
+        warmup=2,
+        quick_help="1 warm-up + 1 round of 4 steps",
+    )
     return parse_timing_args(p, argv, "method_cost", quick=(4, 1, 1))
 
 
@@ -97,54 +115,94 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     load_at_start = load_average()
     data_root = resolve_data_root(args.data_root)
-    common = ["data=cifar10_lt", "train.device=cpu", "train.progress=false",
-              f"train.batch_size={BATCH}"]
+    common = [
+        "data=cifar10_lt",
+        "train.device=cpu",
+        "train.progress=false",
+        f"train.batch_size={BATCH}",
+    ]
     t0 = time.perf_counter()
     arms = [Arm(label, cfg, ov, data_root, common) for label, cfg, ov in ARMS]
     n = args.warmup + args.steps * args.repeats
-    batches = list(itertools.islice(itertools.chain.from_iterable(
-        arms[0].run.loader.epoch(e) for e in itertools.count()), n))
+    batches = list(
+        itertools.islice(
+            itertools.chain.from_iterable(arms[0].run.loader.epoch(e) for e in itertools.count()), n
+        )
+    )
     build_s = time.perf_counter() - t0
-    print(f"CIFAR-10-LT IF100, batch {BATCH}, ResNet-32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
-          f"{args.steps} steps per arm", flush=True)
-    warm, timed = batches[:args.warmup], batches[args.warmup:]
+    print(
+        f"CIFAR-10-LT IF100, batch {BATCH}, ResNet-32, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
+        f"{args.steps} steps per arm",
+        flush=True,
+    )
+    warm, timed = batches[: args.warmup], batches[args.warmup :]
     for arm in arms:
         if warm:
             arm.measure(warm)
     runs: Dict[str, List[float]] = {a.label: [] for a in arms}
     t1 = time.perf_counter()
     for r in range(args.repeats):
-        chunk = timed[r * args.steps:(r + 1) * args.steps]
-        for arm in (arms if r % 2 == 0 else list(reversed(arms))):
+        chunk = timed[r * args.steps : (r + 1) * args.steps]
+        for arm in arms if r % 2 == 0 else list(reversed(arms)):
             runs[arm.label].append(arm.measure(chunk))
-        print(f"  round {r + 1}/{args.repeats}  " + "  ".join(
-            f"{a.label.split(' ')[0]} {1000 * runs[a.label][-1]:.0f} ms" for a in arms), flush=True)
+        print(
+            f"  round {r + 1}/{args.repeats}  "
+            + "  ".join(f"{a.label.split(' ')[0]} {1000 * runs[a.label][-1]:.0f} ms" for a in arms),
+            flush=True,
+        )
     measure_s = time.perf_counter() - t1
 
     ref = arms[0].label
     ratios = {a.label: median([x / c for x, c in zip(runs[a.label], runs[ref])]) for a in arms}
-    rows = [[a.label, f"{1000 * median(runs[a.label]):.0f}", f"{100 * spread(runs[a.label]):.1f}%",
-             f"{ratios[a.label]:.2f}x", f"{a.last_loss:.3f}"] for a in arms]
+    rows = [
+        [
+            a.label,
+            f"{1000 * median(runs[a.label]):.0f}",
+            f"{100 * spread(runs[a.label]):.1f}%",
+            f"{ratios[a.label]:.2f}x",
+            f"{a.last_loss:.3f}",
+        ]
+        for a in arms
+    ]
     print()
-    print(format_table(["method", "step ms (median of means)", "spread", f"x {ref} (paired)",
-                        "last loss"], rows))
+    print(
+        format_table(
+            ["method", "step ms (median of means)", "spread", f"x {ref} (paired)", "last loss"],
+            rows,
+        )
+    )
     result = run_header("method_cost")
     result["machine"]["load_average_at_start"] = load_at_start
-    result.update({
-        "settings": {"device": "cpu", "data": "CIFAR-10-LT IF100 (real), engine augmentation",
-                     "data_root": str(data_root), "batch_size": BATCH, "common_overrides": common,
-                     "arms": [{"label": l, "config": str(c.relative_to(REPO_ROOT)), "overrides": o}
-                              for l, c, o in ARMS],
-                     "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
-                     "threads": torch.get_num_threads(), "quick": args.quick,
-                     "measurement": "mean step time over `steps` consecutive steps",
-                     "order": "rounds alternate the arm order; same batches per round",
-                     "build_seconds": round(build_s, 1), "measure_seconds": round(measure_s, 1)},
-        "step_seconds": {label: {"median": median(v), "runs": v, "spread": spread(v)}
-                         for label, v in runs.items()},
-        "ratio_to_ce_paired_median": ratios,
-    })
+    result.update(
+        {
+            "settings": {
+                "device": "cpu",
+                "data": "CIFAR-10-LT IF100 (real), engine augmentation",
+                "data_root": str(data_root),
+                "batch_size": BATCH,
+                "common_overrides": common,
+                "arms": [
+                    {"label": lab, "config": str(c.relative_to(REPO_ROOT)), "overrides": o}
+                    for lab, c, o in ARMS
+                ],
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "warmup_steps": args.warmup,
+                "threads": torch.get_num_threads(),
+                "quick": args.quick,
+                "measurement": "mean step time over `steps` consecutive steps",
+                "order": "rounds alternate the arm order; same batches per round",
+                "build_seconds": round(build_s, 1),
+                "measure_seconds": round(measure_s, 1),
+            },
+            "step_seconds": {
+                label: {"median": median(v), "runs": v, "spread": spread(v)}
+                for label, v in runs.items()
+            },
+            "ratio_to_ce_paired_median": ratios,
+        }
+    )
     path = write_json(Path(args.out), result)
     print(f"\nwrote {path}")
     return 0

@@ -28,7 +28,6 @@ from typing import Any, Dict, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _common import REPO_ROOT, RESULTS_DIR, format_table, run_header, write_json  # noqa: E402
 
 DEFAULT_RUNS = ["c10-mfm", "fm-mfm", "c10-mfm_from_fm", "fm-mfm_from_c10"]
@@ -40,7 +39,7 @@ def training_images(data, batch_size: int = 256) -> Iterator[torch.Tensor]:
 
     images = data.train.images
     for start in range(0, len(images), batch_size):
-        yield normalize(images[start:start + batch_size], data.mean, data.std)
+        yield normalize(images[start : start + batch_size], data.mean, data.std)
 
 
 def evaluate_modes(run_dir: Path, data_root: Path) -> Dict[str, Any]:
@@ -53,9 +52,12 @@ def evaluate_modes(run_dir: Path, data_root: Path) -> Dict[str, Any]:
 
     def scores() -> Dict[str, Any]:
         res = evaluate_splits(run)
-        return {"test_top1": res["test"]["top1"], "test_medium": res["test"]["medium"],
-                "test_ece": res["test"]["ece"],
-                "val_top1": res["val"]["top1"] if "val" in res else None}
+        return {
+            "test_top1": res["test"]["top1"],
+            "test_medium": res["test"]["medium"],
+            "test_ece": res["test"]["ece"],
+            "val_top1": res["val"]["top1"] if "val" in res else None,
+        }
 
     out = {"unmodulated": scores()}
     modulation = run.method.modulation
@@ -79,21 +81,35 @@ def main(argv=None) -> int:
     from longtail.data.paths import resolve_data_root
 
     data_root = resolve_data_root(args.data_root)
-    runs = [Path(r) for r in args.runs] or [REPO_ROOT / "runs" / "bench" / "cifar-short" / n
-                                            for n in DEFAULT_RUNS]
+    runs = [Path(r) for r in args.runs] or [
+        REPO_ROOT / "runs" / "bench" / "cifar-short" / n for n in DEFAULT_RUNS
+    ]
     results, rows = {}, []
     for run_dir in runs:
         results[run_dir.name] = modes = evaluate_modes(run_dir, data_root)
         for mode, s in modes.items():
-            rows.append([run_dir.name, mode, f"{s['test_top1']:.2f}", f"{s['test_medium']:.2f}",
-                         f"{s['test_ece']:.2f}",
-                         "–" if s["val_top1"] is None else f"{s['val_top1']:.2f}"])
-    table = format_table(["run", "evaluation", "test top-1", "test medium", "test ECE", "val top-1"],
-                         rows)
+            rows.append(
+                [
+                    run_dir.name,
+                    mode,
+                    f"{s['test_top1']:.2f}",
+                    f"{s['test_medium']:.2f}",
+                    f"{s['test_ece']:.2f}",
+                    "–" if s["val_top1"] is None else f"{s['val_top1']:.2f}",
+                ]
+            )
+    table = format_table(
+        ["run", "evaluation", "test top-1", "test medium", "test ECE", "val top-1"], rows
+    )
     print(table)
     result = run_header("mfm_eval_modes")
-    result.update({"settings": {"runs": [str(r) for r in runs], "data_root": str(data_root)},
-                   "results": results, "table": table})
+    result.update(
+        {
+            "settings": {"runs": [str(r) for r in runs], "data_root": str(data_root)},
+            "results": results,
+            "table": table,
+        }
+    )
     print(f"\nresults: {write_json(Path(args.out), result)}")
     return 0
 

@@ -43,11 +43,19 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    format_table,
+    load_average,
+    median,
+    parse_timing_args,
+    run_header,
+    spread,
+    timing_parser,
+    write_json,
+)
 
-from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
-                     run_header, spread, timing_parser, write_json)
-
-CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"      # with data=cifar10_lt
+CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"  # with data=cifar10_lt
 BATCH = 128
 ARMS = ("sgd", "rsam", "sam")
 EXPECTED_PASSES = {"sgd": 1, "rsam": 1, "sam": 2}
@@ -67,14 +75,15 @@ class Arm:
         self.name = optim_name
         self.cfg = load_config(CONFIG, [*overrides, f"optim.name={optim_name}"])
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)                      # the same initial weights in every arm
+        torch.manual_seed(cfg.seed)  # the same initial weights in every arm
         model = build_model(cfg.model, len(counts), in_channels)
         loss = create_loss(cfg.loss.name, class_counts=counts, **cfg.loss.params())
-        ctx = MethodContext(cfg=cfg, model=model, loss=loss, class_counts=counts,
-                            device=torch.device("cpu"))
+        ctx = MethodContext(
+            cfg=cfg, model=model, loss=loss, class_counts=counts, device=torch.device("cpu")
+        )
         self.method = build_method(cfg.method.name, ctx, cfg.method.params())
         self.method.train_model.train()
-        self.method.on_epoch_start(1)                    # (RSAM: decay factor 1, not epoch 0's 2)
+        self.method.on_epoch_start(1)  # (RSAM: decay factor 1, not epoch 0's 2)
         self.forwards = 0
         self.backwards = 0
         self.method.model.register_forward_hook(self._count_forward)
@@ -96,7 +105,7 @@ class Arm:
         for batch in batches:
             start = time.perf_counter()
             stats = self.method.train_step(batch)
-            loss = float(stats["loss"])                  # waits for the step (CPU: already done)
+            loss = float(stats["loss"])  # waits for the step (CPU: already done)
             times.append(time.perf_counter() - start)
         self.last_loss = loss
         self.step_seconds.extend(times)
@@ -110,14 +119,31 @@ def real_batches(data_root: Path, cfg, n: int):
     from longtail.data.samplers import build_sampler
 
     d = cfg.data
-    data = build_data(d.dataset, data_root, imbalance_factor=d.imbalance_factor, profile=d.profile,
-                      seed=d.subset_seed, val_per_class=d.val_per_class)
+    data = build_data(
+        d.dataset,
+        data_root,
+        imbalance_factor=d.imbalance_factor,
+        profile=d.profile,
+        seed=d.subset_seed,
+        val_per_class=d.val_per_class,
+    )
     counts = list(data.class_counts)
-    sampler = build_sampler(cfg.sampler.name, data.train.labels.numpy(), counts, seed=cfg.seed,
-                            **cfg.sampler.params())
-    loader = TrainLoader(data.train.images, data.train.labels, sampler, BATCH, data.mean, data.std,
-                         device=torch.device("cpu"), seed=cfg.seed, padding=d.crop_padding,
-                         flip=d.flip, channels_last=cfg.train.channels_last)
+    sampler = build_sampler(
+        cfg.sampler.name, data.train.labels.numpy(), counts, seed=cfg.seed, **cfg.sampler.params()
+    )
+    loader = TrainLoader(
+        data.train.images,
+        data.train.labels,
+        sampler,
+        BATCH,
+        data.mean,
+        data.std,
+        device=torch.device("cpu"),
+        seed=cfg.seed,
+        padding=d.crop_padding,
+        flip=d.flip,
+        channels_last=cfg.train.channels_last,
+    )
     batches = list(itertools.islice(loader.epoch(0), n))
     if len(batches) < n:
         raise SystemExit(f"need {n} batches, an epoch has {len(batches)}: lower --steps")
@@ -128,7 +154,7 @@ def synthetic_batches(cfg, n: int):
     from longtail.data.loader import Batch
 
     g = torch.Generator().manual_seed(cfg.seed)
-    counts = [5000 // (2 ** i) + 1 for i in range(10)]   # long-tailed class counts (loss only)
+    counts = [5000 // (2**i) + 1 for i in range(10)]  # long-tailed class counts (loss only)
     out = []
     for i in range(n):
         images = torch.randn(BATCH, 3, 32, 32, generator=g)
@@ -140,12 +166,21 @@ def synthetic_batches(cfg, n: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = timing_parser(__doc__, "optimizer_cost", steps=8, repeats=7, warmup=3,
-                      quick_help="1 warm-up + 2 rounds of 1 step")
+    p = timing_parser(
+        __doc__,
+        "optimizer_cost",
+        steps=8,
+        repeats=7,
+        warmup=3,
+        quick_help="1 warm-up + 2 rounds of 1 step",
+    )
     p.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10-LT")
-    p.add_argument("--no-check", action="store_true",
-                   help=f"exit 0 even when RSAM/SGD > {RSAM_MAX}, SAM/SGD is outside "
-                        f"{list(SAM_RANGE)} or the pass counts are not 1/1/2")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help=f"exit 0 even when RSAM/SGD > {RSAM_MAX}, SAM/SGD is outside "
+        f"{list(SAM_RANGE)} or the pass counts are not 1/1/2",
+    )
     return parse_timing_args(p, argv, "optimizer_cost", quick=(1, 2, 1))
 
 
@@ -157,8 +192,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     load_at_start = load_average()
     t0 = time.perf_counter()
-    overrides = ["data=cifar10_lt", "train.device=cpu", "train.progress=false",
-                 f"train.batch_size={BATCH}"]
+    overrides = [
+        "data=cifar10_lt",
+        "train.device=cpu",
+        "train.progress=false",
+        f"train.batch_size={BATCH}",
+    ]
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
     base_cfg = load_config(CONFIG, overrides)
@@ -175,10 +214,13 @@ def main(argv=None) -> int:
         source = f"CIFAR-10-LT IF100 ({train_images} training images), engine augmentation"
     arms = {name: Arm(name, overrides, counts, in_channels) for name in ARMS}
     build_s = time.perf_counter() - t0
-    warm, timed = batches[:args.warmup], batches[args.warmup:]
-    print(f"{source}; batch {BATCH}; ResNet-32; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
-          f"{args.steps} steps per arm", flush=True)
+    warm, timed = batches[: args.warmup], batches[args.warmup :]
+    print(
+        f"{source}; batch {BATCH}; ResNet-32; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
+        f"{args.steps} steps per arm",
+        flush=True,
+    )
 
     for arm in arms.values():
         if warm:
@@ -189,24 +231,33 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     runs: Dict[str, List[float]] = {name: [] for name in ARMS}
     for r in range(args.repeats):
-        chunk = timed[r * args.steps:(r + 1) * args.steps]   # every arm trains on the same batches
+        chunk = timed[r * args.steps : (r + 1) * args.steps]  # every arm trains on the same batches
         order = ARMS if r % 2 == 0 else tuple(reversed(ARMS))
         for name in order:
             runs[name].append(arms[name].measure(chunk))
-        print(f"  round {r + 1}/{args.repeats}  " + "  ".join(
-            f"{name} {1000 * runs[name][-1]:7.1f} ms" for name in ARMS), flush=True)
+        print(
+            f"  round {r + 1}/{args.repeats}  "
+            + "  ".join(f"{name} {1000 * runs[name][-1]:7.1f} ms" for name in ARMS),
+            flush=True,
+        )
     measure_s = time.perf_counter() - t1
 
     steps_timed = args.steps * args.repeats
-    passes = {name: {"forward": arms[name].forwards / steps_timed,
-                     "backward": arms[name].backwards / steps_timed} for name in ARMS}
+    passes = {
+        name: {
+            "forward": arms[name].forwards / steps_timed,
+            "backward": arms[name].backwards / steps_timed,
+        }
+        for name in ARMS
+    }
     med = {name: median(v) for name, v in runs.items()}
     paired = {name: [a / s for a, s in zip(runs[name], runs["sgd"])] for name in ("rsam", "sam")}
     ratio_paired = {name: median(v) for name, v in paired.items()}
     ratio_medians = {name: med[name] / med["sgd"] for name in ("rsam", "sam")}
 
-    passes_ok = all(passes[n]["forward"] == passes[n]["backward"] == EXPECTED_PASSES[n]
-                    for n in ARMS)
+    passes_ok = all(
+        passes[n]["forward"] == passes[n]["backward"] == EXPECTED_PASSES[n] for n in ARMS
+    )
     rsam_ok = ratio_paired["rsam"] <= RSAM_MAX
     sam_ok = SAM_RANGE[0] <= ratio_paired["sam"] <= SAM_RANGE[1]
     passed = passes_ok and rsam_ok and sam_ok
@@ -214,57 +265,109 @@ def main(argv=None) -> int:
     rows = []
     for name in ARMS:
         v = runs[name]
-        rows.append([name, f"{passes[name]['forward']:g} / {passes[name]['backward']:g}",
-                     f"{1000 * med[name]:.1f}", f"{1000 * min(v):.1f}", f"{1000 * max(v):.1f}",
-                     f"{100 * spread(v):.1f}%",
-                     "1" if name == "sgd" else f"{ratio_paired[name]:.3f}",
-                     "1" if name == "sgd" else f"{ratio_medians[name]:.3f}",
-                     f"{arms[name].last_loss:.3f}"])
+        rows.append(
+            [
+                name,
+                f"{passes[name]['forward']:g} / {passes[name]['backward']:g}",
+                f"{1000 * med[name]:.1f}",
+                f"{1000 * min(v):.1f}",
+                f"{1000 * max(v):.1f}",
+                f"{100 * spread(v):.1f}%",
+                "1" if name == "sgd" else f"{ratio_paired[name]:.3f}",
+                "1" if name == "sgd" else f"{ratio_medians[name]:.3f}",
+                f"{arms[name].last_loss:.3f}",
+            ]
+        )
     print()
-    print(format_table(["optimiser", "fwd / bwd per step", "step ms (median)", "min", "max",
-                        "spread", "x SGD (paired)", "x SGD (medians)", "last loss"], rows))
-    print(f"\ncheck: passes per step 1/1/2: {'PASS' if passes_ok else 'FAIL'}; "
-          f"RSAM/SGD {ratio_paired['rsam']:.3f} <= {RSAM_MAX}: {'PASS' if rsam_ok else 'FAIL'}; "
-          f"SAM/SGD {ratio_paired['sam']:.3f} in [{SAM_RANGE[0]}, {SAM_RANGE[1]}]: "
-          f"{'PASS' if sam_ok else 'FAIL'}")
+    print(
+        format_table(
+            [
+                "optimiser",
+                "fwd / bwd per step",
+                "step ms (median)",
+                "min",
+                "max",
+                "spread",
+                "x SGD (paired)",
+                "x SGD (medians)",
+                "last loss",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\ncheck: passes per step 1/1/2: {'PASS' if passes_ok else 'FAIL'}; "
+        f"RSAM/SGD {ratio_paired['rsam']:.3f} <= {RSAM_MAX}: {'PASS' if rsam_ok else 'FAIL'}; "
+        f"SAM/SGD {ratio_paired['sam']:.3f} in [{SAM_RANGE[0]}, {SAM_RANGE[1]}]: "
+        f"{'PASS' if sam_ok else 'FAIL'}"
+    )
 
     result = run_header("optimizer_cost")
     result["machine"]["load_average_at_start"] = load_at_start
     result["machine"]["load_average_at_end"] = result["machine"].pop("load_average_1_5_15", None)
-    result.update({
-        "settings": {
-            "device": "cpu", "data": source, "synthetic": args.synthetic,
-            "data_root": None if data_root is None else str(data_root),
-            "model": base_cfg.model.backbone, "batch_size": BATCH,
-            "channels_last": base_cfg.train.channels_last, "config": str(CONFIG.relative_to(REPO_ROOT)),
-            "overrides": overrides, "optimizers": {name: {
-                "optim.name": name, "rho": arms[name].cfg.optim.params().get("rho"),
-                "dis_mul": arms[name].cfg.optim.params().get("dis_mul")}
-                for name in ARMS},
-            "steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup,
-            "threads": torch.get_num_threads(), "threads_requested": args.threads,
-            "quick": args.quick,
-            "order": "rounds alternate sgd, rsam, sam / sam, rsam, sgd; same batches per round",
-            "measurement": "median step time of the steps of one measurement",
-            "build_seconds": round(build_s, 2), "measure_seconds": round(measure_s, 1),
-        },
-        "passes_per_step": passes,
-        "step_seconds": {name: {"median": med[name], "runs": runs[name],
-                                "spread": spread(runs[name]),
-                                "all_steps": arms[name].step_seconds,
-                                "last_loss": arms[name].last_loss} for name in ARMS},
-        "ratios": {
-            "rsam_over_sgd_paired_median": ratio_paired["rsam"],
-            "sam_over_sgd_paired_median": ratio_paired["sam"],
-            "rsam_over_sgd_paired": paired["rsam"], "sam_over_sgd_paired": paired["sam"],
-            "rsam_over_sgd_medians": ratio_medians["rsam"],
-            "sam_over_sgd_medians": ratio_medians["sam"],
-        },
-        "check": {"statistic": "paired medians and passes per step",
-                  "expected_passes": EXPECTED_PASSES, "rsam_max": RSAM_MAX,
-                  "sam_range": list(SAM_RANGE), "passes_ok": passes_ok, "rsam_ok": rsam_ok,
-                  "sam_ok": sam_ok, "passed": passed, "enforced": not args.no_check},
-    })
+    result.update(
+        {
+            "settings": {
+                "device": "cpu",
+                "data": source,
+                "synthetic": args.synthetic,
+                "data_root": None if data_root is None else str(data_root),
+                "model": base_cfg.model.backbone,
+                "batch_size": BATCH,
+                "channels_last": base_cfg.train.channels_last,
+                "config": str(CONFIG.relative_to(REPO_ROOT)),
+                "overrides": overrides,
+                "optimizers": {
+                    name: {
+                        "optim.name": name,
+                        "rho": arms[name].cfg.optim.params().get("rho"),
+                        "dis_mul": arms[name].cfg.optim.params().get("dis_mul"),
+                    }
+                    for name in ARMS
+                },
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "warmup_steps": args.warmup,
+                "threads": torch.get_num_threads(),
+                "threads_requested": args.threads,
+                "quick": args.quick,
+                "order": "rounds alternate sgd, rsam, sam / sam, rsam, sgd; same batches per round",
+                "measurement": "median step time of the steps of one measurement",
+                "build_seconds": round(build_s, 2),
+                "measure_seconds": round(measure_s, 1),
+            },
+            "passes_per_step": passes,
+            "step_seconds": {
+                name: {
+                    "median": med[name],
+                    "runs": runs[name],
+                    "spread": spread(runs[name]),
+                    "all_steps": arms[name].step_seconds,
+                    "last_loss": arms[name].last_loss,
+                }
+                for name in ARMS
+            },
+            "ratios": {
+                "rsam_over_sgd_paired_median": ratio_paired["rsam"],
+                "sam_over_sgd_paired_median": ratio_paired["sam"],
+                "rsam_over_sgd_paired": paired["rsam"],
+                "sam_over_sgd_paired": paired["sam"],
+                "rsam_over_sgd_medians": ratio_medians["rsam"],
+                "sam_over_sgd_medians": ratio_medians["sam"],
+            },
+            "check": {
+                "statistic": "paired medians and passes per step",
+                "expected_passes": EXPECTED_PASSES,
+                "rsam_max": RSAM_MAX,
+                "sam_range": list(SAM_RANGE),
+                "passes_ok": passes_ok,
+                "rsam_ok": rsam_ok,
+                "sam_ok": sam_ok,
+                "passed": passed,
+                "enforced": not args.no_check,
+            },
+        }
+    )
     if not all(math.isfinite(arm.last_loss) for arm in arms.values()):
         print("warning: a non-finite training loss was seen", file=sys.stderr)
     path = write_json(Path(args.out), result)

@@ -44,12 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    format_table,
+    load_average,
+    median,
+    parse_timing_args,
+    run_header,
+    spread,
+    timing_parser,
+    write_json,
+)
 from tqdm import tqdm  # noqa: E402
 
-from _common import (REPO_ROOT, format_table, load_average, median, parse_timing_args,  # noqa: E402
-                     run_header, spread, timing_parser, write_json)
-
-CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"      # with data=cifar10_lt
+CONFIG = REPO_ROOT / "configs" / "methods" / "ce.yaml"  # with data=cifar10_lt
 DATASET = "cifar10-lt"
 BATCH = 128
 PADDING = 4
@@ -93,9 +101,13 @@ class EngineArm:
 
         self.name = name
         self.channels_last = channels_last
-        self.overrides = ["data=cifar10_lt", "train.device=cpu", "train.progress=true",
-                          f"train.channels_last={str(channels_last).lower()}",
-                          f"train.batch_size={BATCH}"]
+        self.overrides = [
+            "data=cifar10_lt",
+            "train.device=cpu",
+            "train.progress=true",
+            f"train.channels_last={str(channels_last).lower()}",
+            f"train.batch_size={BATCH}",
+        ]
         if threads:
             self.overrides.append(f"train.num_threads={threads}")
         self.cfg = load_config(CONFIG, self.overrides)
@@ -118,8 +130,13 @@ class EngineArm:
         run.loader.steps = steps
         show_bar = cfg.train.progress and run.dist.is_main
         start = time.perf_counter()
-        bar = tqdm(total=len(run.loader), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not show_bar)
+        bar = tqdm(
+            total=len(run.loader),
+            desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not show_bar,
+        )
         row = train_one_epoch(run, self.epoch, bar if show_bar else None)
         bar.close()
         seconds = time.perf_counter() - start
@@ -133,8 +150,9 @@ class EngineArm:
 # hand side: a minimal PyTorch loop a researcher would write
 
 
-def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-              pad: int = PADDING) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = PADDING
+) -> torch.Tensor:
     """uint8 [B, C, H, W] -> random crop from the zero-padded image at (dy, dx), flipped where asked."""
     b, c, h, w = x.shape
     x = F.pad(x, (pad, pad, pad, pad))
@@ -147,16 +165,24 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 class HandArm:
     """Everything inline: permutation, gather, crop/flip, normalise, forward, CE, backward, SGD."""
 
-    def __init__(self, name: str, data_root: Path, model_cfg, seed: int, lr: float,
-                 warmup_epochs: float, channels_last: bool):
+    def __init__(
+        self,
+        name: str,
+        data_root: Path,
+        model_cfg,
+        seed: int,
+        lr: float,
+        warmup_epochs: float,
+        channels_last: bool,
+    ):
         from longtail.data import build_data
         from longtail.models import build_model
 
         self.name = name
         self.channels_last = channels_last
         data = build_data(DATASET, data_root)
-        self.images = data.train.images          # uint8 [N, 3, 32, 32]
-        self.labels = data.train.labels          # int64 [N]
+        self.images = data.train.images  # uint8 [N, 3, 32, 32]
+        self.labels = data.train.labels  # int64 [N]
         self.mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(data.std).view(1, -1, 1, 1) * 255
         torch.manual_seed(seed)
@@ -182,7 +208,7 @@ class HandArm:
         marks = []
         for i in range(steps):
             marks.append(time.perf_counter())
-            idx = perm[i * BATCH:(i + 1) * BATCH]
+            idx = perm[i * BATCH : (i + 1) * BATCH]
             x, y = self.images[idx], self.labels[idx]
             dy = torch.randint(0, 2 * PADDING + 1, (len(idx),), generator=g)
             dx = torch.randint(0, 2 * PADDING + 1, (len(idx),), generator=g)
@@ -221,13 +247,23 @@ def check_augmentation_matches() -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = timing_parser(__doc__, "throughput", steps=30, repeats=7, warmup=5,
-                      quick_help="2 steps x 2 repeats, no warm-up")
-    p.add_argument("--channels-last", action="store_true",
-                   help="compare engine and hand loop in channels_last (the extra arm is then the "
-                        "engine in contiguous format)")
-    p.add_argument("--no-check", action="store_true",
-                   help=f"exit 0 even when engine/hand < {THRESHOLD}")
+    p = timing_parser(
+        __doc__,
+        "throughput",
+        steps=30,
+        repeats=7,
+        warmup=5,
+        quick_help="2 steps x 2 repeats, no warm-up",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="compare engine and hand loop in channels_last (the extra arm is then the "
+        "engine in contiguous format)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help=f"exit 0 even when engine/hand < {THRESHOLD}"
+    )
     return parse_timing_args(p, argv, "throughput", quick=(2, 2, 0))
 
 
@@ -251,18 +287,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"--steps {args.steps} exceeds the {engine.full_steps} steps of an epoch")
     # each measurement is one (cut) epoch on both sides: same lr, warm-up, momentum, weight decay
     lr, warmup_epochs = engine.cfg.optim.lr, engine.cfg.schedule.warmup_epochs
-    hand = HandArm("hand", data_root, engine.cfg.model, engine.cfg.seed, lr, warmup_epochs,
-                   channels_last=cl)
+    hand = HandArm(
+        "hand", data_root, engine.cfg.model, engine.cfg.seed, lr, warmup_epochs, channels_last=cl
+    )
     if not torch.equal(hand.labels, engine.train_labels):
         raise SystemExit("internal error: the two sides do not train on the same subset")
     other = EngineArm(f"engine-{other_fmt}", data_root, channels_last=not cl, threads=args.threads)
     arms = [engine, hand, other]
     build_s = time.perf_counter() - t0
 
-    print(f"CIFAR-10-LT IF100: {len(hand.labels)} training images, batch {BATCH}, "
-          f"{engine.full_steps} steps/epoch; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
-          f"{args.steps} steps per arm", flush=True)
+    print(
+        f"CIFAR-10-LT IF100: {len(hand.labels)} training images, batch {BATCH}, "
+        f"{engine.full_steps} steps/epoch; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.repeats} x "
+        f"{args.steps} steps per arm",
+        flush=True,
+    )
     if args.warmup:
         for arm in arms:
             arm.measure(args.warmup)
@@ -278,8 +318,11 @@ def main(argv=None) -> int:
             s = arm.measure(args.steps)
             seconds[arm.name].append(s)
             step_ips[arm.name].append(BATCH / median(arm.step_seconds))
-            print(f"  round {r + 1}/{args.repeats}  {arm.name:<22} {args.steps * BATCH / s:7.1f} img/s"
-                  f"  (median step: {step_ips[arm.name][-1]:6.1f} img/s)", flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats}  {arm.name:<22} {args.steps * BATCH / s:7.1f} img/s"
+                f"  (median step: {step_ips[arm.name][-1]:6.1f} img/s)",
+                flush=True,
+            )
 
     measure_s = time.perf_counter() - t1
     ips = {k: [args.steps * BATCH / s for s in v] for k, v in seconds.items()}
@@ -295,71 +338,132 @@ def main(argv=None) -> int:
     cl_paired = [a / b for a, b in zip(cl_ips, contig_ips)]
     passed = median(paired) >= THRESHOLD
 
-    labels = {"engine": "engine (longtail train path)", "hand": "hand-written loop",
-              other.name: "engine (longtail train path)"}
+    labels = {
+        "engine": "engine (longtail train path)",
+        "hand": "hand-written loop",
+        other.name: "engine (longtail train path)",
+    }
     rows = []
     for arm in arms:
         v = ips[arm.name]
-        rows.append([labels[arm.name], main_fmt if arm is not other else other_fmt,
-                     f"{med[arm.name]:.1f}", f"{min(v):.1f}", f"{max(v):.1f}",
-                     f"{100 * spread(v):.1f}%", f"{step_med[arm.name]:.1f}",
-                     f"{arm.last_loss:.3f}"])
+        rows.append(
+            [
+                labels[arm.name],
+                main_fmt if arm is not other else other_fmt,
+                f"{med[arm.name]:.1f}",
+                f"{min(v):.1f}",
+                f"{max(v):.1f}",
+                f"{100 * spread(v):.1f}%",
+                f"{step_med[arm.name]:.1f}",
+                f"{arm.last_loss:.3f}",
+            ]
+        )
     print()
-    print(format_table(["arm", "memory format", "img/s (median)", "min", "max", "spread",
-                        "median-step img/s", "last loss"], rows))
+    print(
+        format_table(
+            [
+                "arm",
+                "memory format",
+                "img/s (median)",
+                "min",
+                "max",
+                "spread",
+                "median-step img/s",
+                "last loss",
+            ],
+            rows,
+        )
+    )
     print()
-    print(format_table(
-        ["ratio", "paired rounds (median)", "medians per side", "median steps"],
-        [[f"engine / hand ({main_fmt})", f"{median(paired):.3f}", f"{ratio:.3f}",
-          f"{step_ratio:.3f}"],
-         ["engine channels_last / contiguous", f"{median(cl_paired):.3f}", f"{cl_ratio:.3f}",
-          f"{step_cl_ratio:.3f}"]]))
-    print(f"\ncheck: engine / hand, median of the {len(paired)} back-to-back pairs = "
-          f"{median(paired):.3f} (required >= {THRESHOLD}): {'PASS' if passed else 'FAIL'}")
+    print(
+        format_table(
+            ["ratio", "paired rounds (median)", "medians per side", "median steps"],
+            [
+                [
+                    f"engine / hand ({main_fmt})",
+                    f"{median(paired):.3f}",
+                    f"{ratio:.3f}",
+                    f"{step_ratio:.3f}",
+                ],
+                [
+                    "engine channels_last / contiguous",
+                    f"{median(cl_paired):.3f}",
+                    f"{cl_ratio:.3f}",
+                    f"{step_cl_ratio:.3f}",
+                ],
+            ],
+        )
+    )
+    print(
+        f"\ncheck: engine / hand, median of the {len(paired)} back-to-back pairs = "
+        f"{median(paired):.3f} (required >= {THRESHOLD}): {'PASS' if passed else 'FAIL'}"
+    )
 
     result = run_header("throughput")
     result["machine"]["load_average_at_start"] = load_at_start
     result["machine"]["load_average_at_end"] = result["machine"].pop("load_average_1_5_15", None)
-    result.update({
-        "settings": {
-            "device": "cpu", "dataset": DATASET, "train_images": len(hand.labels),
-            "batch_size": BATCH, "steps_per_epoch": engine.full_steps, "steps": args.steps,
-            "repeats": args.repeats, "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
-            "threads_requested": args.threads, "channels_last": cl, "quick": args.quick,
-            "engine_config": str(CONFIG.relative_to(REPO_ROOT)),
-            "engine_overrides": engine.overrides, "hand_lr": lr, "hand_warmup_epochs": warmup_epochs,
-            "order": "rounds alternate hand, engine, engine-other / engine-other, engine, hand",
-            "build_seconds": round(build_s, 2),
-            "measure_seconds": round(measure_s, 1),
-        },
-        "images_per_s": {
-            arm.name: {"memory_format": main_fmt if arm is not other else other_fmt,
-                       "median": med[arm.name], "runs": ips[arm.name],
-                       "spread": spread(ips[arm.name]),
-                       "median_step": step_med[arm.name], "median_step_runs": step_ips[arm.name],
-                       "last_loss": arm.last_loss}
-            for arm in arms
-        },
-        "ratios": {
-            "engine_over_hand": ratio,
-            "engine_over_hand_paired_median": median(paired),
-            "engine_over_hand_paired": paired,
-            "engine_channels_last_over_contiguous": cl_ratio,
-            "engine_channels_last_over_contiguous_paired_median": median(cl_paired),
-            "engine_over_hand_median_step": step_ratio,
-            "engine_channels_last_over_contiguous_median_step": step_cl_ratio,
-        },
-        "check": {"statistic": "engine_over_hand_paired_median", "threshold": THRESHOLD,
-                  "passed": passed, "enforced": not args.no_check},
-    })
+    result.update(
+        {
+            "settings": {
+                "device": "cpu",
+                "dataset": DATASET,
+                "train_images": len(hand.labels),
+                "batch_size": BATCH,
+                "steps_per_epoch": engine.full_steps,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "warmup_steps": args.warmup,
+                "threads": torch.get_num_threads(),
+                "threads_requested": args.threads,
+                "channels_last": cl,
+                "quick": args.quick,
+                "engine_config": str(CONFIG.relative_to(REPO_ROOT)),
+                "engine_overrides": engine.overrides,
+                "hand_lr": lr,
+                "hand_warmup_epochs": warmup_epochs,
+                "order": "rounds alternate hand, engine, engine-other / engine-other, engine, hand",
+                "build_seconds": round(build_s, 2),
+                "measure_seconds": round(measure_s, 1),
+            },
+            "images_per_s": {
+                arm.name: {
+                    "memory_format": main_fmt if arm is not other else other_fmt,
+                    "median": med[arm.name],
+                    "runs": ips[arm.name],
+                    "spread": spread(ips[arm.name]),
+                    "median_step": step_med[arm.name],
+                    "median_step_runs": step_ips[arm.name],
+                    "last_loss": arm.last_loss,
+                }
+                for arm in arms
+            },
+            "ratios": {
+                "engine_over_hand": ratio,
+                "engine_over_hand_paired_median": median(paired),
+                "engine_over_hand_paired": paired,
+                "engine_channels_last_over_contiguous": cl_ratio,
+                "engine_channels_last_over_contiguous_paired_median": median(cl_paired),
+                "engine_over_hand_median_step": step_ratio,
+                "engine_channels_last_over_contiguous_median_step": step_cl_ratio,
+            },
+            "check": {
+                "statistic": "engine_over_hand_paired_median",
+                "threshold": THRESHOLD,
+                "passed": passed,
+                "enforced": not args.no_check,
+            },
+        }
+    )
     if not all(math.isfinite(arm.last_loss) for arm in arms):
         print("warning: a non-finite training loss was seen", file=sys.stderr)
     path = write_json(Path(args.out), result)
     print(f"\nwrote {path}")
     if not passed and not args.no_check:
-        print(f"FAIL: the engine reaches {median(paired):.3f}x of the hand-written loop "
-              f"(< {THRESHOLD})",
-              file=sys.stderr)
+        print(
+            f"FAIL: the engine reaches {median(paired):.3f}x of the hand-written loop "
+            f"(< {THRESHOLD})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

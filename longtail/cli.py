@@ -18,9 +18,13 @@ from longtail.core.errors import LongtailError
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="cifar10, cifar100, mnist, fashion-mnist, each also with -lt")
-    p.add_argument("--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)")
+    p.add_argument(
+        "--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)"
+    )
     p.add_argument("--profile", choices=["exp", "step"], default="exp")
-    p.add_argument("--data-root", default=None, help="data folder (else $LONGTAIL_DATA, else the cache)")
+    p.add_argument(
+        "--data-root", default=None, help="data folder (else $LONGTAIL_DATA, else the cache)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset statistics and split export")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    stats = dsub.add_parser("stats", help="per-class counts, imbalance factor, many/medium/few classes")
+    stats = dsub.add_parser(
+        "stats", help="per-class counts, imbalance factor, many/medium/few classes"
+    )
     _add_data_args(stats)
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     split = dsub.add_parser("split", help="write the training subset as 'index label' lines")
@@ -38,14 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
-    train.add_argument("overrides", nargs="*",
-                       help="data=NAME (configs/datasets/), model=NAME (configs/models/) and dotted "
-                            "overrides, e.g. data=cifar10_lt train.epochs=2 optim.lr=0.05")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        help="data=NAME (configs/datasets/), model=NAME (configs/models/) and dotted "
+        "overrides, e.g. data=cifar10_lt train.epochs=2 optim.lr=0.05",
+    )
     train.add_argument("--data-root", default=None)
     train.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
-    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
-    train.add_argument("--print-config", action="store_true",
-                       help="print the resolved config (composed, overridden, validated) and exit")
+    train.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run"
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (composed, overridden, validated) and exit",
+    )
 
     ev = sub.add_parser("eval", help="recompute a run's metrics from its saved weights")
     ev.add_argument("run_dir")
@@ -53,28 +67,52 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
 
     ls = sub.add_parser("list", help="the registered components a config can name, with options")
-    ls.add_argument("section", nargs="?", default=None,
-                    help="only one section: loss, optim, schedule, sampler, method, hooks, model")
+    ls.add_argument(
+        "section",
+        nargs="?",
+        default=None,
+        help="only one section: loss, optim, schedule, sampler, method, hooks, model",
+    )
     ls.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="run a benchmark suite (configs/bench/<name>.yaml)")
     bench.add_argument("suite", help="suite name (configs/bench/<name>.yaml) or a suite file")
-    bench.add_argument("--out", default="runs/bench", help="runs go to OUT/<suite>/<run> "
-                       "(default runs/bench)")
+    bench.add_argument(
+        "--out", default="runs/bench", help="runs go to OUT/<suite>/<run> (default runs/bench)"
+    )
     bench.add_argument("--data-root", default=None)
-    bench.add_argument("--only", default=None, metavar="GLOB",
-                       help="only runs whose name matches (comma-separated globs; their stage1 "
-                            "runs are added)")
-    bench.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
-    bench.add_argument("--subprocess", action="store_true",
-                       help="run each as `python -m longtail train ...` (default: in this process)")
-    bench.add_argument("--results", default="benchmarks/results", metavar="DIR",
-                       help="where <suite>.md / <suite>.json go (default benchmarks/results)")
-    bench.add_argument("--report-only", action="store_true",
-                       help="train nothing: rewrite the results files from the run folders and "
-                            "regenerate the docs page")
-    bench.add_argument("--docs", default="docs/results.md", metavar="FILE",
-                       help="the page --report-only regenerates (default docs/results.md)")
+    bench.add_argument(
+        "--only",
+        default=None,
+        metavar="GLOB",
+        help="only runs whose name matches (comma-separated globs; their stage1 runs are added)",
+    )
+    bench.add_argument(
+        "--dry-run", action="store_true", help="print the planned runs, train nothing"
+    )
+    bench.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="run each as `python -m longtail train ...` (default: in this process)",
+    )
+    bench.add_argument(
+        "--results",
+        default="benchmarks/results",
+        metavar="DIR",
+        help="where <suite>.md / <suite>.json go (default benchmarks/results)",
+    )
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rewrite the results files from the run folders and "
+        "regenerate the docs page",
+    )
+    bench.add_argument(
+        "--docs",
+        default="docs/results.md",
+        metavar="FILE",
+        help="the page --report-only regenerates (default docs/results.md)",
+    )
     return parser
 
 
@@ -85,8 +123,10 @@ def cmd_data_stats(args) -> int:
     if args.json:
         print(json.dumps(stats))
         return 0
-    print(f"{stats['dataset']}: {stats['num_classes']} classes, {stats['total']} training images, "
-          f"imbalance factor {stats['imbalance_factor']:.1f}")
+    print(
+        f"{stats['dataset']}: {stats['num_classes']} classes, {stats['total']} training images, "
+        f"imbalance factor {stats['imbalance_factor']:.1f}"
+    )
     width = len(str(stats["num_classes"] - 1))
     group_of = {c: g for g, cs in stats["groups"].items() for c in cs}
     for c, n in enumerate(stats["counts"]):
@@ -99,7 +139,9 @@ def cmd_data_stats(args) -> int:
 def cmd_data_split(args) -> int:
     from longtail.data.stats import export_split
 
-    n = export_split(args.dataset, Path(args.out), args.imbalance_factor, args.profile, args.data_root)
+    n = export_split(
+        args.dataset, Path(args.out), args.imbalance_factor, args.profile, args.data_root
+    )
     print(f"wrote {n} lines 'index label' to {args.out}")
     return 0
 
@@ -115,7 +157,6 @@ def cmd_train(args) -> int:
     from longtail.core.config import (
         apply_overrides,
         load_config,
-        load_yaml_tree,
         split_selectors,
         validate,
     )
@@ -126,37 +167,51 @@ def cmd_train(args) -> int:
     selectors, _ = split_selectors(overrides)
     if args.resume:
         if selectors:
-            raise LongtailError(f"--resume {args.resume} continues the run with the config it "
-                                f"saved; {', '.join(f'{k}=...' for k in selectors)} cannot change "
-                                f"its files. Start a new run (longtail train RECIPE "
-                                f"{' '.join(f'{k}={v}' for k, v in selectors.items())}) instead.")
-        run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise LongtailError(f"{run_dir} is not a run folder (no config.yaml). Pass the folder that "
-                                f"`longtail train` wrote, e.g. --resume runs/<name>.")
-        cfg = validate(apply_overrides(load_yaml_tree(saved), overrides), f"config {saved}")
+            raise LongtailError(
+                f"--resume {args.resume} continues the run with the config it "
+                f"saved; {', '.join(f'{k}=...' for k in selectors)} cannot change "
+                f"its files. Start a new run (longtail train RECIPE "
+                f"{' '.join(f'{k}={v}' for k, v in selectors.items())}) instead."
+            )
+        from longtail.core.run_folder import RunFolder
+
+        folder = RunFolder(args.resume)
+        run_dir = folder.path
+        cfg = validate(
+            apply_overrides(folder.config_tree(), overrides), f"config {folder.config_path}"
+        )
     else:
         if config is None:
-            raise LongtailError("No config given. Usage: longtail train CONFIG [data=NAME] "
-                                "[key=value ...], e.g. longtail train configs/methods/ce.yaml "
-                                "data=cifar10_lt train.epochs=2.")
+            raise LongtailError(
+                "No config given. Usage: longtail train CONFIG [data=NAME] "
+                "[key=value ...], e.g. longtail train configs/methods/ce.yaml "
+                "data=cifar10_lt train.epochs=2."
+            )
         cfg = load_config(config, overrides)
         prefix = Path(selectors["data"]).stem if "data" in selectors else Path(config).parent.name
-        run_dir = Path(args.out) if args.out else Path("runs") / (
-            f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = (
+            Path(args.out)
+            if args.out
+            else Path("runs") / (f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
     if args.print_config:
         from longtail.engine.config_check import check_config
 
-        if not cfg.stages:      # a pipeline's stages are checked when they are expanded
+        if not cfg.stages:  # a pipeline's stages are checked when they are expanded
             check_config(cfg)
         print(cfg.to_yaml(), end="")
         return 0
     if cfg.stages:  # a multi-stage config: RUN_DIR/<stage>/ each (longtail.engine.pipeline)
         from longtail.engine.pipeline import run_pipeline
 
-        run_pipeline(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume),
-                     overrides=overrides, source=None if args.resume else Path(config))
+        run_pipeline(
+            cfg,
+            run_dir,
+            resolve_data_root(args.data_root),
+            resume=bool(args.resume),
+            overrides=overrides,
+            source=None if args.resume else Path(config),
+        )
         return 0
     fit(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume))
     return 0
@@ -171,8 +226,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(results))
     else:
-        splits = {"test": results, **{k: v for k, v in results.items()
-                                      if isinstance(v, dict) and "top1" in v}}
+        splits = {
+            "test": results,
+            **{k: v for k, v in results.items() if isinstance(v, dict) and "top1" in v},
+        }
         print(results_table(splits))
     return 0
 
@@ -182,34 +239,56 @@ def _bench_command(args) -> str:
     import shlex
 
     parts = ["longtail", "bench", args.suite]
-    for flag, value, default in (("--out", args.out, "runs/bench"), ("--data-root", args.data_root, None),
-                                 ("--only", args.only, None), ("--results", args.results,
-                                                               "benchmarks/results"),
-                                 ("--docs", args.docs, "docs/results.md")):
+    for flag, value, default in (
+        ("--out", args.out, "runs/bench"),
+        ("--data-root", args.data_root, None),
+        ("--only", args.only, None),
+        ("--results", args.results, "benchmarks/results"),
+        ("--docs", args.docs, "docs/results.md"),
+    ):
         if value != default:
             parts += [flag, str(value)]
-    parts += [flag for flag, on in (("--subprocess", args.subprocess), ("--dry-run", args.dry_run),
-                                    ("--report-only", args.report_only)) if on]
+    parts += [
+        flag
+        for flag, on in (
+            ("--subprocess", args.subprocess),
+            ("--dry-run", args.dry_run),
+            ("--report-only", args.report_only),
+        )
+        if on
+    ]
     return shlex.join(parts)
 
 
 def cmd_bench(args) -> int:
     from longtail.bench.runner import BenchOptions, run_bench
 
-    return run_bench(BenchOptions(
-        suite=args.suite, out=Path(args.out), data_root=args.data_root, only=args.only,
-        dry_run=args.dry_run, subprocess=args.subprocess, results_dir=Path(args.results),
-        report_only=args.report_only, docs=Path(args.docs) if args.docs else None,
-        command=_bench_command(args)))
+    return run_bench(
+        BenchOptions(
+            suite=args.suite,
+            out=Path(args.out),
+            data_root=args.data_root,
+            only=args.only,
+            dry_run=args.dry_run,
+            subprocess=args.subprocess,
+            results_dir=Path(args.results),
+            report_only=args.report_only,
+            docs=Path(args.docs) if args.docs else None,
+            command=_bench_command(args),
+        )
+    )
 
 
 def cmd_list(args) -> int:
     from longtail.engine.config_check import LISTED, describe_components
 
-    if args.section is not None and not any(k == args.section or k.startswith(args.section + ".")
-                                            for k in LISTED):
-        raise LongtailError(f"No section {args.section!r}: use one of "
-                            f"{', '.join(sorted({k.split('.')[0] for k in LISTED}))}.")
+    if args.section is not None and not any(
+        k == args.section or k.startswith(args.section + ".") for k in LISTED
+    ):
+        raise LongtailError(
+            f"No section {args.section!r}: use one of "
+            f"{', '.join(sorted({k.split('.')[0] for k in LISTED}))}."
+        )
     rows = describe_components(args.section)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -219,8 +298,11 @@ def cmd_list(args) -> int:
         if r["section"] != section:
             section = r["section"]
             print(f"\n{section}:" if r is not rows[0] else f"{section}:")
-        opts = "any (checked by the component)" if r["options"] is None else (
-            ", ".join(r["options"]) or "none")
+        opts = (
+            "any (checked by the component)"
+            if r["options"] is None
+            else (", ".join(r["options"]) or "none")
+        )
         print(f"  {r['name']:<18} {r['summary']}")
         print(f"  {'':<18} options: {opts}")
     return 0
@@ -253,8 +335,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except OSError as err:  # an unwritable --out, a full disk, a folder that vanished
         where = f" {err.filename}" if err.filename else ""
-        print(f"error: cannot access{where}: {err.strerror or err}. Check that the path exists and is "
-              f"writable, or choose another one.", file=sys.stderr)
+        print(
+            f"error: cannot access{where}: {err.strerror or err}. Check that the path exists and is "
+            f"writable, or choose another one.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)

@@ -32,8 +32,9 @@ def repository_results_stay_untouched():
     assert not changed, f"tests rewrote repository files: {changed} (give the test a tmp path)"
 
 
-def write_cifar10_folder(root: Path, train_per_class: int = 30, test_per_class: int = 10,
-                         seed: int = 0) -> Path:
+def write_cifar10_folder(
+    root: Path, train_per_class: int = 30, test_per_class: int = 10, seed: int = 0
+) -> Path:
     """A small CIFAR-10 in the official extracted layout (Python-2 style pickles with bytes keys).
 
     Images are learnable: class c has a distinct colour mean plus noise. Returns ``root``.
@@ -51,24 +52,48 @@ def write_cifar10_folder(root: Path, train_per_class: int = 30, test_per_class: 
 
     data, labels = make(train_per_class)
     for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
-        batch = {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": labels[part].tolist(),
-                 b"data": data[part], b"filenames": [b"x.png"] * len(part)}
+        batch = {
+            b"batch_label": f"training batch {i + 1} of 5".encode(),
+            b"labels": labels[part].tolist(),
+            b"data": data[part],
+            b"filenames": [b"x.png"] * len(part),
+        }
         with open(folder / f"data_batch_{i + 1}", "wb") as fh:
             pickle.dump(batch, fh, protocol=2)
     data, labels = make(test_per_class)
     with open(folder / "test_batch", "wb") as fh:
-        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"labels": labels.tolist(),
-                     b"data": data, b"filenames": [b"x.png"] * len(labels)}, fh, protocol=2)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
+        pickle.dump(
+            {
+                b"batch_label": b"testing batch 1 of 1",
+                b"labels": labels.tolist(),
+                b"data": data,
+                b"filenames": [b"x.png"] * len(labels),
+            },
+            fh,
+            protocol=2,
+        )
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}, fh,
-                    protocol=2)
+        pickle.dump(
+            {b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}, fh, protocol=2
+        )
     return root
 
 
-def write_cifar100_folder(root: Path, train_per_class: int = 10, test_per_class: int = 2,
-                          seed: int = 0) -> Path:
+def write_cifar100_folder(
+    root: Path, train_per_class: int = 10, test_per_class: int = 2, seed: int = 0
+) -> Path:
     """A small CIFAR-100 in the official extracted layout (``cifar-100-python/`` with the
     ``train`` / ``test`` / ``meta`` pickles, bytes keys, fine and coarse labels).
 
@@ -83,17 +108,36 @@ def write_cifar100_folder(root: Path, train_per_class: int = 10, test_per_class:
         pix = colours[fine][:, :, None] + rng.normal(0, 25, size=(len(fine), 3, 1024))
         data = np.clip(pix, 0, 255).astype(np.uint8).reshape(len(fine), 3072)
         with open(folder / split, "wb") as fh:
-            pickle.dump({b"filenames": [b"x.png"] * len(fine), b"batch_label": split.encode(),
-                         b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
-                         b"data": data}, fh, protocol=2)
+            pickle.dump(
+                {
+                    b"filenames": [b"x.png"] * len(fine),
+                    b"batch_label": split.encode(),
+                    b"fine_labels": fine.tolist(),
+                    b"coarse_labels": (fine // 5).tolist(),
+                    b"data": data,
+                },
+                fh,
+                protocol=2,
+            )
     with open(folder / "meta", "wb") as fh:
-        pickle.dump({b"fine_label_names": [b"class%02d" % i for i in range(100)],
-                     b"coarse_label_names": [b"super%02d" % i for i in range(20)]}, fh, protocol=2)
+        pickle.dump(
+            {
+                b"fine_label_names": [b"class%02d" % i for i in range(100)],
+                b"coarse_label_names": [b"super%02d" % i for i in range(20)],
+            },
+            fh,
+            protocol=2,
+        )
     return root
 
 
-def write_idx_folder(root: Path, folder: str = "FashionMNIST", train_per_class: int = 10,
-                     test_per_class: int = 2, seed: int = 0) -> Path:
+def write_idx_folder(
+    root: Path,
+    folder: str = "FashionMNIST",
+    train_per_class: int = 10,
+    test_per_class: int = 2,
+    seed: int = 0,
+) -> Path:
     """A small MNIST (``folder="MNIST"``) or Fashion-MNIST (``"FashionMNIST"``) in the official
     layout: ``ROOT/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` with real idx
     headers. Class c is a bright band at rows 2c+4 .. 2c+7. Returns ``root``."""
@@ -106,11 +150,15 @@ def write_idx_folder(root: Path, folder: str = "FashionMNIST", train_per_class: 
         labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
         images = rng.normal(40, 20, size=(len(labels), 28, 28))
         for i, c in enumerate(labels):
-            images[i, 2 * c + 4:2 * c + 8] += 150
+            images[i, 2 * c + 4 : 2 * c + 8] += 150
         images = np.clip(images, 0, 255).astype(np.uint8)
-        for stem, arr, magic in ((f"{prefix}-images-idx3-ubyte", images, 2051),
-                                 (f"{prefix}-labels-idx1-ubyte", labels, 2049)):
-            header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        for stem, arr, magic in (
+            (f"{prefix}-images-idx3-ubyte", images, 2051),
+            (f"{prefix}-labels-idx1-ubyte", labels, 2049),
+        ):
+            header = magic.to_bytes(4, "big") + b"".join(
+                int(d).to_bytes(4, "big") for d in arr.shape
+            )
             (raw / f"{stem}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
     return root
 
@@ -127,9 +175,9 @@ def real_data_root() -> Path:
 
     Skipped where no real data can be had, except in CI, where that is a failure.
     """
+    from longtail.core.errors import DataError
     from longtail.data.build import load_split
     from longtail.data.paths import resolve_data_root
-    from longtail.core.errors import DataError
 
     root = resolve_data_root(None)
     try:

@@ -4,14 +4,17 @@
 import numpy as np
 
 
-def reference_subset(labels: np.ndarray, img_max: int, cls_num: int, imb_factor: float,
-                     rand_number: int = 0) -> np.ndarray:
+def reference_subset(
+    labels: np.ndarray, img_max: int, cls_num: int, imb_factor: float, rand_number: int = 0
+) -> np.ndarray:
     """Independent re-implementation of kaidic/LDAM-DRW imbalance_cifar.py (exp profile), returning the
     selected positions: global np.random.seed + np.random.shuffle over np.unique(targets)."""
     state = np.random.get_state()
     try:
         np.random.seed(rand_number)
-        img_num_per_cls = [int(img_max * (imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
+        img_num_per_cls = [
+            int(img_max * (imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)
+        ]
         targets_np = np.array(labels, dtype=np.int64)
         selected = []
         for the_class, the_img_num in zip(np.unique(targets_np), img_num_per_cls):

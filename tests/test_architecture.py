@@ -87,21 +87,32 @@ def _function_level_imports(path: Path):
 
 
 def test_no_function_level_imports_of_the_package():
-    found = [f"{p.relative_to(PACKAGE)}:{line} {mod}" for p in sorted(PACKAGE.rglob("*.py"))
-             if str(p.relative_to(PACKAGE)) not in LAZY_IMPORTS_ALLOWED
-             for line, mod in _function_level_imports(p)]
+    found = [
+        f"{p.relative_to(PACKAGE)}:{line} {mod}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if str(p.relative_to(PACKAGE)) not in LAZY_IMPORTS_ALLOWED
+        for line, mod in _function_level_imports(p)
+    ]
     assert found == []
 
 
 def _registered():
     """{name: the file that registers it} over every component registry."""
     out = {}
-    for registry in (losses.LOSSES, samplers.SAMPLERS, methods.METHODS, hooks.HOOKS,
-                     optim.OPTIMIZERS, optim.SCHEDULES, models.BACKBONES, models.HEADS,
-                     models.NECKS):
+    for registry in (
+        losses.LOSSES,
+        samplers.SAMPLERS,
+        methods.METHODS,
+        hooks.HOOKS,
+        optim.OPTIMIZERS,
+        optim.SCHEDULES,
+        models.BACKBONES,
+        models.HEADS,
+        models.NECKS,
+    ):
         for name in registry.names():
             obj = registry.get(name)
-            target = getattr(obj, "build", obj)          # OptimInfo / ScheduleInfo
+            target = getattr(obj, "build", obj)  # OptimInfo / ScheduleInfo
             out.setdefault(name, set()).add(Path(inspect.getsourcefile(target)).resolve())
     return out
 
@@ -118,8 +129,11 @@ def _name_comparisons(path: Path, names):
             if isinstance(op, ast.Constant) and isinstance(op.value, str):
                 consts.append(op.value)
             elif isinstance(op, (ast.Tuple, ast.List, ast.Set)):
-                consts += [e.value for e in op.elts
-                           if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                consts += [
+                    e.value
+                    for e in op.elts
+                    if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                ]
         for value in consts:
             if value in names:
                 yield node.lineno, value

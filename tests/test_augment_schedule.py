@@ -17,7 +17,7 @@ def test_batched_crop_flip_equals_per_image_crop():
     for i in range(16):
         padded = F.pad(x[i], (4, 4, 4, 4))
         dy, dx = params.offsets[i].tolist()
-        ref = padded[:, dy:dy + 32, dx:dx + 32]
+        ref = padded[:, dy : dy + 32, dx : dx + 32]
         if params.flips[i]:
             ref = ref.flip(2)
         assert torch.equal(out[i], ref)

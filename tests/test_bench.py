@@ -13,18 +13,24 @@ import yaml
 
 from longtail.bench.report import collect_rows, render_results_doc, write_results_doc
 from longtail.bench.runner import BenchOptions, run_bench
-from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
 from longtail.bench.suite import load_suite, plan_suite
 from longtail.cli import main
 from longtail.core.config import load_config
-from longtail.engine.trainer import fit
 from longtail.core.errors import LongtailError
+from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
+from longtail.engine.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 METHODS = CONFIGS / "methods"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false"]
+TINY = [
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+]
 DECOUPLED = ("crt", "lws", "tau_norm", "ncm", "la_posthoc")
 BASELINES = ("ce", "focal", "cb_focal", "ldam_drw", "la", "bs", "cbs")
 DATASETS = ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt")
@@ -52,9 +58,15 @@ def bench(*argv):
     return rc, out.getvalue()
 
 
-TWO_RUNS = [{"name": "base", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
-            {"name": "second", "data": "cifar10_lt", "config": str(METHODS / "focal.yaml"),
-             "stage1": "base"}]
+TWO_RUNS = [
+    {"name": "base", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+    {
+        "name": "second",
+        "data": "cifar10_lt",
+        "config": str(METHODS / "focal.yaml"),
+        "stage1": "base",
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +92,35 @@ def test_scale_200_to_8_epochs():
     assert short.schedule.milestones == [6, 7]
     assert short.loss.params()["drw_epoch"] == 6
     assert short.schedule.warmup_epochs == pytest.approx(0.2)
-    assert short.train.eval_every == 0                      # 10 * 8 / 200 rounds to 0: at the end
-    assert cfg.train.epochs == 200                          # the input is not changed
+    assert short.train.eval_every == 0  # 10 * 8 / 200 rounds to 0: at the end
+    assert cfg.train.epochs == 200  # the input is not changed
     assert scale_epochs(cfg.to_dict(), 8)["schedule"]["milestones"] == [6, 7]
     assert "loss.drw_epoch=6" in epoch_overrides(cfg, 8)
-    assert load_config(METHODS / "ldam_drw.yaml",
-                       ["data=cifar10_lt", *epoch_overrides(cfg, 8)]).to_dict() == short.to_dict()
+    assert (
+        load_config(
+            METHODS / "ldam_drw.yaml", ["data=cifar10_lt", *epoch_overrides(cfg, 8)]
+        ).to_dict()
+        == short.to_dict()
+    )
 
 
 def test_scale_keeps_phases_inside_and_other_epoch_keys():
-    cfg = load_config(METHODS / "ldam_drw.yaml",
-                      ["data=cifar10_lt", "sampler=progressive", "sampler.total_epochs=200",
-                       "method.warm_epochs=100", "method.start_epoch=20"])
+    cfg = load_config(
+        METHODS / "ldam_drw.yaml",
+        [
+            "data=cifar10_lt",
+            "sampler=progressive",
+            "sampler.total_epochs=200",
+            "method.warm_epochs=100",
+            "method.start_epoch=20",
+        ],
+    )
     four = scale_epochs(cfg, 4)
-    assert four.schedule.milestones == [3, 4]               # distinct; 180 moves past 160
-    assert four.loss.params()["drw_epoch"] == 3             # re-weighting still happens
+    assert four.schedule.milestones == [3, 4]  # distinct; 180 moves past 160
+    assert four.loss.params()["drw_epoch"] == 3  # re-weighting still happens
     assert four.sampler.params()["total_epochs"] == 4
-    assert four.method.params()["warm_epochs"] == 2         # any *_epochs / *_epoch option
-    assert four.method.params()["start_epoch"] == 1         # 0.4 rounds to 0: kept inside
+    assert four.method.params()["warm_epochs"] == 2  # any *_epochs / *_epoch option
+    assert four.method.params()["start_epoch"] == 1  # 0.4 rounds to 0: kept inside
     assert scale_epochs(cfg, 400).schedule.milestones == [320, 360]
     assert scale_epochs(cfg, 200).to_dict() == cfg.to_dict()
 
@@ -105,8 +128,10 @@ def test_scale_keeps_phases_inside_and_other_epoch_keys():
 def test_scale_leaves_posthoc_and_cosine_milestones():
     posthoc = load_config(METHODS / "ce.yaml", ["data=cifar10_lt", "train.epochs=0"])
     assert scaled_settings(posthoc, 4) == {}
-    cosine = load_config(METHODS / "ce.yaml", ["data=cifar10_lt", "schedule=cosine",
-                                               "train.epochs=10", "schedule.warmup_epochs=0"])
+    cosine = load_config(
+        METHODS / "ce.yaml",
+        ["data=cifar10_lt", "schedule=cosine", "train.epochs=10", "schedule.warmup_epochs=0"],
+    )
     assert set(scaled_settings(cosine, 1)) == {"train.epochs", "train.eval_every"}
     with pytest.raises(LongtailError, match="positive integer"):
         scale_epochs(cosine, 0)
@@ -128,7 +153,7 @@ def test_suite_runs_and_resolves_stage1(tiny_suite):
     assert saved["model"]["backbone"] == "resnet8"
     bench_json = json.loads((base / "bench.json").read_text())
     assert bench_json["wall_seconds"] > 0 and "longtail train" in bench_json["train_command"]
-    assert "| base | ce |" in text and "| second | focal |" in text      # the printed table
+    assert "| base | ce |" in text and "| second | focal |" in text  # the printed table
 
 
 def test_results_files_hold_rows_machine_commit_command(tiny_suite):
@@ -142,13 +167,15 @@ def test_results_files_hold_rows_machine_commit_command(tiny_suite):
     rows = {r["name"]: r for r in data["rows"]}
     assert set(rows) == {"base", "second"}
     for r in rows.values():
-        assert r["status"] == "done" and r["dataset"] == "cifar10-lt" and r["imbalance_factor"] == 10
+        assert (
+            r["status"] == "done" and r["dataset"] == "cifar10-lt" and r["imbalance_factor"] == 10
+        )
         assert r["epochs"] == 1 and r["wall_seconds"] > 0
         assert {"top1", "many", "medium", "few", "ece"} <= set(r["test"])
         assert {"top1", "mean_class_acc"} <= set(r["val"])
-    assert data["baseline"] == "ce"                       # the suite names its baseline
+    assert data["baseline"] == "ce"  # the suite names its baseline
     assert rows["base"]["time_vs_baseline"] == pytest.approx(1.0)
-    assert rows["second"]["time_vs_baseline"] > 1.0       # its stage 1 counts too
+    assert rows["second"]["time_vs_baseline"] > 1.0  # its stage 1 counts too
     md = (results / "tiny.md").read_text()
     assert "| base | ce | CIFAR-10-LT | 10 | 1 |" in md and "| second | focal |" in md
     assert "Machine:" in md and data["machine"]["cpu_model"] in md
@@ -170,10 +197,17 @@ def test_interrupted_run_resumes(tiny_cifar_root, tmp_path):
     suite_file = write_suite(tmp_path, TWO_RUNS[:1], epochs=2, name="resume")
     plan = plan_suite(load_suite(suite_file), tmp_path / "runs")
     run_dir = plan[0].run_dir
-    assert fit(plan[0].cfg, run_dir, tiny_cifar_root, stop_after_epoch=1) is None   # "killed"
+    assert fit(plan[0].cfg, run_dir, tiny_cifar_root, stop_after_epoch=1) is None  # "killed"
     assert not (run_dir / "metrics.json").exists()
-    rc, text = bench(suite_file, "--out", tmp_path / "runs", "--results", tmp_path / "res",
-                     "--data-root", tiny_cifar_root)
+    rc, text = bench(
+        suite_file,
+        "--out",
+        tmp_path / "runs",
+        "--results",
+        tmp_path / "res",
+        "--data-root",
+        tiny_cifar_root,
+    )
     assert rc == 0 and "resuming after epoch 1" in text
     history = (run_dir / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2]
@@ -204,8 +238,15 @@ def test_only_adds_the_stage1_run(tmp_path):
 
 
 def test_overrides_as_mapping_and_imbalance_factor_sugar(tmp_path):
-    runs = [{"name": "a", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"), "imbalance_factor": 50,
-             "overrides": {"optim.lr": 0.05, "model.head": "cosine"}}]
+    runs = [
+        {
+            "name": "a",
+            "data": "cifar10_lt",
+            "config": str(METHODS / "ce.yaml"),
+            "imbalance_factor": 50,
+            "overrides": {"optim.lr": 0.05, "model.head": "cosine"},
+        }
+    ]
     suite_file = write_suite(tmp_path, runs, epochs=None, overrides={"train.batch_size": 64})
     (planned,) = plan_suite(load_suite(suite_file), tmp_path)
     assert planned.error is None
@@ -219,22 +260,31 @@ def test_data_key_selects_the_dataset_of_a_run(tmp_path):
     file under the recipe, shows in the plan and travels in the argv of a subprocess run."""
     from longtail.bench.runner import subprocess_argv
 
-    runs = [{"name": "c10", "config": str(METHODS / "ldam_drw.yaml")},          # the suite's
-            {"name": "c100", "data": "cifar100_lt", "config": str(METHODS / "ldam_drw.yaml")},
-            {"name": "fixed", "data": None, "config": str(CONFIGS / "quickstart.yaml")},
-            {"name": "none", "data": None, "config": str(METHODS / "ce.yaml")},
-            {"name": "typo", "data": "cifar11_lt", "config": str(METHODS / "ce.yaml")}]
+    runs = [
+        {"name": "c10", "config": str(METHODS / "ldam_drw.yaml")},  # the suite's
+        {"name": "c100", "data": "cifar100_lt", "config": str(METHODS / "ldam_drw.yaml")},
+        {"name": "fixed", "data": None, "config": str(CONFIGS / "quickstart.yaml")},
+        {"name": "none", "data": None, "config": str(METHODS / "ce.yaml")},
+        {"name": "typo", "data": "cifar11_lt", "config": str(METHODS / "ce.yaml")},
+    ]
     suite_file = write_suite(tmp_path, runs, epochs=None, data="cifar10_lt")
     plan = {p.name: p for p in plan_suite(load_suite(suite_file), tmp_path / "out")}
-    assert plan["c10"].cfg.data.dataset == "cifar10-lt" and plan["c10"].overrides[0] == "data=cifar10_lt"
+    assert (
+        plan["c10"].cfg.data.dataset == "cifar10-lt"
+        and plan["c10"].overrides[0] == "data=cifar10_lt"
+    )
     c100 = plan["c100"]
     assert c100.error is None and c100.cfg.data.dataset == "cifar100-lt"
-    assert c100.cfg.model.head == "cosine" and c100.cfg.data.imbalance_factor == 10     # TINY
-    assert c100.cfg.to_dict() == load_config(METHODS / "ldam_drw.yaml",
-                                             ["data=cifar100_lt", *TINY]).to_dict()
+    assert c100.cfg.model.head == "cosine" and c100.cfg.data.imbalance_factor == 10  # TINY
+    assert (
+        c100.cfg.to_dict()
+        == load_config(METHODS / "ldam_drw.yaml", ["data=cifar100_lt", *TINY]).to_dict()
+    )
     argv = subprocess_argv(c100, None, resume=False)
-    assert argv[argv.index("train") + 1:argv.index("train") + 3] == [str(METHODS / "ldam_drw.yaml"),
-                                                                     "data=cifar100_lt"]
+    assert argv[argv.index("train") + 1 : argv.index("train") + 3] == [
+        str(METHODS / "ldam_drw.yaml"),
+        "data=cifar100_lt",
+    ]
     assert plan["fixed"].error is None and plan["fixed"].cfg.data.dataset == "cifar10-lt"
     assert "add data=NAME" in plan["none"].error
     assert "cifar11_lt" in plan["typo"].error and "cifar100_lt" in plan["typo"].error
@@ -245,25 +295,45 @@ def test_data_key_selects_the_dataset_of_a_run(tmp_path):
 @pytest.mark.slow
 def test_subprocess_mode(tiny_cifar_root, tmp_path):
     suite_file = write_suite(tmp_path, TWO_RUNS[:1], name="sub")
-    rc, text = bench(suite_file, "--out", tmp_path / "runs", "--results", tmp_path / "res",
-                     "--data-root", tiny_cifar_root, "--subprocess")
+    rc, text = bench(
+        suite_file,
+        "--out",
+        tmp_path / "runs",
+        "--results",
+        tmp_path / "res",
+        "--data-root",
+        tiny_cifar_root,
+        "--subprocess",
+    )
     assert rc == 0, text
     assert (tmp_path / "runs" / "sub" / "base" / "metrics.json").is_file()
-    assert json.loads((tmp_path / "runs" / "sub" / "base" / "bench.json").read_text())["mode"] == "subprocess"
+    assert (
+        json.loads((tmp_path / "runs" / "sub" / "base" / "bench.json").read_text())["mode"]
+        == "subprocess"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # suite errors
 
 
-@pytest.mark.parametrize("runs, extra, named", [
-    ([{"name": "a", "confg": "x.yaml"}], {}, "confg"),
-    ([{"name": "a", "config": str(METHODS / "ce.yaml"), "stage1": "nope"}], {}, "nope"),
-    ([{"name": "a", "config": str(METHODS / "ce.yaml")}], {"epoch": 3}, "epoch"),
-    ([{"name": "a", "config": str(METHODS / "ce.yaml")},
-      {"name": "a", "config": str(METHODS / "ce.yaml")}], {}, "two runs are named 'a'"),
-    ([{"name": "a", "config": str(METHODS / "ce.yaml"), "data": {"x": 1}}], {}, "'data'"),
-])
+@pytest.mark.parametrize(
+    "runs, extra, named",
+    [
+        ([{"name": "a", "confg": "x.yaml"}], {}, "confg"),
+        ([{"name": "a", "config": str(METHODS / "ce.yaml"), "stage1": "nope"}], {}, "nope"),
+        ([{"name": "a", "config": str(METHODS / "ce.yaml")}], {"epoch": 3}, "epoch"),
+        (
+            [
+                {"name": "a", "config": str(METHODS / "ce.yaml")},
+                {"name": "a", "config": str(METHODS / "ce.yaml")},
+            ],
+            {},
+            "two runs are named 'a'",
+        ),
+        ([{"name": "a", "config": str(METHODS / "ce.yaml"), "data": {"x": 1}}], {}, "'data'"),
+    ],
+)
 def test_suite_mistakes_are_named(tmp_path, runs, extra, named):
     suite_file = write_suite(tmp_path, runs, **extra)
     with pytest.raises(LongtailError, match=named):
@@ -271,15 +341,32 @@ def test_suite_mistakes_are_named(tmp_path, runs, extra, named):
 
 
 def test_unknown_config_key_names_the_run_before_training(tmp_path, capsys):
-    runs = [{"name": "ok", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
-            {"name": "typo", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"),
-             "overrides": ["optim.lrr=0.05"]}]
+    runs = [
+        {"name": "ok", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+        {
+            "name": "typo",
+            "data": "cifar10_lt",
+            "config": str(METHODS / "ce.yaml"),
+            "overrides": ["optim.lrr=0.05"],
+        },
+    ]
     suite_file = write_suite(tmp_path, runs)
-    assert main(["bench", str(suite_file), "--out", str(tmp_path / "runs"),
-                 "--results", str(tmp_path / "res")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                str(suite_file),
+                "--out",
+                str(tmp_path / "runs"),
+                "--results",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "run 'typo'" in err and "optim.lrr" in err
-    assert not (tmp_path / "runs").exists()               # nothing trained
+    assert not (tmp_path / "runs").exists()  # nothing trained
     with pytest.raises(LongtailError, match="No benchmark suite"):
         run_bench(BenchOptions(suite="no-such-suite"))
 
@@ -288,14 +375,16 @@ def test_unknown_config_key_names_the_run_before_training(tmp_path, capsys):
 # shipped suites, configs and the docs page
 
 
-@pytest.mark.parametrize("suite_file", sorted((CONFIGS / "bench").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "suite_file", sorted((CONFIGS / "bench").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_shipped_suite_parses_and_configs_exist(suite_file, tmp_path):
     suite = load_suite(suite_file)
     plan = plan_suite(suite, tmp_path)
     missing = []
     for p in plan:
         if p.error and not p.spec.config.is_file() and p.spec.config.stem in DECOUPLED:
-            missing.append(p.spec.config_text)                 # the other engineer's configs
+            missing.append(p.spec.config_text)  # the other engineer's configs
             continue
         assert p.error is None, p.error
         assert p.cfg.model.backbone == "resnet32"
@@ -313,13 +402,18 @@ def test_shipped_suite_parses_and_configs_exist(suite_file, tmp_path):
 def test_shipped_suites_cover_the_baselines(tmp_path):
     short = load_suite(CONFIGS / "bench" / "cifar-short.yaml")
     methods = {(r.data, r.config.stem) for r in short.runs}
-    assert methods >= {(d, m) for d in ("cifar10_lt", "fashion_mnist_lt")
-                       for m in BASELINES + DECOUPLED}
+    assert methods >= {
+        (d, m) for d in ("cifar10_lt", "fashion_mnist_lt") for m in BASELINES + DECOUPLED
+    }
     full = load_suite(CONFIGS / "bench" / "cifar-full.yaml")
     assert full.epochs is None
     combos = {(r.data, r.config.stem, r.imbalance_factor or 100) for r in full.runs}
-    assert combos >= {(d, m, f) for d in ("cifar10_lt", "cifar100_lt")
-                      for m in BASELINES + DECOUPLED for f in (100, 50, 10)}
+    assert combos >= {
+        (d, m, f)
+        for d in ("cifar10_lt", "cifar100_lt")
+        for m in BASELINES + DECOUPLED
+        for f in (100, 50, 10)
+    }
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -356,8 +450,16 @@ def test_docs_page_sets_ours_beside_the_reference(tiny_suite, tmp_path):
 
 def test_report_only_regenerates(tiny_suite, tmp_path):
     suite_file, out, results, _ = tiny_suite
-    rc, text = bench(suite_file, "--out", out, "--results", tmp_path / "res", "--report-only",
-                     "--docs", tmp_path / "doc.md")
+    rc, text = bench(
+        suite_file,
+        "--out",
+        out,
+        "--results",
+        tmp_path / "res",
+        "--report-only",
+        "--docs",
+        tmp_path / "doc.md",
+    )
     assert rc == 0
     assert (tmp_path / "res" / "tiny.json").is_file() and "| base | ce |" in text
     assert "## `tiny`" in (tmp_path / "doc.md").read_text()
@@ -368,16 +470,24 @@ def test_report_only_regenerates(tiny_suite, tmp_path):
 
 
 def test_run_references_resolve_order_and_select(tmp_path):
-    runs = [{"name": "src", "data": "cifar10_lt", "config": str(METHODS / "mlrsnet.yaml")},
-            {"name": "other", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
-            {"name": "dst", "data": "fashion_mnist_lt", "config": str(METHODS / "mlrsnet_transfer.yaml"),
-             "overrides": ["hooks.mlrsnet.checkpoint={run:src}"]}]
+    runs = [
+        {"name": "src", "data": "cifar10_lt", "config": str(METHODS / "mlrsnet.yaml")},
+        {"name": "other", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml")},
+        {
+            "name": "dst",
+            "data": "fashion_mnist_lt",
+            "config": str(METHODS / "mlrsnet_transfer.yaml"),
+            "overrides": ["hooks.mlrsnet.checkpoint={run:src}"],
+        },
+    ]
     suite_file = write_suite(tmp_path, runs)
     suite = load_suite(suite_file)
     assert suite.run("dst").needs == ["src"]
     plan = {p.name: p for p in plan_suite(suite, tmp_path / "out")}
     assert plan["dst"].error is None
-    assert plan["dst"].cfg.hooks["mlrsnet"]["checkpoint"] == str((tmp_path / "out" / "tiny" / "src").resolve())
+    assert plan["dst"].cfg.hooks["mlrsnet"]["checkpoint"] == str(
+        (tmp_path / "out" / "tiny" / "src").resolve()
+    )
     rc, text = bench(suite_file, "--out", tmp_path / "out", "--dry-run", "--only", "dst")
     assert rc == 0 and "src" in text and "other" not in text
     # a reference to a later (or unknown) run is named before anything runs
@@ -387,13 +497,30 @@ def test_run_references_resolve_order_and_select(tmp_path):
 
 
 def test_run_reference_blocks_until_that_run_is_done(tmp_path, tiny_cifar_root):
-    runs = [{"name": "src", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"),
-             "overrides": ["data.dataset=nope-lt"]},                     # fails at build time
-            {"name": "dst", "data": "cifar10_lt", "config": str(METHODS / "mlrsnet_transfer.yaml"),
-             "overrides": ["hooks.mlrsnet.checkpoint={run:src}"]}]
+    runs = [
+        {
+            "name": "src",
+            "data": "cifar10_lt",
+            "config": str(METHODS / "ce.yaml"),
+            "overrides": ["data.dataset=nope-lt"],
+        },  # fails at build time
+        {
+            "name": "dst",
+            "data": "cifar10_lt",
+            "config": str(METHODS / "mlrsnet_transfer.yaml"),
+            "overrides": ["hooks.mlrsnet.checkpoint={run:src}"],
+        },
+    ]
     suite_file = write_suite(tmp_path, runs)
-    rc, text = bench(suite_file, "--out", tmp_path / "out", "--results", tmp_path / "res",
-                     "--data-root", tiny_cifar_root)
+    rc, text = bench(
+        suite_file,
+        "--out",
+        tmp_path / "out",
+        "--results",
+        tmp_path / "res",
+        "--data-root",
+        tiny_cifar_root,
+    )
     assert rc == 1
     assert "dst: blocked, its run 'src' is failed" in text
     assert not (tmp_path / "out" / "tiny" / "dst").exists()
@@ -406,29 +533,54 @@ def test_run_reference_blocks_until_that_run_is_done(tmp_path, tiny_cifar_root):
 def test_checks_pass_fail_pending_with_margins():
     from longtail.bench.report import checks_table, evaluate_checks
 
-    rows = [{"name": "ce", "status": "done", "test": {"top1": 27.5, "medium": 0.0, "few": None},
-             "val": {"top1": 21.1}},
-            {"name": "la", "status": "done", "test": {"top1": 29.0, "medium": 26.8, "few": None},
-             "val": {"top1": 37.5}},
-            {"name": "late", "status": "partial"}]
-    checks = [{"run": "la", "beats": "ce", "by": 2.0, "metrics": ["test", "val", "medium", "few"],
-               "claim": "LA > CE"},
-              {"run": "la", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""},
-              {"run": "late", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""}]
+    rows = [
+        {
+            "name": "ce",
+            "status": "done",
+            "test": {"top1": 27.5, "medium": 0.0, "few": None},
+            "val": {"top1": 21.1},
+        },
+        {
+            "name": "la",
+            "status": "done",
+            "test": {"top1": 29.0, "medium": 26.8, "few": None},
+            "val": {"top1": 37.5},
+        },
+        {"name": "late", "status": "partial"},
+    ]
+    checks = [
+        {
+            "run": "la",
+            "beats": "ce",
+            "by": 2.0,
+            "metrics": ["test", "val", "medium", "few"],
+            "claim": "LA > CE",
+        },
+        {"run": "la", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""},
+        {"run": "late", "beats": "ce", "by": 0.0, "metrics": ["test"], "claim": ""},
+    ]
     got = evaluate_checks(checks, rows)
     assert [(r["metric"], r["status"]) for r in got] == [
-        ("test", "fail"), ("val", "pass"), ("medium", "pass"), ("few", "pending"),
-        ("test", "pass"), ("test", "pending")]
+        ("test", "fail"),
+        ("val", "pass"),
+        ("medium", "pass"),
+        ("few", "pending"),
+        ("test", "pass"),
+        ("test", "pending"),
+    ]
     assert got[0]["diff"] == pytest.approx(1.5) and got[1]["diff"] == pytest.approx(16.4)
     table = checks_table(got)
     assert "| LA > CE | `la` | `ce` | test | 29.00 | 27.50 | +1.50 | >= +2.0 | FAIL |" in table
 
 
-@pytest.mark.parametrize("check, named", [
-    ({"run": "base", "beats": "nope"}, "beats: nope"),
-    ({"run": "base", "beats": "second", "metrics": ["top5"]}, "metrics"),
-    ({"run": "base", "beats": "second", "by": "two"}, "'by'"),
-])
+@pytest.mark.parametrize(
+    "check, named",
+    [
+        ({"run": "base", "beats": "nope"}, "beats: nope"),
+        ({"run": "base", "beats": "second", "metrics": ["top5"]}, "metrics"),
+        ({"run": "base", "beats": "second", "by": "two"}, "'by'"),
+    ],
+)
 def test_check_mistakes_are_named(tmp_path, check, named):
     suite_file = write_suite(tmp_path, TWO_RUNS, checks=[check])
     with pytest.raises(LongtailError, match=named):
@@ -438,7 +590,7 @@ def test_check_mistakes_are_named(tmp_path, check, named):
 def test_check_with_yaml_on_key_says_to_use_metrics(tmp_path):
     suite_file = write_suite(tmp_path, TWO_RUNS)
     text = suite_file.read_text() + "checks:\n  - {run: second, beats: base, on: [test]}\n"
-    suite_file.write_text(text)                       # unquoted on: YAML 1.1 reads it as true
+    suite_file.write_text(text)  # unquoted on: YAML 1.1 reads it as true
     with pytest.raises(LongtailError, match="'on' as true.*metrics"):
         load_suite(suite_file)
 
@@ -446,8 +598,9 @@ def test_check_with_yaml_on_key_says_to_use_metrics(tmp_path):
 def test_results_files_carry_the_checks(tiny_suite, tmp_path):
     suite_file, out, _, _ = tiny_suite
     data = yaml.safe_load(suite_file.read_text())
-    data["checks"] = [{"run": "second", "beats": "base", "by": -100.0, "metrics": ["test"],
-                       "claim": "anything"}]
+    data["checks"] = [
+        {"run": "second", "beats": "base", "by": -100.0, "metrics": ["test"], "claim": "anything"}
+    ]
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     rc, _ = bench(path, "--out", out, "--results", tmp_path / "res", "--report-only")

@@ -26,15 +26,24 @@ def test_cifar10_lt_stats(capsys):
 
 
 def test_cifar100_lt_stats_need_no_data(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path))          # nothing there
+    monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path))  # nothing there
     s = run_json(capsys, "data", "stats", "cifar100-lt", "--json")
     assert s["total"] == 10847 and s["num_classes"] == 100
     assert [len(s["groups"][g]) for g in ("many", "medium", "few")] == [35, 35, 30]
 
 
 def test_step_profile_and_other_factors(capsys):
-    s = run_json(capsys, "data", "stats", "cifar10-lt", "--profile", "step", "--imbalance-factor",
-                 "10", "--json")
+    s = run_json(
+        capsys,
+        "data",
+        "stats",
+        "cifar10-lt",
+        "--profile",
+        "step",
+        "--imbalance-factor",
+        "10",
+        "--json",
+    )
     assert s["counts"] == [5000] * 5 + [500] * 5
     s = run_json(capsys, "data", "stats", "cifar100-lt", "--imbalance-factor", "50", "--json")
     assert s["counts"][0] == 500 and s["counts"][-1] == 10
@@ -49,8 +58,10 @@ def test_stats_table_output(capsys):
 
 def test_split_export_matches_reference_construction(capsys, real_data_root, tmp_path):
     out = tmp_path / "split.txt"
-    assert main(["data", "split", "cifar10-lt", "--data-root", str(real_data_root),
-                 "--out", str(out)]) == 0
+    assert (
+        main(["data", "split", "cifar10-lt", "--data-root", str(real_data_root), "--out", str(out)])
+        == 0
+    )
     rows = np.loadtxt(out, dtype=np.int64)
     assert rows.shape == (12406, 2)
     # independent re-implementation of LDAM-DRW imbalance_cifar.py on the real labels
@@ -67,12 +78,15 @@ def test_split_export_matches_reference_construction(capsys, real_data_root, tmp
     assert (labels[rows[:, 0]] == rows[:, 1]).all()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["data", "stats", "cifar11-lt"], "Unknown dataset 'cifar11-lt'"),
-    (["train", str(CONFIG), "data=cifar10_lt", "train.epochz=1"], "unknown key 'train.epochz'"),
-    (["train", "missing.yaml"], "does not exist"),
-    (["eval", "/nonexistent/run"], "not a run folder"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["data", "stats", "cifar11-lt"], "Unknown dataset 'cifar11-lt'"),
+        (["train", str(CONFIG), "data=cifar10_lt", "train.epochz=1"], "unknown key 'train.epochz'"),
+        (["train", "missing.yaml"], "does not exist"),
+        (["eval", "/nonexistent/run"], "not a run folder"),
+    ],
+)
 def test_user_errors_are_one_paragraph(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -84,8 +98,20 @@ def test_missing_dataset_names_the_path(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(paths, "mirror_candidates", lambda: [])
     monkeypatch.setattr(paths, "download_file", _refuse_download)
-    assert main(["data", "split", "cifar10-lt", "--data-root", str(tmp_path / "empty"),
-                 "--out", str(tmp_path / "s.txt")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "split",
+                "cifar10-lt",
+                "--data-root",
+                str(tmp_path / "empty"),
+                "--out",
+                str(tmp_path / "s.txt"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(tmp_path / "empty") in err and "--data-root" in err
     assert not (tmp_path / "s.txt").exists()
@@ -96,8 +122,12 @@ def _refuse_download(url, dest, md5, *args, **kwargs):
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "longtail", "data", "stats", "cifar10-lt", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "longtail", "data", "stats", "cifar10-lt", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out)["total"] == 12406
 
 
@@ -108,7 +138,7 @@ def test_list_shows_every_registered_component_with_its_options(capsys):
     names = {(r["section"], r["name"]) for r in rows}
     assert {("loss", n) for n in LOSSES.names()} <= names
     rsam = next(r for r in rows if (r["section"], r["name"]) == ("optim", "rsam"))
-    assert {"rho", "dis_mul", "decay_epoch", "momentum"} <= set(rsam["options"])   # base's too
+    assert {"rho", "dis_mul", "decay_epoch", "momentum"} <= set(rsam["options"])  # base's too
     step = next(r for r in rows if (r["section"], r["name"]) == ("schedule", "step"))
     assert step["options"] == ["gamma", "milestones"] and step["summary"].startswith("Per-epoch")
     assert main(["list", "sampler"]) == 0 and "b3rs" in capsys.readouterr().out

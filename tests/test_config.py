@@ -20,10 +20,16 @@ def test_reference_recipe_from_base_files():
 
 
 def test_child_overrides_base_and_overrides_win(tmp_path):
-    cfg = load_config(CONFIGS / "quickstart.yaml",
-                      ["train.epochs=2", "optim.lr=0.05", "data.max_per_class=null",
-                       "schedule.milestones=[1, 2]"])
-    assert cfg.schedule.name == "cosine"            # from quickstart.yaml
+    cfg = load_config(
+        CONFIGS / "quickstart.yaml",
+        [
+            "train.epochs=2",
+            "optim.lr=0.05",
+            "data.max_per_class=null",
+            "schedule.milestones=[1, 2]",
+        ],
+    )
+    assert cfg.schedule.name == "cosine"  # from quickstart.yaml
     assert cfg.train.epochs == 2 and cfg.optim.lr == 0.05
     assert cfg.data.max_per_class is None and cfg.schedule.milestones == [1, 2]
 
@@ -42,12 +48,15 @@ def test_all_shipped_configs_validate():
             load_config(path)
 
 
-@pytest.mark.parametrize("override, key", [
-    (["train.epochz=3"], "train.epochz"),
-    (["optimizer.lr=0.1"], "optimizer"),
-    (["data.imbalance_factor=abc"], "data.imbalance_factor"),
-    (["data.profile=linear"], "data.profile"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["train.epochz=3"], "train.epochz"),
+        (["optimizer.lr=0.1"], "optimizer"),
+        (["data.imbalance_factor=abc"], "data.imbalance_factor"),
+        (["data.profile=linear"], "data.profile"),
+    ],
+)
 def test_bad_keys_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", *override])
@@ -79,5 +88,6 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_component_options_are_checked_at_build():
     from longtail.losses import create
+
     with pytest.raises(ConfigError, match=r"loss\.gama"):
         create("focal", class_counts=[10, 1], gama=2.0)

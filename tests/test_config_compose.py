@@ -22,12 +22,39 @@ CONFIGS = REPO / "configs"
 METHODS = CONFIGS / "methods"
 DATASETS = ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "mnist_lt")
 RECIPES = sorted(METHODS.glob("*.yaml"))
-NAMES = {"ce", "focal", "cb_focal", "ldam_drw", "la", "bs", "cbs", "gcl_drw", "rsam_gcl_drw",
-         "sam_ldam_drw", "whitening_ldam_drw", "whitening_la", "whitening_bs", "crt", "lws",
-         "tau_norm", "ncm", "la_posthoc", "mfm", "mfm_transfer", "mlrsnet", "mlrsnet_transfer",
-         "three_stage"}
-TINY = ["train.epochs=1", "train.batch_size=32", "train.eval_batch_size=128",
-        "train.progress=false", "data.imbalance_factor=10", "data.val_per_class=1"]
+NAMES = {
+    "ce",
+    "focal",
+    "cb_focal",
+    "ldam_drw",
+    "la",
+    "bs",
+    "cbs",
+    "gcl_drw",
+    "rsam_gcl_drw",
+    "sam_ldam_drw",
+    "whitening_ldam_drw",
+    "whitening_la",
+    "whitening_bs",
+    "crt",
+    "lws",
+    "tau_norm",
+    "ncm",
+    "la_posthoc",
+    "mfm",
+    "mfm_transfer",
+    "mlrsnet",
+    "mlrsnet_transfer",
+    "three_stage",
+}
+TINY = [
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.eval_batch_size=128",
+    "train.progress=false",
+    "data.imbalance_factor=10",
+    "data.val_per_class=1",
+]
 
 
 def dataset_of(name: str) -> str:
@@ -39,12 +66,12 @@ def dataset_of(name: str) -> str:
 
 
 def test_one_recipe_file_per_method_and_one_file_per_dataset():
-    assert {p.stem for p in RECIPES} >= NAMES                      # (new recipes may follow)
-    assert selector_names("data", METHODS) == list(DATASETS)       # natural order: 10 before 100
+    assert {p.stem for p in RECIPES} >= NAMES  # (new recipes may follow)
+    assert selector_names("data", METHODS) == list(DATASETS)  # natural order: 10 before 100
     assert selector_names("model", METHODS) == ["resnet32"]
     for old in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "_base_"):
         assert not (CONFIGS / old).exists(), old
-    for path in RECIPES:                                # dataset-agnostic, paper on line 1
+    for path in RECIPES:  # dataset-agnostic, paper on line 1
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and "(" in first and len(first) > 60, (path, first)
         assert "dataset" not in (yaml.safe_load(path.read_text()).get("data") or {}), path
@@ -54,18 +81,21 @@ def test_no_two_config_files_hold_the_same_yaml():
     files = sorted(CONFIGS.rglob("*.yaml"))
     assert len(files) > len(RECIPES) + len(DATASETS)
     trees = {p: yaml.safe_load(p.read_text()) for p in files}
-    same = [(str(a.relative_to(CONFIGS)), str(b.relative_to(CONFIGS)))
-            for a, b in itertools.combinations(files, 2) if trees[a] == trees[b]]
+    same = [
+        (str(a.relative_to(CONFIGS)), str(b.relative_to(CONFIGS)))
+        for a, b in itertools.combinations(files, 2)
+        if trees[a] == trees[b]
+    ]
     assert not same, f"files that differ only in comments: {same}"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_composes_and_validates_on_every_dataset(recipe):
     for name in DATASETS:
-        cfg = load_config(recipe, [f"data={name}"])                # stage1 / checkpoint unset: valid
+        cfg = load_config(recipe, [f"data={name}"])  # stage1 / checkpoint unset: valid
         assert cfg.data.dataset == dataset_of(name)
         assert cfg.model.backbone == "resnet32" and cfg.train.batch_size == 128
-        again = load_config(recipe, [f"data={CONFIGS / 'datasets' / f'{name}.yaml'}"])   # a path
+        again = load_config(recipe, [f"data={CONFIGS / 'datasets' / f'{name}.yaml'}"])  # a path
         assert again.to_dict() == cfg.to_dict()
 
 
@@ -75,13 +105,19 @@ def test_dataset_file_is_lowest_then_model_then_recipe_then_overrides(tmp_path):
     (tmp_path / "methods").mkdir()
     (tmp_path / "datasets" / "toy.yaml").write_text(
         "_base_: %s\ndata: {val_per_class: 7}\noptim: {lr: 1.0, weight_decay: 0.5}\n"
-        "model: {head: cosine}\n" % (CONFIGS / "datasets" / "cifar100_lt.yaml"))
-    (tmp_path / "models" / "wide.yaml").write_text("model: {backbone: resnet8, head: lws}\n"
-                                                   "optim: {lr: 2.0}\n")
+        "model: {head: cosine}\n" % (CONFIGS / "datasets" / "cifar100_lt.yaml")
+    )
+    (tmp_path / "models" / "wide.yaml").write_text(
+        "model: {backbone: resnet8, head: lws}\noptim: {lr: 2.0}\n"
+    )
     recipe = tmp_path / "methods" / "r.yaml"
     recipe.write_text("_base_: %s\noptim: {lr: 3.0}\n" % (METHODS / "ce.yaml"))
-    cfg = load_config(recipe, ["data=toy"])                   # found next to the recipe's folder
-    assert (cfg.data.dataset, cfg.data.val_per_class, cfg.model.head) == ("cifar100-lt", 7, "cosine")
+    cfg = load_config(recipe, ["data=toy"])  # found next to the recipe's folder
+    assert (cfg.data.dataset, cfg.data.val_per_class, cfg.model.head) == (
+        "cifar100-lt",
+        7,
+        "cosine",
+    )
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (3.0, 0.5)
     cfg = load_config(recipe, ["model=wide", "data=toy", "optim.lr=4"])
     assert (cfg.model.backbone, cfg.model.head, cfg.optim.lr) == ("resnet8", "lws", 4.0)
@@ -91,8 +127,9 @@ def test_dataset_file_is_lowest_then_model_then_recipe_then_overrides(tmp_path):
     from longtail.engine.pipeline import expand_stages
 
     path = METHODS / "three_stage.yaml"
-    stages = expand_stages(load_config(path, ["data=cifar100_lt"]), ["data=cifar100_lt"],
-                           source=path)
+    stages = expand_stages(
+        load_config(path, ["data=cifar100_lt"]), ["data=cifar100_lt"], source=path
+    )
     assert {s.cfg.data.dataset for s in stages} == {"cifar100-lt"}
     assert {s.cfg.data.val_per_class for s in stages} == {20}
 
@@ -112,17 +149,20 @@ def test_unknown_dataset_lists_the_available_ones():
 
 
 def test_missing_dataset_says_to_add_data_name(capsys):
-    with pytest.raises(ConfigError, match=r"add data=NAME \(available: cifar10_lt, cifar100_lt, "
-                                          r"fashion_mnist_lt, mnist_lt\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"add data=NAME \(available: cifar10_lt, cifar100_lt, "
+        r"fashion_mnist_lt, mnist_lt\)",
+    ):
         load_config(METHODS / "ce.yaml")
-    with pytest.raises(ConfigError, match="add data=NAME"):          # a dotted key is no selector
+    with pytest.raises(ConfigError, match="add data=NAME"):  # a dotted key is no selector
         load_config(METHODS / "ce.yaml", ["data.dataset=cifar10-lt"])
     assert main(["train", str(METHODS / "ce.yaml"), "--print-config"]) == 2
     assert "add data=NAME" in capsys.readouterr().err
 
 
 def test_a_recipe_that_fixes_its_dataset_refuses_data():
-    quick = load_config(CONFIGS / "quickstart.yaml")                 # runs without data=
+    quick = load_config(CONFIGS / "quickstart.yaml")  # runs without data=
     assert quick.data.dataset == "cifar10-lt" and quick.train.epochs == 3
     assert quick.schedule.name == "cosine"
     with pytest.raises(ConfigError, match="already fixes the dataset") as err:
@@ -144,7 +184,9 @@ def test_print_config_prints_the_resolved_yaml_and_trains_nothing(tmp_path, caps
     assert main(["train", *argv, "--out", str(tmp_path / "run"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert out == load_config(argv[0], argv[1:]).to_yaml()
-    assert yaml.safe_load(out)["data"]["dataset"] == "cifar100-lt" and "optim" in yaml.safe_load(out)
+    assert yaml.safe_load(out)["data"]["dataset"] == "cifar100-lt" and "optim" in yaml.safe_load(
+        out
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -161,13 +203,27 @@ def tiny_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name, classes", [("cifar100_lt", 100), ("mnist_lt", 10),
-                                           ("fashion_mnist_lt", 10)])
-@pytest.mark.filterwarnings("ignore::UserWarning")        # the tiny copies are not the official size
+@pytest.mark.parametrize(
+    "name, classes", [("cifar100_lt", 100), ("mnist_lt", 10), ("fashion_mnist_lt", 10)]
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the tiny copies are not the official size
 def test_ldam_drw_trains_on_a_dataset_named_on_the_command_line(name, classes, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", str(METHODS / "ldam_drw.yaml"), f"data={name}", *TINY,
-                 "--out", str(run_dir), "--data-root", str(tiny_root)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(METHODS / "ldam_drw.yaml"),
+                f"data={name}",
+                *TINY,
+                "--out",
+                str(run_dir),
+                "--data-root",
+                str(tiny_root),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["per_class"]) == classes and len(metrics["class_counts"]) == classes
     assert metrics["epochs"] == 1

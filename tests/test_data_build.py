@@ -9,13 +9,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from reference_lt import reference_subset
 import pytest
 import torch
+from reference_lt import reference_subset
 
-from longtail.data import DATASET_NAMES, build_data, heldout_indices, img_num_per_cls, longtail_indices
-from longtail.data import cifar, idx, paths
 from longtail.core.errors import DataError
+from longtail.data import (
+    DATASET_NAMES,
+    build_data,
+    cifar,
+    heldout_indices,
+    idx,
+    img_num_per_cls,
+    longtail_indices,
+    paths,
+)
 
 CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -36,17 +44,26 @@ def dump(path: Path, obj) -> None:
 @pytest.fixture
 def cifar10_root(tmp_path, monkeypatch):
     """A small CIFAR-10 folder in the official format: 100 train images per class, 3 test per class."""
-    monkeypatch.setitem(cifar.SPECS, "cifar10", dataclasses.replace(cifar.SPECS["cifar10"], train_size=1000))
+    monkeypatch.setitem(
+        cifar.SPECS, "cifar10", dataclasses.replace(cifar.SPECS["cifar10"], train_size=1000)
+    )
     rng = np.random.RandomState(7)
     folder = tmp_path / "cifar-10-batches-py"
     labels = rng.permutation(np.repeat(np.arange(10), 100))
     data = rng.randint(0, 256, (1000, 3072)).astype(np.uint8)
     for i in range(5):
         part = slice(200 * i, 200 * (i + 1))
-        dump(folder / f"data_batch_{i + 1}", {b"labels": labels[part].tolist(), b"data": data[part]})
+        dump(
+            folder / f"data_batch_{i + 1}", {b"labels": labels[part].tolist(), b"data": data[part]}
+        )
     test_labels = np.tile(np.arange(10), 3)[::-1].copy()
-    dump(folder / "test_batch", {b"labels": test_labels.tolist(),
-                                 b"data": rng.randint(0, 256, (30, 3072)).astype(np.uint8)})
+    dump(
+        folder / "test_batch",
+        {
+            b"labels": test_labels.tolist(),
+            b"data": rng.randint(0, 256, (30, 3072)).astype(np.uint8),
+        },
+    )
     dump(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)]})
     return tmp_path, data, labels, test_labels
 
@@ -57,7 +74,11 @@ def test_cifar10_lt(cifar10_root):
     assert bundle.name == "cifar10-lt"
     assert bundle.class_counts == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
     train = bundle.train
-    assert len(train) == 403 and train.images.shape == (403, 3, 32, 32) and train.images.is_contiguous()
+    assert (
+        len(train) == 403
+        and train.images.shape == (403, 3, 32, 32)
+        and train.images.is_contiguous()
+    )
     np.testing.assert_array_equal(train.indices, reference_subset(labels, 100, 10, 0.1))
     np.testing.assert_array_equal(train.images.reshape(403, -1).numpy(), data[train.indices])
     np.testing.assert_array_equal(train.labels.numpy(), labels[train.indices])
@@ -79,8 +100,15 @@ def test_options(cifar10_root):
     root, _, labels, test_labels = cifar10_root
     step = build_data("cifar10-lt", root, imbalance_factor=10, profile="step", download=False)
     assert step.class_counts == [100] * 5 + [10] * 5
-    capped = build_data("cifar10-lt", root, imbalance_factor=10, max_per_class=20, max_test_per_class=2,
-                        val_per_class=0, download=False)
+    capped = build_data(
+        "cifar10-lt",
+        root,
+        imbalance_factor=10,
+        max_per_class=20,
+        max_test_per_class=2,
+        val_per_class=0,
+        download=False,
+    )
     assert capped.class_counts == [20, 20, 20, 20, 20, 20, 20, 16, 12, 10]
     assert capped.val is None
     # the first 2 test images of each class, in file order (test labels are 9, 8, ..., 0, 9, 8, ...)
@@ -88,7 +116,9 @@ def test_options(cifar10_root):
     np.testing.assert_array_equal(capped.test.labels.numpy(), test_labels[:20])
     other = build_data("cifar10-lt", root, imbalance_factor=10, seed=1, download=False)
     assert other.class_counts == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
-    assert not np.array_equal(other.train.indices[100:], longtail_indices(labels, other.class_counts, 0)[100:])
+    assert not np.array_equal(
+        other.train.indices[100:], longtail_indices(labels, other.class_counts, 0)[100:]
+    )
     balanced = build_data("cifar10-lt", root, imbalance_factor=1, download=False)
     assert balanced.class_counts == [100] * 10 and balanced.val is None
 
@@ -104,10 +134,16 @@ def test_non_lt_names(cifar10_root):
     assert not set(capped.val.indices.tolist()) & set(capped.train.indices.tolist())
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"dataset": "imagenet-lt"}, "fashion-mnist-lt"), ({"imbalance_factor": 0.5}, "data.imbalance_factor"),
-    ({"profile": "linear"}, "data.profile"), ({"val_per_class": -1}, "data.val_per_class"),
-    ({"max_per_class": 0}, "data.max_per_class")])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"dataset": "imagenet-lt"}, "fashion-mnist-lt"),
+        ({"imbalance_factor": 0.5}, "data.imbalance_factor"),
+        ({"profile": "linear"}, "data.profile"),
+        ({"val_per_class": -1}, "data.val_per_class"),
+        ({"max_per_class": 0}, "data.max_per_class"),
+    ],
+)
 def test_invalid_options(tmp_path, kwargs, needle):
     args = {"dataset": "cifar10-lt", "root": tmp_path, "download": False, **kwargs}
     with pytest.raises(DataError, match=needle) as err:
@@ -121,18 +157,29 @@ def write_idx(raw: Path, labels: np.ndarray, n_test: int = 20) -> None:
     rng = np.random.RandomState(0)
     for prefix, y in (("train", labels), ("t10k", np.arange(n_test) % 10)):
         images = rng.randint(0, 256, (len(y), 28, 28)).astype(np.uint8)
-        for stem, magic, arr in ((f"{prefix}-images-idx3-ubyte", 2051, images),
-                                 (f"{prefix}-labels-idx1-ubyte", 2049, y.astype(np.uint8))):
+        for stem, magic, arr in (
+            (f"{prefix}-images-idx3-ubyte", 2051, images),
+            (f"{prefix}-labels-idx1-ubyte", 2049, y.astype(np.uint8)),
+        ):
             header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
             (raw / f"{stem}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
 
 
-@pytest.mark.parametrize("name, folder, mean, std", [("mnist", "MNIST", (0.1307,), (0.3081,)),
-                                                     ("fashion-mnist", "FashionMNIST", (0.2860,), (0.3530,))])
+@pytest.mark.parametrize(
+    "name, folder, mean, std",
+    [
+        ("mnist", "MNIST", (0.1307,), (0.3081,)),
+        ("fashion-mnist", "FashionMNIST", (0.2860,), (0.3530,)),
+    ],
+)
 def test_idx_lt_uses_smallest_class(tmp_path, monkeypatch, name, folder, mean, std):
-    per_class = np.array([12, 13, 10, 11, 14, 12, 15, 10, 11, 12])   # n_max = min = 10 (like MNIST's 5421)
+    per_class = np.array(
+        [12, 13, 10, 11, 14, 12, 15, 10, 11, 12]
+    )  # n_max = min = 10 (like MNIST's 5421)
     labels = np.random.RandomState(3).permutation(np.repeat(np.arange(10), per_class))
-    monkeypatch.setitem(idx.SPECS, name, dataclasses.replace(idx.SPECS[name], train_size=len(labels)))
+    monkeypatch.setitem(
+        idx.SPECS, name, dataclasses.replace(idx.SPECS[name], train_size=len(labels))
+    )
     write_idx(tmp_path / folder / "raw", labels)
     bundle = build_data(f"{name}-lt", tmp_path, imbalance_factor=2, val_per_class=2, download=False)
     assert bundle.class_counts == img_num_per_cls(10, 10, 2) == [10, 9, 8, 7, 7, 6, 6, 5, 5, 5]
@@ -166,4 +213,6 @@ def test_real_cifar10_lt_if100(real_data_root):
     assert np.bincount(bundle.val.labels.numpy(), minlength=10).tolist() == [0] + [200] * 9
     assert not set(bundle.val.indices.tolist()) & set(bundle.train.indices.tolist())
     assert len(bundle.test) > 0 and int(bundle.test.labels.max()) == 9
-    print(f"real CIFAR-10-LT built in {elapsed:.2f}s; first class-9 indices {ours_class9[:5].tolist()}")
+    print(
+        f"real CIFAR-10-LT built in {elapsed:.2f}s; first class-9 indices {ours_class9[:5].tolist()}"
+    )

@@ -17,12 +17,21 @@ import pytest
 import torch
 
 import longtail
-from longtail.data import load_split, resolve_data_root
-from longtail.data import cifar, idx, paths
 from longtail.core.errors import DataError
+from longtail.data import cifar, idx, load_split, paths, resolve_data_root
 
-CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-                 b"ship", b"truck"]
+CIFAR10_NAMES = [
+    b"airplane",
+    b"automobile",
+    b"bird",
+    b"cat",
+    b"deer",
+    b"dog",
+    b"frog",
+    b"horse",
+    b"ship",
+    b"truck",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -45,15 +54,29 @@ def write_cifar10(root: Path, per_class: int = 20, test_per_class: int = 3, seed
     labels = rng.permutation(np.repeat(np.arange(10), per_class))
     data = rng.randint(0, 256, (len(labels), 3072)).astype(np.uint8)
     for i, (d, y) in enumerate(zip(np.array_split(data, 5), np.array_split(labels, 5)), start=1):
-        dump(folder / f"data_batch_{i}", {b"batch_label": b"training batch %d of 5" % i,
-                                          b"labels": [int(v) for v in y], b"data": d,
-                                          b"filenames": [b"f%d.png" % j for j in range(len(y))]})
+        dump(
+            folder / f"data_batch_{i}",
+            {
+                b"batch_label": b"training batch %d of 5" % i,
+                b"labels": [int(v) for v in y],
+                b"data": d,
+                b"filenames": [b"f%d.png" % j for j in range(len(y))],
+            },
+        )
     test_labels = rng.permutation(np.repeat(np.arange(10), test_per_class))
     test_data = rng.randint(0, 256, (len(test_labels), 3072)).astype(np.uint8)
-    dump(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"data": test_data,
-                                 b"labels": [int(v) for v in test_labels]})
-    dump(folder / "batches.meta", {b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": 10000,
-                                   b"num_vis": 3072})
+    dump(
+        folder / "test_batch",
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"data": test_data,
+            b"labels": [int(v) for v in test_labels],
+        },
+    )
+    dump(
+        folder / "batches.meta",
+        {b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": 10000, b"num_vis": 3072},
+    )
     return data, labels, test_data, test_labels
 
 
@@ -64,12 +87,24 @@ def write_cifar100(root: Path, per_class: int = 2, seed: int = 0):
     for split, n in (("train", per_class), ("test", 1)):
         fine = rng.permutation(np.repeat(np.arange(100), n))
         data = rng.randint(0, 256, (len(fine), 3072)).astype(np.uint8)
-        dump(folder / split, {b"filenames": [b"x.png"] * len(fine), b"batch_label": b"x",
-                              b"fine_labels": [int(v) for v in fine],
-                              b"coarse_labels": [int(v) // 5 for v in fine], b"data": data})
+        dump(
+            folder / split,
+            {
+                b"filenames": [b"x.png"] * len(fine),
+                b"batch_label": b"x",
+                b"fine_labels": [int(v) for v in fine],
+                b"coarse_labels": [int(v) // 5 for v in fine],
+                b"data": data,
+            },
+        )
         out[split] = (data, fine)
-    dump(folder / "meta", {b"fine_label_names": [b"class%02d" % i for i in range(100)],
-                           b"coarse_label_names": [b"super%02d" % i for i in range(20)]})
+    dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [b"class%02d" % i for i in range(100)],
+            b"coarse_label_names": [b"super%02d" % i for i in range(20)],
+        },
+    )
     return out
 
 
@@ -86,8 +121,10 @@ def write_idx(raw_dir: Path, n_train: int = 30, n_test: int = 10, seed: int = 0,
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.randint(0, 256, (n, 28, 28)).astype(np.uint8)
         labels = np.arange(n) % 10
-        for stem, blob in ((f"{prefix}-images-idx3-ubyte", idx_bytes(images, 2051)),
-                           (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 2049))):
+        for stem, blob in (
+            (f"{prefix}-images-idx3-ubyte", idx_bytes(images, 2051)),
+            (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 2049)),
+        ):
             if gz:
                 (raw_dir / f"{stem}.gz").write_bytes(gzip.compress(blob))
             else:
@@ -99,7 +136,9 @@ def write_idx(raw_dir: Path, n_train: int = 30, n_test: int = 10, seed: int = 0,
 def small(monkeypatch, key: str, train_size: int) -> None:
     """Let a small fake training split pass the official-size check."""
     module = cifar if key in cifar.SPECS else idx
-    monkeypatch.setitem(module.SPECS, key, dataclasses.replace(module.SPECS[key], train_size=train_size))
+    monkeypatch.setitem(
+        module.SPECS, key, dataclasses.replace(module.SPECS[key], train_size=train_size)
+    )
 
 
 def md5(path: Path) -> str:
@@ -115,14 +154,14 @@ def test_cifar10_folder_loads_channel_planar(tmp_path, monkeypatch):
     assert train.images.is_contiguous() and train.labels.dtype == torch.int64
     np.testing.assert_array_equal(train.labels.numpy(), labels)
     np.testing.assert_array_equal(train.indices, np.arange(200))
-    k = 17   # planar: R plane first (1024 values row-major), then G, then B
+    k = 17  # planar: R plane first (1024 values row-major), then G, then B
     assert train.images[k, 0, 0, 1] == data[k, 1]
     assert train.images[k, 0, 1, 0] == data[k, 32]
     assert train.images[k, 1, 0, 0] == data[k, 1024]
     assert train.images[k, 2, 31, 31] == data[k, 3071]
     assert train.classes[0] == "airplane" and train.num_classes == 10 and len(train) == 200
     test = load_split("cifar10", "test", tmp_path, download=False)
-    assert len(test) == 30   # any test size is accepted (the local copy has 1,017 rows)
+    assert len(test) == 30  # any test size is accepted (the local copy has 1,017 rows)
     np.testing.assert_array_equal(test.images.reshape(30, -1).numpy(), test_data)
     np.testing.assert_array_equal(test.labels.numpy(), test_labels)
 
@@ -153,17 +192,32 @@ def test_cifar_archive_is_md5_checked_and_extracted(tmp_path, monkeypatch):
     root = tmp_path / "root"
     root.mkdir()
     archive = root / "cifar-10-python.tar.gz"
-    make_archive(tmp_path / "src", archive, extra={"../evil.txt": b"x", "cifar-10-batches-py/readme.html": b"r"})
-    with pytest.raises(DataError) as err:   # our fake archive is not the official one
+    make_archive(
+        tmp_path / "src",
+        archive,
+        extra={"../evil.txt": b"x", "cifar-10-batches-py/readme.html": b"r"},
+    )
+    with pytest.raises(DataError) as err:  # our fake archive is not the official one
         load_split("cifar10", "train", root, download=False)
     assert str(archive) in str(err.value) and "c58f30108f718f92721af3b95e74349a" in str(err.value)
     assert not (root / "cifar-10-batches-py").exists()
 
-    monkeypatch.setitem(cifar.SPECS, "cifar10", dataclasses.replace(cifar.SPECS["cifar10"], archive_md5=md5(archive)))
+    monkeypatch.setitem(
+        cifar.SPECS,
+        "cifar10",
+        dataclasses.replace(cifar.SPECS["cifar10"], archive_md5=md5(archive)),
+    )
     train = load_split("cifar10", "train", root, download=False)
     np.testing.assert_array_equal(train.images.reshape(200, -1).numpy(), data)
-    assert sorted(p.name for p in (root / "cifar-10-batches-py").iterdir()) == \
-        ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    assert sorted(p.name for p in (root / "cifar-10-batches-py").iterdir()) == [
+        "batches.meta",
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ]
     assert not (tmp_path / "evil.txt").exists()
 
 
@@ -173,7 +227,11 @@ def test_truncated_archive(tmp_path, monkeypatch):
     archive.parent.mkdir()
     make_archive(tmp_path / "src", archive)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    monkeypatch.setitem(cifar.SPECS, "cifar10", dataclasses.replace(cifar.SPECS["cifar10"], archive_md5=md5(archive)))
+    monkeypatch.setitem(
+        cifar.SPECS,
+        "cifar10",
+        dataclasses.replace(cifar.SPECS["cifar10"], archive_md5=md5(archive)),
+    )
     with pytest.raises(DataError, match="truncated or corrupt") as err:
         load_split("cifar10", "train", archive.parent, download=False)
     assert str(archive) in str(err.value) and "re-run" in str(err.value)
@@ -190,13 +248,16 @@ def test_truncated_pickle(tmp_path, monkeypatch):
     assert str(batch) in str(err.value) and "Delete it and re-run" in str(err.value)
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda b: {**b, b"data": b[b"data"][:, :3071]}, "3072"),
-    (lambda b: {**b, b"data": b[b"data"].astype(np.int16)}, "uint8"),
-    (lambda b: {**b, b"labels": b[b"labels"][:-1]}, "labels"),
-    (lambda b: {**b, b"labels": [10] * len(b[b"labels"])}, "0..9"),
-    (lambda b: {k: v for k, v in b.items() if k != b"labels"}, "missing"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda b: {**b, b"data": b[b"data"][:, :3071]}, "3072"),
+        (lambda b: {**b, b"data": b[b"data"].astype(np.int16)}, "uint8"),
+        (lambda b: {**b, b"labels": b[b"labels"][:-1]}, "labels"),
+        (lambda b: {**b, b"labels": [10] * len(b[b"labels"])}, "0..9"),
+        (lambda b: {k: v for k, v in b.items() if k != b"labels"}, "missing"),
+    ],
+)
 def test_malformed_batch(tmp_path, monkeypatch, change, needle):
     small(monkeypatch, "cifar10", 200)
     write_cifar10(tmp_path)
@@ -210,8 +271,10 @@ def test_malformed_batch(tmp_path, monkeypatch, change, needle):
 
 
 def test_unofficial_train_total_warns(tmp_path):
-    write_cifar10(tmp_path)   # 200 images; the official 50,000 is not patched here
-    with pytest.warns(UserWarning, match="holds 200 training images, not the official 50000") as rec:
+    write_cifar10(tmp_path)  # 200 images; the official 50,000 is not patched here
+    with pytest.warns(
+        UserWarning, match="holds 200 training images, not the official 50000"
+    ) as rec:
         train = load_split("cifar10", "train", tmp_path, download=False)
     assert len(train) == 200 and str(tmp_path / "cifar-10-batches-py") in str(rec[0].message)
     write_idx(tmp_path / "MNIST" / "raw")
@@ -248,7 +311,9 @@ def test_restricted_unpickler_reads_numpy1_python2_style(tmp_path):
     array = np.arange(3072 * 2, dtype=np.uint8).reshape(2, 3072)
     blob = pickle.dumps({b"data": array, b"labels": [1, 2]}, protocol=2)
     assert b"numpy._core.multiarray\n_reconstruct" in blob
-    old = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")   # as in the official files
+    old = blob.replace(
+        b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
+    )  # as in the official files
     path = tmp_path / "batch"
     path.write_bytes(old)
     loaded = cifar.load_pickle(path, fix="")
@@ -257,8 +322,10 @@ def test_restricted_unpickler_reads_numpy1_python2_style(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- idx
-@pytest.mark.parametrize("name, folder, first_class", [("mnist", "MNIST", "0 - zero"),
-                                                       ("fashion-mnist", "FashionMNIST", "T-shirt/top")])
+@pytest.mark.parametrize(
+    "name, folder, first_class",
+    [("mnist", "MNIST", "0 - zero"), ("fashion-mnist", "FashionMNIST", "T-shirt/top")],
+)
 def test_idx_loads(tmp_path, monkeypatch, name, folder, first_class):
     small(monkeypatch, name, 30)
     out = write_idx(tmp_path / folder / "raw")
@@ -311,10 +378,15 @@ def test_idx_wrong_magic_and_size(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ missing / fetching
-@pytest.mark.parametrize("name, expected", [
-    ("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python"),
-    ("mnist", "MNIST/raw/train-images-idx3-ubyte.gz"),
-    ("fashion-mnist", "FashionMNIST/raw/train-images-idx3-ubyte.gz")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cifar10", "cifar-10-python.tar.gz"),
+        ("cifar100", "cifar-100-python"),
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte.gz"),
+        ("fashion-mnist", "FashionMNIST/raw/train-images-idx3-ubyte.gz"),
+    ],
+)
 def test_missing_without_download_or_mirror(tmp_path, name, expected):
     with pytest.raises(DataError) as err:
         load_split(name, "train", tmp_path / "empty", download=False)
@@ -331,7 +403,7 @@ def test_download_file_md5(tmp_path):
     with pytest.raises(DataError, match="deleted") as err:
         paths.download_file(src.as_uri(), dest, "0" * 32)
     assert str(dest) in str(err.value)
-    assert list((tmp_path / "out").iterdir()) == []   # nothing half-written left behind
+    assert list((tmp_path / "out").iterdir()) == []  # nothing half-written left behind
     paths.download_file(src.as_uri(), dest, md5(src))
     assert dest.read_bytes() == src.read_bytes()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["file.gz"]
@@ -347,8 +419,10 @@ def test_download_missing_idx_files(tmp_path, monkeypatch):
     root = tmp_path / "root"
     train = load_split("mnist", "train", root, download=True)
     np.testing.assert_array_equal(train.labels.numpy(), out["train"][1])
-    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == \
-        ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
 
     bad = dict(sums, **{"t10k-labels-idx1-ubyte.gz": "f" * 32})
     monkeypatch.setitem(idx.SPECS, "mnist", dataclasses.replace(spec, md5=bad))
@@ -372,13 +446,15 @@ def test_local_mirror_is_used(tmp_path, monkeypatch, capsys):
     out = write_idx(tmp_path / "source")
     mirror = tmp_path / "shared" / "data"
     mirror.mkdir(parents=True)
-    (mirror / "materialize.py").write_text(textwrap.dedent(f"""
+    (mirror / "materialize.py").write_text(
+        textwrap.dedent(f"""
         import shutil, sys
         from pathlib import Path
         root, key = Path(sys.argv[1]), sys.argv[2]
         (root / "args.txt").write_text(" ".join(sys.argv[1:]))
-        shutil.copytree({str(tmp_path / 'source')!r}, root / "MNIST" / "raw")
-    """))
+        shutil.copytree({str(tmp_path / "source")!r}, root / "MNIST" / "raw")
+    """)
+    )
     monkeypatch.setattr(paths, "mirror_candidates", lambda: [tmp_path / "nothing", mirror])
     root = tmp_path / "root"
     train = load_split("mnist", "train", root, download=False)
@@ -389,11 +465,14 @@ def test_local_mirror_is_used(tmp_path, monkeypatch, capsys):
 
 
 def test_mirror_candidates_and_data_root(tmp_path, monkeypatch):
-    monkeypatch.undo()   # the real candidate list
+    monkeypatch.undo()  # the real candidate list
     checkout = Path(longtail.__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
-    assert paths.mirror_candidates() == [checkout.parent / "shared" / "data", tmp_path.parent / "shared" / "data",
-                                         tmp_path / "shared" / "data"]
+    assert paths.mirror_candidates() == [
+        checkout.parent / "shared" / "data",
+        tmp_path.parent / "shared" / "data",
+        tmp_path / "shared" / "data",
+    ]
     monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert resolve_data_root(tmp_path / "cli") == tmp_path / "cli"

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from reference_lt import reference_subset
 import pytest
+from reference_lt import reference_subset
 
-from longtail.data import class_stats, heldout_indices, img_num_per_cls, longtail_indices, shot_groups
-from longtail.data.longtail import first_per_class
 from longtail.core.errors import DataError
+from longtail.data import (
+    class_stats,
+    heldout_indices,
+    img_num_per_cls,
+    longtail_indices,
+    shot_groups,
+)
+from longtail.data.longtail import first_per_class
 
 CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 CIFAR10_IF50 = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
@@ -20,13 +26,17 @@ def fake_labels(num_classes: int, per_class: int, seed: int = 123) -> np.ndarray
     return np.random.RandomState(seed).permutation(np.repeat(np.arange(num_classes), per_class))
 
 
-@pytest.mark.parametrize("factor, expected", [(100, CIFAR10_IF100), (50, CIFAR10_IF50), (10, CIFAR10_IF10)])
+@pytest.mark.parametrize(
+    "factor, expected", [(100, CIFAR10_IF100), (50, CIFAR10_IF50), (10, CIFAR10_IF10)]
+)
 def test_cifar10_exp_counts(factor, expected):
     assert img_num_per_cls(5000, 10, factor, "exp") == expected
 
 
-@pytest.mark.parametrize("factor, total, many, medium, few", [
-    (100, 10_847, 35, 35, 30), (50, 12_608, 41, 41, 18), (10, 19_573, 69, 31, 0)])
+@pytest.mark.parametrize(
+    "factor, total, many, medium, few",
+    [(100, 10_847, 35, 35, 30), (50, 12_608, 41, 41, 18), (10, 19_573, 69, 31, 0)],
+)
 def test_cifar100_exp_counts(factor, total, many, medium, few):
     counts = img_num_per_cls(500, 100, factor, "exp")
     assert counts[0] == 500 and counts[-1] == 500 // factor
@@ -40,14 +50,25 @@ def test_cifar10_totals_and_groups():
     assert sum(img_num_per_cls(5000, 10, 100.0)) == 12_406
     assert sum(img_num_per_cls(5000, 10, 50.0)) == 13_996
     assert sum(img_num_per_cls(5000, 10, 10.0)) == 20_431
-    assert shot_groups(CIFAR10_IF100) == {"many": [0, 1, 2, 3, 4, 5, 6, 7], "medium": [8, 9], "few": []}
+    assert shot_groups(CIFAR10_IF100) == {
+        "many": [0, 1, 2, 3, 4, 5, 6, 7],
+        "medium": [8, 9],
+        "few": [],
+    }
 
 
-@pytest.mark.parametrize("classes, n_max, factor, expected", [
-    (10, 5000, 100, [5000] * 5 + [50] * 5), (10, 5000, 50, [5000] * 5 + [100] * 5),
-    (10, 5000, 10, [5000] * 5 + [500] * 5), (100, 500, 100, [500] * 50 + [5] * 50),
-    (100, 500, 50, [500] * 50 + [10] * 50), (100, 500, 10, [500] * 50 + [50] * 50),
-    (5, 100, 10, [100, 100, 10, 10, 10])])
+@pytest.mark.parametrize(
+    "classes, n_max, factor, expected",
+    [
+        (10, 5000, 100, [5000] * 5 + [50] * 5),
+        (10, 5000, 50, [5000] * 5 + [100] * 5),
+        (10, 5000, 10, [5000] * 5 + [500] * 5),
+        (100, 500, 100, [500] * 50 + [5] * 50),
+        (100, 500, 50, [500] * 50 + [10] * 50),
+        (100, 500, 10, [500] * 50 + [50] * 50),
+        (5, 100, 10, [100, 100, 10, 10, 10]),
+    ],
+)
 def test_step_counts(classes, n_max, factor, expected):
     assert img_num_per_cls(n_max, classes, factor, "step") == expected
 
@@ -61,8 +82,10 @@ def test_balanced_and_invalid_options():
         img_num_per_cls(5000, 10, 100, "linear")
 
 
-@pytest.mark.parametrize("classes, per_class, factor, seed", [
-    (10, 5000, 0.01, 0), (100, 500, 0.01, 0), (10, 5000, 0.1, 3)])
+@pytest.mark.parametrize(
+    "classes, per_class, factor, seed",
+    [(10, 5000, 0.01, 0), (100, 500, 0.01, 0), (10, 5000, 0.1, 3)],
+)
 def test_subset_matches_reference_index_for_index(classes, per_class, factor, seed):
     labels = fake_labels(classes, per_class)
     counts = img_num_per_cls(per_class, classes, 1 / factor)

@@ -15,20 +15,35 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from longtail.core.config import load_config
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.data.samplers import ClassBalancedSampler
 from longtail.engine.evaluate_run import evaluate_run
 from longtail.engine.trainer import build_run, fit
-from longtail.core.errors import ConfigError, LongtailError
 from longtail.methods import METHODS
 from longtail.methods.decoupled import tau_normalize
 from longtail.models.heads import NCMHead
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false"]
+TINY = [
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+]
 STAGE2 = ("crt", "lws", "tau_norm", "ncm", "la_posthoc")
-COMPARED = ("top1", "many", "medium", "few", "mean_class_acc", "per_class", "ece", "nll",
-            "confusion")
+COMPARED = (
+    "top1",
+    "many",
+    "medium",
+    "few",
+    "mean_class_acc",
+    "per_class",
+    "ece",
+    "nll",
+    "confusion",
+)
 
 
 def cfg(name, *extra, dataset="cifar10_lt"):
@@ -36,7 +51,9 @@ def cfg(name, *extra, dataset="cifar10_lt"):
 
 
 def stage1_cfg(*extra):
-    return cfg("ce", "train.epochs=3", "schedule.warmup_epochs=1", "schedule.milestones=[2]", *extra)
+    return cfg(
+        "ce", "train.epochs=3", "schedule.warmup_epochs=1", "schedule.milestones=[2]", *extra
+    )
 
 
 def metrics_of(run_dir):
@@ -59,7 +76,7 @@ def assert_same_features(run_dir, stage1_dir):
     a, b = weights_of(stage1_dir), weights_of(run_dir)
     body = [k for k in a if not k.startswith("head.")]
     assert body and all(k in b for k in body)
-    for key in body:                               # weights and BN statistics, bit for bit
+    for key in body:  # weights and BN statistics, bit for bit
         assert torch.equal(a[key], b[key]), key
 
 
@@ -101,8 +118,12 @@ def test_configs_load_and_name_registered_methods(dataset, name):
         assert c.train.epochs == 0
     assert c.model.head == {"lws": "lws", "ncm": "ncm"}.get(name, "linear")
     # the IF 50 / 10 variants are overrides
-    assert load_config(CONFIGS / "methods" / f"{name}.yaml",
-                       [f"data={dataset}", "data.imbalance_factor=50"]).data.imbalance_factor == 50
+    assert (
+        load_config(
+            CONFIGS / "methods" / f"{name}.yaml", [f"data={dataset}", "data.imbalance_factor=50"]
+        ).data.imbalance_factor
+        == 50
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +136,9 @@ def test_crt_sampler_is_class_balanced(stage1, tiny_cifar_root, runs):
     labels = torch.cat([b.labels for b in run.loader.epoch(0)]).numpy()
     hist = np.bincount(labels, minlength=10)
     counts = run.data.class_counts
-    assert len(labels) == max(counts) * len(counts)             # n_max * C items an epoch
-    assert hist.max() - hist.min() <= 4                          # one class visit (4 items) apart
-    assert max(counts) / min(counts) == pytest.approx(10, rel=0.1)   # vs. 10x under instance
+    assert len(labels) == max(counts) * len(counts)  # n_max * C items an epoch
+    assert hist.max() - hist.min() <= 4  # one class visit (4 items) apart
+    assert max(counts) / min(counts) == pytest.approx(10, rel=0.1)  # vs. 10x under instance
 
 
 def test_crt_trains_only_a_fresh_head(stage1, tiny_cifar_root, runs):
@@ -133,12 +154,14 @@ def test_crt_trains_only_a_fresh_head(stage1, tiny_cifar_root, runs):
 def test_crt_step_runs_the_backbone_without_autograd(stage1, tiny_cifar_root, runs):
     run = build_run(cfg("crt", f"stage1={stage1}"), runs / "unused", tiny_cifar_root)
     method = run.method
-    assert [id(p) for p in method.optim.param_groups[0]["params"]] == \
-        [id(p) for p in method.model.head.parameters()]
+    assert [id(p) for p in method.optim.param_groups[0]["params"]] == [
+        id(p) for p in method.model.head.parameters()
+    ]
     seen = []
     conv = next(m for m in method.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     hook = conv.register_forward_hook(
-        lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.requires_grad)))
+        lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.requires_grad))
+    )
     method.train_model.train()
     method.on_epoch_start(0)
     method.train_step(next(iter(run.loader.epoch(0))))
@@ -162,8 +185,9 @@ def test_lws_learns_only_the_scales(stage1, tiny_cifar_root, runs):
 
 def test_lws_needs_the_lws_head(stage1, tiny_cifar_root, runs):
     with pytest.raises(ConfigError, match="model.head=lws"):
-        build_run(cfg("lws", f"stage1={stage1}", "model.head=linear"), runs / "unused",
-                  tiny_cifar_root)
+        build_run(
+            cfg("lws", f"stage1={stage1}", "model.head=linear"), runs / "unused", tiny_cifar_root
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +196,13 @@ def test_lws_needs_the_lws_head(stage1, tiny_cifar_root, runs):
 
 def test_tau_norm_with_tau_0_is_stage1(stage1_nobias, tiny_cifar_root, runs):
     run_dir = runs / "tau0"
-    fit(cfg("tau_norm", f"stage1={stage1_nobias}", "model.head_params={bias: false}",
-            "method.tau=0"), run_dir, tiny_cifar_root)
+    fit(
+        cfg(
+            "tau_norm", f"stage1={stage1_nobias}", "model.head_params={bias: false}", "method.tau=0"
+        ),
+        run_dir,
+        tiny_cifar_root,
+    )
     a, b = metrics_of(stage1_nobias), metrics_of(run_dir)
     assert b["tau"] == 0.0 and b["tau_source"] == "method.tau"
     for key in COMPARED:
@@ -191,10 +220,10 @@ def test_tau_norm_picks_the_best_tau_on_val(stage1, tiny_cifar_root, runs):
     best = max(r["val_top1"] for r in table)
     first_best = next(r["tau"] for r in table if r["val_top1"] == best)
     assert m["tau"] == first_best and m["tau_source"] == "val"
-    assert m["val"]["top1"] == pytest.approx(best)             # the final val eval = the table
+    assert m["val"]["top1"] == pytest.approx(best)  # the final val eval = the table
     w1, w = weights_of(stage1)["head.weight"], weights_of(run_dir)
     assert torch.allclose(w["head.weight"], w1 / w1.norm(dim=1, keepdim=True) ** m["tau"])
-    assert torch.equal(w["head.bias"], torch.zeros(10))        # bias dropped
+    assert torch.equal(w["head.bias"], torch.zeros(10))  # bias dropped
     assert_eval_reproduces(run_dir, tiny_cifar_root, ("tau", "tau_table"))
     # resuming the finished run normalises the stage-1 weights again, not the saved ones
     again = fit(cfg("tau_norm", f"stage1={stage1}"), run_dir, tiny_cifar_root, resume=True)
@@ -216,9 +245,10 @@ def test_tau_normalize_rows():
 def test_ncm_head_predicts_the_nearest_class_mean():
     head = NCMHead(3, 4)
     means = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
-    head.means.copy_(means * torch.tensor([[5.0], [0.1], [2.0], [3.0]]))   # norms do not matter
-    feats = torch.tensor([[2.0, 0.1, 0], [0.1, 3.0, 0.2], [0, 0.1, -0.1], [1.0, 0.9, 0.1],
-                          [-1.0, 0, 0.5]])
+    head.means.copy_(means * torch.tensor([[5.0], [0.1], [2.0], [3.0]]))  # norms do not matter
+    feats = torch.tensor(
+        [[2.0, 0.1, 0], [0.1, 3.0, 0.2], [0, 0.1, -0.1], [1.0, 0.9, 0.1], [-1.0, 0, 0.5]]
+    )
     logits = head(feats)
     cos = F.normalize(feats, dim=1) @ F.normalize(means, dim=1).T
     assert torch.allclose(logits, cos)
@@ -237,16 +267,18 @@ def test_ncm_means_and_eval(stage1, tiny_cifar_root, runs):
     model.load_state_dict(weights_of(stage1))
     model.eval()
     d = run.data
-    x = (d.train.images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) \
-        / torch.tensor(d.std).view(1, -1, 1, 1)
+    x = (d.train.images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) / torch.tensor(
+        d.std
+    ).view(1, -1, 1, 1)
     with torch.no_grad():
         f = F.normalize(model(x).features, dim=1)
     expected = torch.stack([f[d.train.labels == c].mean(0) for c in range(10)])
     assert torch.allclose(means, expected, atol=1e-5)
     # predictions: the class whose mean is nearest (cosine) to the test features
     with torch.no_grad():
-        xt = (d.test.images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) \
-            / torch.tensor(d.std).view(1, -1, 1, 1)
+        xt = (d.test.images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) / torch.tensor(
+            d.std
+        ).view(1, -1, 1, 1)
         ft = F.normalize(model(xt).features, dim=1)
     pred = (ft @ F.normalize(expected, dim=1).T).argmax(1)
     top1 = 100.0 * float((pred == d.test.labels).sum()) / len(pred)
@@ -256,8 +288,9 @@ def test_ncm_means_and_eval(stage1, tiny_cifar_root, runs):
 
 def test_ncm_needs_the_ncm_head(stage1, tiny_cifar_root, runs):
     with pytest.raises(ConfigError, match="model.head=ncm"):
-        build_run(cfg("ncm", f"stage1={stage1}", "model.head=linear"), runs / "unused",
-                  tiny_cifar_root)
+        build_run(
+            cfg("ncm", f"stage1={stage1}", "model.head=linear"), runs / "unused", tiny_cifar_root
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +327,11 @@ def test_posthoc_la_tuned_tau_fixes_a_biased_stage1(stage1, tiny_cifar_root, run
     assert m["tau"] == next(r["tau"] for r in m["tau_table"] if r["val_top1"] == best)
     assert m["val"]["top1"] == pytest.approx(best)
     assert m["val"]["mean_class_acc"] > before
-    assert m["tau_table"][0]["val_top1"] < best                # tau = 0 (the biased model) loses
-    assert set(m["posthoc_tau1"]) == {"test", "val"} and m["posthoc_tuned"]["test"]["top1"] == m["top1"]
+    assert m["tau_table"][0]["val_top1"] < best  # tau = 0 (the biased model) loses
+    assert (
+        set(m["posthoc_tau1"]) == {"test", "val"}
+        and m["posthoc_tuned"]["test"]["top1"] == m["top1"]
+    )
     assert_eval_reproduces(run_dir, tiny_cifar_root, ("tau", "tau_table", "posthoc_tau1"))
 
 
@@ -318,24 +354,36 @@ def test_missing_stage1_is_a_clear_error(tiny_cifar_root, runs, tmp_path):
 
 def test_stage1_on_other_data_is_refused(stage1, tiny_cifar_root, runs):
     with pytest.raises(LongtailError, match="data.imbalance_factor: stage 1 10.0, this run 20.0"):
-        build_run(cfg("crt", f"stage1={stage1}", "data.imbalance_factor=20"), runs / "unused",
-                  tiny_cifar_root)
+        build_run(
+            cfg("crt", f"stage1={stage1}", "data.imbalance_factor=20"),
+            runs / "unused",
+            tiny_cifar_root,
+        )
     with pytest.raises(LongtailError, match="data.subset_seed"):
-        build_run(cfg("tau_norm", f"stage1={stage1}", "data.subset_seed=3"), runs / "unused",
-                  tiny_cifar_root)
+        build_run(
+            cfg("tau_norm", f"stage1={stage1}", "data.subset_seed=3"),
+            runs / "unused",
+            tiny_cifar_root,
+        )
 
 
 def test_stage1_with_another_model_is_refused(stage1, tiny_cifar_root, runs):
-    with pytest.raises(LongtailError, match="model.backbone: stage 1 'resnet8', this run 'resnet20'"):
-        build_run(cfg("crt", f"stage1={stage1}", "model.backbone=resnet20"), runs / "unused",
-                  tiny_cifar_root)
+    with pytest.raises(
+        LongtailError, match="model.backbone: stage 1 'resnet8', this run 'resnet20'"
+    ):
+        build_run(
+            cfg("crt", f"stage1={stage1}", "model.backbone=resnet20"),
+            runs / "unused",
+            tiny_cifar_root,
+        )
 
 
 def test_training_free_methods_refuse_epochs(stage1, tiny_cifar_root, runs):
     for name in ("tau_norm", "ncm", "la_posthoc"):
         with pytest.raises(ConfigError, match="train.epochs=0"):
-            build_run(cfg(name, f"stage1={stage1}", "train.epochs=2"), runs / "unused",
-                      tiny_cifar_root)
+            build_run(
+                cfg(name, f"stage1={stage1}", "train.epochs=2"), runs / "unused", tiny_cifar_root
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,17 +396,41 @@ def test_crt_lifts_tail_accuracy_on_real_cifar10_lt(real_data_root, tmp_path):
     """ResNet-8 CE for 1 epoch on the real CIFAR-10-LT IF100, then 1 cRT epoch (N class-balanced
     images): the re-trained classifier raises the val mean-class and the medium-shot accuracy."""
     start = time.perf_counter()
-    common = ["model.backbone=resnet8", "train.progress=false", "data.max_test_per_class=300",
-              "data.val_per_class=100"]
+    common = [
+        "model.backbone=resnet8",
+        "train.progress=false",
+        "data.max_test_per_class=300",
+        "data.val_per_class=100",
+    ]
     s1 = tmp_path / "ce"
-    a = fit(load_config(CONFIGS / "methods" / "ce.yaml",
-                        ["data=cifar10_lt", *common, "train.epochs=1", "schedule.warmup_epochs=0",
-                         "train.eval_every=0"]),
-            s1, real_data_root)
-    b = fit(load_config(CONFIGS / "methods" / "crt.yaml",
-                        ["data=cifar10_lt", *common, f"stage1={s1}", "train.epochs=1",
-                         "sampler.epoch_length=dataset"]),
-            tmp_path / "crt", real_data_root)
+    a = fit(
+        load_config(
+            CONFIGS / "methods" / "ce.yaml",
+            [
+                "data=cifar10_lt",
+                *common,
+                "train.epochs=1",
+                "schedule.warmup_epochs=0",
+                "train.eval_every=0",
+            ],
+        ),
+        s1,
+        real_data_root,
+    )
+    b = fit(
+        load_config(
+            CONFIGS / "methods" / "crt.yaml",
+            [
+                "data=cifar10_lt",
+                *common,
+                f"stage1={s1}",
+                "train.epochs=1",
+                "sampler.epoch_length=dataset",
+            ],
+        ),
+        tmp_path / "crt",
+        real_data_root,
+    )
     assert_same_features(tmp_path / "crt", s1)
     assert b["val"]["mean_class_acc"] > a["val"]["mean_class_acc"] + 5
     assert b["medium"] > a["medium"]

@@ -36,8 +36,15 @@ from longtail.data.samplers import SAMPLERS, build_sampler
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "methods" / "ce.yaml")
 # the tiny CIFAR-10 at imbalance 5 keeps 149 training images (odd: the last batch splits unevenly)
-TINY = ["data=cifar10_lt", "train.device=cpu", "train.progress=false", "model.backbone=resnet8",
-        "data.imbalance_factor=5", "data.val_per_class=5", "train.epochs=2"]
+TINY = [
+    "data=cifar10_lt",
+    "train.device=cpu",
+    "train.progress=false",
+    "model.backbone=resnet8",
+    "data.imbalance_factor=5",
+    "data.val_per_class=5",
+    "train.epochs=2",
+]
 TIMEOUT = 240
 
 
@@ -61,7 +68,9 @@ def free_port() -> int:
 def make_sampler(name: str, labels: np.ndarray, batch_size: int, epochs: int = 4):
     """A registered sampler with the run facts the trainer passes by name."""
     accepts = inspect.signature(SAMPLERS.get(name)).parameters
-    facts = {k: v for k, v in (("batch_size", batch_size), ("total_epochs", epochs)) if k in accepts}
+    facts = {
+        k: v for k, v in (("batch_size", batch_size), ("total_epochs", epochs)) if k in accepts
+    }
     return build_sampler(name, labels, np.bincount(labels).tolist(), seed=3, **facts)
 
 
@@ -69,6 +78,7 @@ LT_LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(5), [90, 50
 
 
 # ------------------------------------------------------------------------------- sharding (fast)
+
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_rank_shares_partition_every_global_batch(name):
@@ -93,14 +103,25 @@ def test_rank_batches_reassemble_the_single_process_batch(name):
     """Same images, labels and augmentation (crop, flip) whichever rank trains a sample."""
     batch = 32
     n = len(LT_LABELS)
-    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     labels = torch.from_numpy(LT_LABELS)
 
     def loader(rank, world):
-        return TrainLoader(images, labels, make_sampler(name, LT_LABELS, batch), batch,
-                           (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device=torch.device("cpu"),
-                           seed=5, rank=rank, world_size=world, padding=2)
+        return TrainLoader(
+            images,
+            labels,
+            make_sampler(name, LT_LABELS, batch),
+            batch,
+            (0.5, 0.5, 0.5),
+            (0.25, 0.25, 0.25),
+            device=torch.device("cpu"),
+            seed=5,
+            rank=rank,
+            world_size=world,
+            padding=2,
+        )
 
     single, r0, r1 = loader(0, 1), loader(0, 2), loader(1, 2)
     assert len(single) == len(r0) == len(r1)
@@ -108,7 +129,9 @@ def test_rank_batches_reassemble_the_single_process_batch(name):
     for epoch in (0, 1):
         order = sampler.global_order(epoch)
         pos = [sampler.rank_positions(order, batch, r, 2) for r in (0, 1)]
-        for b, (glob, *ranks) in enumerate(zip(single.epoch(epoch), r0.epoch(epoch), r1.epoch(epoch))):
+        for b, (glob, *ranks) in enumerate(
+            zip(single.epoch(epoch), r0.epoch(epoch), r1.epoch(epoch))
+        ):
             got = [torch.empty_like(t) for t in glob]
             for r, part in enumerate(ranks):
                 at = torch.from_numpy(pos[r][b] - b * batch)
@@ -119,6 +142,7 @@ def test_rank_batches_reassemble_the_single_process_batch(name):
 
 
 # ------------------------------------------- exact gradient averaging (2 spawned ranks, no BN)
+
 
 def _without_bn(model: nn.Module) -> nn.Module:
     """BatchNorm -> GroupNorm(1, C): normalises each sample alone, so sharding changes nothing."""
@@ -136,17 +160,22 @@ def _train_in_memory(root: Path):
 
     # 149 = 4 x 32 + 21 (11 + 10); a small lr keeps float rounding from growing over the steps
     cfg = load_config(CONFIG, [*TINY, "train.batch_size=32", "optim.lr=0.01"])
-    run = trainer.build_run(cfg, Path("unused"), root)          # writes nothing
+    run = trainer.build_run(cfg, Path("unused"), root)  # writes nothing
     losses = [trainer.train_one_epoch(run, e, None)["loss"] for e in range(cfg.train.epochs)]
     return {"losses": losses, "state": run.method.model.state_dict(), "steps": len(run.loader)}
 
 
 def _spawned_rank(rank: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
-    from longtail.engine import trainer
     from longtail.core.distributed import shutdown_distributed
+    from longtail.engine import trainer
 
     build = trainer.build_model
     trainer.build_model = lambda *a, **k: _without_bn(build(*a, **k))
@@ -159,17 +188,24 @@ def _spawned_rank(rank: int, port: int, root: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_step_equals_single_process_step_without_batchnorm(tiny_cifar_root, tmp_path,
-                                                               monkeypatch):
+def test_ddp_step_equals_single_process_step_without_batchnorm(
+    tiny_cifar_root, tmp_path, monkeypatch
+):
     import torch.multiprocessing as mp
+
     from longtail.engine import trainer
 
     out = tmp_path / "rank0.pt"
-    ctx = mp.start_processes(_spawned_rank, args=(free_port(), str(tiny_cifar_root), str(out)),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _spawned_rank,
+        args=(free_port(), str(tiny_cifar_root), str(out)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     build = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _without_bn(build(*a, **k)))
-    single = _train_in_memory(tiny_cifar_root)     # meanwhile, in this process
+    single = _train_in_memory(tiny_cifar_root)  # meanwhile, in this process
     join_or_fail(ctx)
     two = torch.load(out, weights_only=True)
 
@@ -186,22 +222,54 @@ def test_ddp_step_equals_single_process_step_without_batchnorm(tiny_cifar_root, 
 
 # ----------------------------------------------------------- torchrun end to end (2 processes)
 
-PARAM_RTOL = 0.02   # measured 0.0069 (2 vs 1 process); lr x2 gives 0.039, batch 32: 0.042
-BUFFER_RTOL = 0.1   # BN running statistics from rank 0's half batches: measured 0.025 (batch 32: 0.26)
-LOSS_ATOL = (0.01, 0.2)  # per epoch, measured 0.0026, 0.084; lr x1.1: 0.016, 0.047; lr x2: 0.15, 0.33
-RUN_FILES = {"config.yaml", "history.jsonl", "last.pt", "metrics.json", "model.safetensors",
-             "per_class_accuracy.png"}
+PARAM_RTOL = 0.02  # measured 0.0069 (2 vs 1 process); lr x2 gives 0.039, batch 32: 0.042
+BUFFER_RTOL = (
+    0.1  # BN running statistics from rank 0's half batches: measured 0.025 (batch 32: 0.26)
+)
+LOSS_ATOL = (
+    0.01,
+    0.2,
+)  # per epoch, measured 0.0026, 0.084; lr x1.1: 0.016, 0.047; lr x2: 0.15, 0.33
+RUN_FILES = {
+    "config.yaml",
+    "history.jsonl",
+    "last.pt",
+    "metrics.json",
+    "model.safetensors",
+    "per_class_accuracy.png",
+}
 
 
 def _launch(nproc: int, root: Path, out: Path) -> subprocess.Popen:
-    args = ["-m", "longtail", "train", CONFIG, "--data-root", str(root), "--out", str(out),
-            *TINY, "train.batch_size=64"]               # 149 = 64 + 64 + 21 (11 + 10)
+    args = [
+        "-m",
+        "longtail",
+        "train",
+        CONFIG,
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        *TINY,
+        "train.batch_size=64",
+    ]  # 149 = 64 + 64 + 21 (11 + 10)
     if nproc > 1:
-        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}", *args]
+        args = [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -233,8 +301,10 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_cifar_root, tmp_path
     assert set(os.listdir(two)) == set(os.listdir(one)) == RUN_FILES
     assert log2.count("run folder:") == 1 and log2.count("metrics:") == 1
     assert (two / "config.yaml").read_text() == (one / "config.yaml").read_text()
-    hist2, hist1 = ([json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
-                    for d in (two, one))
+    hist2, hist1 = (
+        [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+        for d in (two, one)
+    )
     assert [r["epoch"] for r in hist2] == [r["epoch"] for r in hist1] == [1, 2]
     assert [r["lr"] for r in hist2] == [r["lr"] for r in hist1]
     for r2, r1, tol in zip(hist2, hist1, LOSS_ATOL):
@@ -244,12 +314,22 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_cifar_root, tmp_path
     assert w2.keys() == w1.keys()
     params = [k for k in w1 if "running" not in k and w1[k].is_floating_point()]
     buffers = [k for k in w1 if "running" in k]
-    assert _rel(torch.cat([w2[k].flatten() for k in params]),
-                torch.cat([w1[k].flatten() for k in params])) < PARAM_RTOL
-    assert _rel(torch.cat([w2[k].flatten() for k in buffers]),
-                torch.cat([w1[k].flatten() for k in buffers])) < BUFFER_RTOL
+    assert (
+        _rel(
+            torch.cat([w2[k].flatten() for k in params]),
+            torch.cat([w1[k].flatten() for k in params]),
+        )
+        < PARAM_RTOL
+    )
+    assert (
+        _rel(
+            torch.cat([w2[k].flatten() for k in buffers]),
+            torch.cat([w1[k].flatten() for k in buffers]),
+        )
+        < BUFFER_RTOL
+    )
     for k in w1:
-        if not w1[k].is_floating_point():   # num_batches_tracked: steps, the same on every rank
+        if not w1[k].is_floating_point():  # num_batches_tracked: steps, the same on every rank
             assert torch.equal(w2[k], w1[k]), k
 
     # the metrics reduced over ranks = one process evaluating the saved weights
@@ -261,25 +341,39 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_cifar_root, tmp_path
         assert got["confusion"] == want["confusion"]
         assert got["top1"] == want["top1"]
         assert got["per_class"] == want["per_class"]
-        for key in ("many", "medium", "few", "mean_class_acc"):   # None for an empty group
+        for key in ("many", "medium", "few", "mean_class_acc"):  # None for an empty group
             assert got[key] == (None if want[key] is None else pytest.approx(want[key], abs=1e-9))
         assert got["ece"] == pytest.approx(want["ece"], abs=1e-9)
-        assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)   # float32 loss sums
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)  # float32 loss sums
 
 
 # ------------------------------------------------ a loss-driven schedule under DDP (2 ranks)
 
+
 def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
     from longtail.core.config import load_config
-    from longtail.engine import trainer
     from longtail.core.distributed import shutdown_distributed
+    from longtail.engine import trainer
 
-    cfg = load_config(REPO / "configs" / "methods" / "mlrsnet.yaml", [
-        *TINY, "train.batch_size=32", "data.meta_per_class=2", "hooks.mlrsnet.meta_every=2",
-        "hooks.mlrsnet.meta_batch_size=10", "hooks.mlrsnet.meta_lr=0.05"])
+    cfg = load_config(
+        REPO / "configs" / "methods" / "mlrsnet.yaml",
+        [
+            *TINY,
+            "train.batch_size=32",
+            "data.meta_per_class=2",
+            "hooks.mlrsnet.meta_every=2",
+            "hooks.mlrsnet.meta_batch_size=10",
+            "hooks.mlrsnet.meta_lr=0.05",
+        ],
+    )
     seen = []
     original = trainer.build_hooks
 
@@ -291,9 +385,18 @@ def _spawned_mlrsnet_rank(rank: int, port: int, root: str, out: str) -> None:
     trainer.build_hooks = spy
     try:
         trainer.fit(cfg, Path(out) / "run", Path(root))
-        params = {k: v for k, v in seen[0].run.method.model.state_dict().items() if "running" not in k}
-        torch.save({"lrs": seen[0].lrs, "params": params, "net": seen[0].net.state_dict(),
-                    "meta_steps": seen[0].meta_steps}, Path(out) / f"rank{rank}.pt")
+        params = {
+            k: v for k, v in seen[0].run.method.model.state_dict().items() if "running" not in k
+        }
+        torch.save(
+            {
+                "lrs": seen[0].lrs,
+                "params": params,
+                "net": seen[0].net.state_dict(),
+                "meta_steps": seen[0].meta_steps,
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         shutdown_distributed()
 
@@ -304,13 +407,17 @@ def test_mlrsnet_gives_every_rank_the_same_lr(tiny_cifar_root, tmp_path):
     meta update averages hyper-gradients: the lr, the net and so the weights stay identical."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_spawned_mlrsnet_rank, args=(free_port(), str(tiny_cifar_root),
-                                                          str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _spawned_mlrsnet_rank,
+        args=(free_port(), str(tiny_cifar_root), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     join_or_fail(ctx)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["meta_steps"] == r1["meta_steps"] > 0
-    assert len(r0["lrs"]) == 10 and r0["lrs"] == r1["lrs"]      # 2 epochs x 5 steps (149 images)
+    assert len(r0["lrs"]) == 10 and r0["lrs"] == r1["lrs"]  # 2 epochs x 5 steps (149 images)
     for key in r0["net"]:
         assert torch.equal(r0["net"][key], r1["net"][key]), key
     for key in r0["params"]:

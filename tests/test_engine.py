@@ -10,14 +10,23 @@ from safetensors.torch import load_file
 
 from longtail.cli import main
 from longtail.core.config import load_config
+from longtail.core.errors import LongtailError
 from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import fit
-from longtail.core.errors import LongtailError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
-TINY = ["data=cifar10_lt", "model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "schedule.warmup_epochs=1", "schedule.milestones=[3]", "schedule.gamma=0.1"]
+TINY = [
+    "data=cifar10_lt",
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=[3]",
+    "schedule.gamma=0.1",
+]
 
 
 def tiny_cfg(epochs=3, extra=()):
@@ -33,15 +42,21 @@ def finished_run(tiny_cifar_root, tmp_path_factory):
 
 def test_run_folder_is_complete(finished_run):
     run_dir, metrics = finished_run
-    for name in ("config.yaml", "history.jsonl", "last.pt", "model.safetensors", "metrics.json",
-                 "per_class_accuracy.png"):
+    for name in (
+        "config.yaml",
+        "history.jsonl",
+        "last.pt",
+        "model.safetensors",
+        "metrics.json",
+        "per_class_accuracy.png",
+    ):
         assert (run_dir / name).is_file(), name
-    assert not list(run_dir.glob(".*tmp*"))                       # no temp files left behind
+    assert not list(run_dir.glob(".*tmp*"))  # no temp files left behind
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert {"epoch", "lr", "loss", "images_per_s", "seconds"} <= set(r)
-    assert [round(r["lr"], 6) for r in rows] == [0.1, 0.1, 0.1, 0.01]   # warm-up 1, x0.1 after 3
+    assert [round(r["lr"], 6) for r in rows] == [0.1, 0.1, 0.1, 0.01]  # warm-up 1, x0.1 after 3
     saved = json.loads((run_dir / "metrics.json").read_text())
     for key in ("top1", "many", "medium", "few", "per_class", "ece", "val"):
         assert key in saved
@@ -52,7 +67,7 @@ def test_training_learns(finished_run):
     run_dir, metrics = finished_run
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
-    assert metrics["top1"] > 40.0            # 10 colour classes: chance is 10 %
+    assert metrics["top1"] > 40.0  # 10 colour classes: chance is 10 %
 
 
 def test_eval_reproduces_metrics_json(finished_run, tiny_cifar_root, capsys):
@@ -125,8 +140,18 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, tiny_cifar_root, capsys)
 def test_unwritable_run_folder(tmp_path, tiny_cifar_root, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = main(["train", str(CONFIG), "--out", str(blocker / "run"), "--data-root",
-                 str(tiny_cifar_root), *TINY, "train.epochs=1"])
+    code = main(
+        [
+            "train",
+            str(CONFIG),
+            "--out",
+            str(blocker / "run"),
+            "--data-root",
+            str(tiny_cifar_root),
+            *TINY,
+            "train.epochs=1",
+        ]
+    )
     assert code == 2
     assert "Cannot write the run folder" in capsys.readouterr().err
 
@@ -138,14 +163,27 @@ def test_ldam_requires_cosine_head(tiny_cifar_root, tmp_path):
 
 def test_failed_start_leaves_no_run_folder(tmp_path, tiny_cifar_root, capsys):
     run_dir = tmp_path / "never"
-    code = main(["train", str(CONFIG), "--out", str(run_dir), "--data-root", str(tiny_cifar_root),
-                 "data=cifar10_lt", "data.dataset=cifar11-lt"])
+    code = main(
+        [
+            "train",
+            str(CONFIG),
+            "--out",
+            str(run_dir),
+            "--data-root",
+            str(tiny_cifar_root),
+            "data=cifar10_lt",
+            "data.dataset=cifar11-lt",
+        ]
+    )
     assert code == 2 and not run_dir.exists()
     assert "data.dataset" in capsys.readouterr().err
 
 
 def test_unwritable_split_output_is_a_clear_error(tmp_path, tiny_cifar_root, capsys):
     out = tmp_path / "missing-folder" / "split.txt"
-    assert main(["data", "split", "cifar10", "--data-root", str(tiny_cifar_root), "--out", str(out)]) == 2
+    assert (
+        main(["data", "split", "cifar10", "--data-root", str(tiny_cifar_root), "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "missing-folder" in err and "Traceback" not in err and not out.exists()

@@ -27,12 +27,12 @@ def test_empty_group_is_none_not_zero():
 def test_ece_by_hand():
     acc = MetricAccumulator(num_classes=2, num_bins=15)
     l3, l9 = math.log(3.0), math.log(9.0)
-    logits = torch.tensor([[0.0, l3], [0.0, l3], [l9, 0.0]])   # confidences 0.75, 0.75, 0.9
-    labels = torch.tensor([1, 0, 0])                             # right, wrong, right
+    logits = torch.tensor([[0.0, l3], [0.0, l3], [l9, 0.0]])  # confidences 0.75, 0.75, 0.9
+    labels = torch.tensor([1, 0, 0])  # right, wrong, right
     acc.update(logits, labels)
     m = acc.compute([100, 100])
     # bins (0.7333, 0.8]: conf sum 1.5, correct 1; (0.8667, 0.9333]: 0.9 vs 1 -> (0.5 + 0.1) / 3
     assert math.isclose(m["ece"], 100 * 0.6 / 3, rel_tol=1e-6)
-    assert m["confusion"] == [[1, 1], [0, 1]]                  # rows: true class
+    assert m["confusion"] == [[1, 1], [0, 1]]  # rows: true class
     expected_nll = (-math.log(0.75) - math.log(0.25) - math.log(0.9)) / 3
     assert math.isclose(m["nll"], expected_nll, rel_tol=1e-6)

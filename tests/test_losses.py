@@ -12,7 +12,7 @@ from longtail.core.errors import ConfigError
 from longtail.losses import LOSSES, class_balanced_weights, create, posthoc_adjust, select_tau
 
 BASELINES = ["ce", "focal", "cb", "ldam", "logit_adjusted", "balanced_softmax", "gcl"]
-ALL = LOSSES.names()          # every registered loss meets the contract below
+ALL = LOSSES.names()  # every registered loss meets the contract below
 
 # Fixed 2-sample, 3-class example used throughout.
 Z = [[1.0, 2.0, 3.0], [1.0, 0.0, -1.0]]
@@ -34,8 +34,8 @@ def ce_by_hand(z, y):
 
 # Hand-computed per-sample CE of the fixed example:
 #   l_0 = log(e^1 + e^2 + e^3) - 3 = 0.40760596...;  l_1 = log(e^1 + e^0 + e^-1) - 1 = 0.40760596...
-L0 = math.log(math.e ** 1 + math.e ** 2 + math.e ** 3) - 3
-L1 = math.log(math.e ** 1 + 1 + math.e ** -1) - 1
+L0 = math.log(math.e**1 + math.e**2 + math.e**3) - 3
+L1 = math.log(math.e**1 + 1 + math.e**-1) - 1
 
 # Class-balanced weights for counts [5000, 500, 50], beta = 0.9999, written out:
 #   effective numbers E_n = (1 - 0.9999^n) / (1 - 0.9999):
@@ -58,6 +58,7 @@ def approx(x, rel=1e-6, abs=1e-6):
 # registry / create / config errors
 # ----------------------------------------------------------------------------------------------
 
+
 def test_registry_has_the_baseline_losses():
     assert set(BASELINES) <= set(LOSSES.names())
 
@@ -69,7 +70,7 @@ def test_every_loss_has_contract(name):
     loss.set_epoch(0)
     loss.set_epoch(5)
     assert loss.requires_normalized_head is type(loss).requires_normalized_head
-    if name in ("ldam", "gcl"):                     # cosine logits
+    if name in ("ldam", "gcl"):  # cosine logits
         assert loss.requires_normalized_head is True
     out = loss(t(Z), t(Y, torch.int64))
     assert out.dim() == 0 and out.dtype == torch.float32
@@ -100,16 +101,19 @@ def test_class_counts_optional_without_drw(name):
         create(name, drw_epoch=3)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(name="focal", gamma=-1.0), "loss.gamma"),
-    (dict(name="cb", beta=1.0), "loss.beta"),
-    (dict(name="cb", base="sigmoid"), "loss.base"),
-    (dict(name="cb", base="ce", gamma=2.0), "loss.gamma"),
-    (dict(name="ldam", scale=0.0), "loss.scale"),
-    (dict(name="ce", drw_epoch=-1), "loss.drw_epoch"),
-    (dict(name="ce", drw_epoch=2, drw_beta=1.5), "loss.drw_beta"),
-    (dict(name="gcl", beta=0.9998, drw_beta=0.9999, drw_epoch=3), "loss.drw_beta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(name="focal", gamma=-1.0), "loss.gamma"),
+        (dict(name="cb", beta=1.0), "loss.beta"),
+        (dict(name="cb", base="sigmoid"), "loss.base"),
+        (dict(name="cb", base="ce", gamma=2.0), "loss.gamma"),
+        (dict(name="ldam", scale=0.0), "loss.scale"),
+        (dict(name="ce", drw_epoch=-1), "loss.drw_epoch"),
+        (dict(name="ce", drw_epoch=2, drw_beta=1.5), "loss.drw_beta"),
+        (dict(name="gcl", beta=0.9998, drw_beta=0.9999, drw_epoch=3), "loss.drw_beta"),
+    ],
+)
 def test_bad_values(kwargs, key):
     kwargs = dict(kwargs)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -138,6 +142,7 @@ def test_class_counts_accepts_numpy_and_tensor():
 # class-balanced weights
 # ----------------------------------------------------------------------------------------------
 
+
 def test_class_balanced_weights_by_hand():
     w = class_balanced_weights(COUNTS3, 0.9999)
     assert w.dtype == torch.float32 and w.shape == (3,)
@@ -145,7 +150,7 @@ def test_class_balanced_weights_by_hand():
     assert float(w.sum()) == approx(3.0)
     # formula written with math for an unrelated set of counts
     counts, beta = [7, 3, 1, 1], 0.9
-    raw = [(1 - beta) / (1 - beta ** n) for n in counts]
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
     expect = [r * len(counts) / sum(raw) for r in raw]
     assert class_balanced_weights(counts, beta).tolist() == approx(expect)
 
@@ -162,6 +167,7 @@ def test_class_balanced_weights_edge_betas():
 # CE / focal
 # ----------------------------------------------------------------------------------------------
 
+
 def test_ce_by_hand():
     assert ce_by_hand(Z, Y) == approx([L0, L1])
     loss = create("ce")
@@ -170,7 +176,7 @@ def test_ce_by_hand():
 
 def test_focal_gamma2_by_hand():
     loss = create("focal", gamma=2.0)
-    expect = sum((1 - math.exp(-l)) ** 2 * l for l in (L0, L1)) / 2
+    expect = sum((1 - math.exp(-v)) ** 2 * v for v in (L0, L1)) / 2
     assert loss(t(Z), t(Y, torch.int64)).item() == approx(expect)
 
 
@@ -179,7 +185,8 @@ def test_focal_default_gamma1_and_gamma0_is_ce():
     y = [1, 1, 0]
     ls = ce_by_hand(z, y)
     assert create("focal")(t(z), t(y, torch.int64)).item() == approx(
-        sum((1 - math.exp(-l)) * l for l in ls) / 3)
+        sum((1 - math.exp(-v)) * v for v in ls) / 3
+    )
     assert create("focal", gamma=0.0)(t(z), t(y, torch.int64)).item() == approx(sum(ls) / 3)
 
 
@@ -187,7 +194,7 @@ def test_focal_weighted_follows_reference_convention():
     """LDAM-DRW FocalLoss: per-sample CE already multiplied by w_y, modulator exp(-w_y*l), plain mean."""
     loss = create("focal", class_counts=COUNTS3, gamma=2.0, drw_epoch=0)
     ws = [CB3[c] for c in Y]
-    ces = [w * l for w, l in zip(ws, (L0, L1))]
+    ces = [w * v for w, v in zip(ws, (L0, L1))]
     expect = sum((1 - math.exp(-c)) ** 2 * c for c in ces) / 2
     assert loss(t(Z), t(Y, torch.int64)).item() == approx(expect)
     # gamma = 0 with weights: plain mean of w_y * l (NOT the weighted mean)
@@ -198,6 +205,7 @@ def test_focal_weighted_follows_reference_convention():
 # ----------------------------------------------------------------------------------------------
 # class-balanced loss
 # ----------------------------------------------------------------------------------------------
+
 
 def test_cb_ce_weighted_mean_by_hand():
     loss = create("cb", class_counts=COUNTS3, beta=0.9999)
@@ -211,7 +219,7 @@ def test_weighted_mean_convention_on_larger_batch():
     y = [0, 1, 2, 2, 0]
     ls = ce_by_hand(z, y)
     ws = [CB3[c] for c in y]
-    expect = sum(w * l for w, l in zip(ws, ls)) / sum(ws)
+    expect = sum(w * v for w, v in zip(ws, ls)) / sum(ws)
     assert create("cb", class_counts=COUNTS3)(t(z), t(y, torch.int64)).item() == approx(expect)
 
 
@@ -236,6 +244,7 @@ def test_cb_with_drw_defers_its_weights():
 # ----------------------------------------------------------------------------------------------
 # DRW
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["ce", "logit_adjusted"])
 def test_drw_switch(name):
@@ -271,7 +280,7 @@ def test_drw_matches_ldam_drw_epoch_index():
 
 def test_drw_epoch_zero_active_from_start_and_custom_beta():
     loss = create("ce", class_counts=COUNTS3, drw_epoch=0, drw_beta=0.9)
-    raw = [(1 - 0.9) / (1 - 0.9 ** n) for n in COUNTS3]
+    raw = [(1 - 0.9) / (1 - 0.9**n) for n in COUNTS3]
     assert loss.weight.tolist() == approx([3 * r / sum(raw) for r in raw])
 
 
@@ -285,12 +294,13 @@ def test_set_epoch_rejects_bad_values():
 # LDAM
 # ----------------------------------------------------------------------------------------------
 
+
 def test_ldam_margins_cifar10_if100():
     loss = create("ldam", class_counts=C10_IF100, max_margin=0.5)
     m = loss.margins.tolist()
     assert m[9] == approx(0.5) and max(m) == approx(0.5)
     assert m[0] / m[9] == approx((50 / 5000) ** 0.25)
-    assert m[0] == approx(0.5 * 0.1 ** 0.5)  # 0.158113883...
+    assert m[0] == approx(0.5 * 0.1**0.5)  # 0.158113883...
     assert m[4] == approx(0.5 * (50 / 645) ** 0.25)
     assert all(a < b for a, b in zip(m, m[1:]))
 
@@ -310,7 +320,7 @@ def test_ldam_drw_weighted_by_hand():
     loss = create("ldam", class_counts=[16, 1], scale=10.0, drw_epoch=1, drw_beta=0.5)
     loss.set_epoch(1)
     # beta = 0.5: raw (1-.5)/(1-.5^16) = 0.5000076, (1-.5)/(1-.5) = 1 -> normalised to sum 2
-    r = [0.5 / (1 - 0.5 ** 16), 1.0]
+    r = [0.5 / (1 - 0.5**16), 1.0]
     w = [2 * x / sum(r) for x in r]
     l0 = math.log(math.exp(2.5) + math.exp(2.0)) - 2.5
     l1 = math.log(math.exp(1.0) + math.exp(-2.0)) + 2.0
@@ -321,6 +331,7 @@ def test_ldam_drw_weighted_by_hand():
 # ----------------------------------------------------------------------------------------------
 # logit adjustment / balanced softmax
 # ----------------------------------------------------------------------------------------------
+
 
 def test_logit_adjusted_by_hand():
     # counts [3, 1] -> prior [0.75, 0.25]; z = 0, y = 1: softmax(log prior)_1 = 0.25 -> loss log 4
@@ -334,7 +345,7 @@ def test_logit_adjusted_by_hand():
 def test_balanced_softmax_by_hand():
     loss = create("balanced_softmax", class_counts=[3, 1])
     # z + log n = [1 + log 3, 2 + 0], y = 0
-    expect = math.log(3 * math.e + math.e ** 2) - (1 + math.log(3))
+    expect = math.log(3 * math.e + math.e**2) - (1 + math.log(3))
     assert loss(t([[1.0, 2.0]]), t([0], torch.int64)).item() == approx(expect)
 
 
@@ -359,7 +370,9 @@ def test_posthoc_adjust_values():
     assert np.allclose(out_t.numpy(), expect, atol=1e-6)
     out_np = posthoc_adjust(np.array(z), counts, tau=0.5)
     assert isinstance(out_np, np.ndarray)
-    assert np.allclose(out_np, [[x - 0.5 * math.log(p) for x, p in zip(row, (0.75, 0.25))] for row in z])
+    assert np.allclose(
+        out_np, [[x - 0.5 * math.log(p) for x, p in zip(row, (0.75, 0.25))] for row in z]
+    )
     assert np.allclose(posthoc_adjust(t(z), counts, tau=0.0).numpy(), z)
 
 
@@ -378,7 +391,9 @@ def test_select_tau_constructed_example():
     assert acc[0.3] == pytest.approx(1.0) and acc[0.6] == pytest.approx(1.0)
     assert acc[0.7] == pytest.approx(0.5) and acc[0.2] == pytest.approx(0.5)
     # custom grid with torch inputs, unsorted; tie at tau 0 and 0.1 (both 50 %) -> 0.0
-    best2, table2 = select_tau(torch.tensor(logits), torch.tensor(labels), [90, 10], taus=[0.1, 0.0])
+    best2, table2 = select_tau(
+        torch.tensor(logits), torch.tensor(labels), [90, 10], taus=[0.1, 0.0]
+    )
     assert best2 == 0.0 and [tau for tau, _ in table2] == [0.0, 0.1]
 
 
@@ -395,7 +410,10 @@ def gcl_by_hand(cos, y, noise=None, s=25.0, margin=0.1, noise_mul=1.0):
     rel = [0.0, 0.5, 1.0]
     total = 0.0
     for i, (row, c) in enumerate(zip(cos, y)):
-        adj = [v - (noise_mul * abs(noise[i][j]) * rel[j] if noise is not None else 0.0) for j, v in enumerate(row)]
+        adj = [
+            v - (noise_mul * abs(noise[i][j]) * rel[j] if noise is not None else 0.0)
+            for j, v in enumerate(row)
+        ]
         adj[c] -= margin
         total += lse([s * a for a in adj]) - s * adj[c]
     return total / len(cos)
@@ -426,10 +444,15 @@ def test_gcl_train_noise_reproducible_and_by_hand():
     assert va == vb
     assert va != approx(eval_value)
     # noise = |N(0, 1/9)| clamped to 1, drawn as randn(B, C) / 3 from the same seeded stream
-    eps = (torch.randn(2, 3, generator=torch.Generator().manual_seed(123)) / 3).clamp(-1, 1).tolist()
+    eps = (
+        (torch.randn(2, 3, generator=torch.Generator().manual_seed(123)) / 3).clamp(-1, 1).tolist()
+    )
     assert va == approx(gcl_by_hand(COS, COS_Y, noise=eps), rel=1e-5)
     # noise only pushes logits down: train loss on a target-head sample is <= its eval loss
-    assert a(t([[0.5, 0.2, -0.1]]), t([0], torch.int64)).item() <= gcl_by_hand([[0.5, 0.2, -0.1]], [0]) + 1e-6
+    assert (
+        a(t([[0.5, 0.2, -0.1]]), t([0], torch.int64)).item()
+        <= gcl_by_hand([[0.5, 0.2, -0.1]], [0]) + 1e-6
+    )
     # noise_mul = 0 in training mode equals eval mode
     c = create("gcl", class_counts=GCL_COUNTS, noise_mul=0.0)
     assert c(x, y).item() == approx(eval_value)
@@ -441,8 +464,12 @@ def test_gcl_drw_uses_beta_9998():
     assert loss.weight is None
     loss.set_epoch(60)
     assert loss.weight.tolist() == approx(CB3_9998)
-    assert create("gcl", class_counts=COUNTS3, drw_epoch=0, beta=0.9999).weight.tolist() == approx(CB3)
-    assert create("gcl", class_counts=COUNTS3, drw_epoch=0, drw_beta=0.9999).weight.tolist() == approx(CB3)
+    assert create("gcl", class_counts=COUNTS3, drw_epoch=0, beta=0.9999).weight.tolist() == approx(
+        CB3
+    )
+    assert create(
+        "gcl", class_counts=COUNTS3, drw_epoch=0, drw_beta=0.9999
+    ).weight.tolist() == approx(CB3)
 
 
 def test_gcl_equal_counts_no_nan():
@@ -456,6 +483,7 @@ def test_gcl_equal_counts_no_nan():
 # ----------------------------------------------------------------------------------------------
 # numerics: gradients, dtype, buffers
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_finite(name):
@@ -491,8 +519,12 @@ def test_low_precision_logits_computed_in_float32(name):
 
 
 def test_buffers_registered_and_moved():
-    expected = {"ldam": "margins", "logit_adjusted": "log_prior", "balanced_softmax": "log_counts",
-                "gcl": "cloud"}
+    expected = {
+        "ldam": "margins",
+        "logit_adjusted": "log_prior",
+        "balanced_softmax": "log_counts",
+        "gcl": "cloud",
+    }
     for name, buf in expected.items():
         loss = create(name, class_counts=COUNTS3, drw_epoch=0)
         names = dict(loss.named_buffers())

@@ -18,25 +18,35 @@ from safetensors.torch import load_file
 
 from longtail.cli import main
 from longtail.core.config import ModelConfig, load_config
+from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.io import load_checkpoint
 from longtail.data.augment import normalize
 from longtail.data.loader import Batch
-from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import build_run, fit
-from longtail.core.errors import ConfigError, LongtailError
 from longtail.models import build_model
 from longtail.models.modulator import StageModulation, build_modulator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "schedule.warmup_epochs=1", "schedule.milestones=[2]", "schedule.gamma=0.1"]
+TINY = [
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=[2]",
+    "schedule.gamma=0.1",
+]
 META = ["data.meta_per_class=2", "method.meta_batch_size=10"]
 COMPARED = ("top1", "many", "medium", "few", "per_class", "ece", "confusion")
 
 
 def mfm_cfg(epochs=3, *extra, dataset="cifar10_lt"):
-    return load_config(CONFIGS / "methods" / "mfm.yaml",
-                       [f"data={dataset}", *TINY, *META, f"train.epochs={epochs}", *extra])
+    return load_config(
+        CONFIGS / "methods" / "mfm.yaml",
+        [f"data={dataset}", *TINY, *META, f"train.epochs={epochs}", *extra],
+    )
 
 
 def write_fashion_mnist(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> Path:
@@ -48,11 +58,15 @@ def write_fashion_mnist(root: Path, train_per_class: int = 30, test_per_class: i
         labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
         images = rng.normal(40, 20, size=(len(labels), 28, 28))
         for i, c in enumerate(labels):
-            images[i, 2 * c + 4:2 * c + 8] += 150
+            images[i, 2 * c + 4 : 2 * c + 8] += 150
         images = np.clip(images, 0, 255).astype(np.uint8)
-        for stem, arr, magic in ((f"{prefix}-images-idx3-ubyte", images, 2051),
-                                 (f"{prefix}-labels-idx1-ubyte", labels, 2049)):
-            header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        for stem, arr, magic in (
+            (f"{prefix}-images-idx3-ubyte", images, 2051),
+            (f"{prefix}-labels-idx1-ubyte", labels, 2049),
+        ):
+            header = magic.to_bytes(4, "big") + b"".join(
+                int(d).to_bytes(4, "big") for d in arr.shape
+            )
             (raw / f"{stem}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
     return root
 
@@ -110,7 +124,8 @@ def count_calls(modulator):
 def tiny_batch(run, n=16):
     data = run.data
     images = normalize(data.train.images[:n], data.mean, data.std).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     return Batch(images, data.train.labels[:n], torch.arange(n))
 
 
@@ -127,7 +142,7 @@ def test_only_training_batches_are_modulated(tiny_cifar_root, tmp_path, modulate
     stats = method.train_step(batch)
     # virtual training forward + real training forward (+ the meta forward if asked), 3 stages each
     assert len(calls) == 3 * (3 if modulate_meta else 2)
-    assert int(bn.num_batches_tracked) == tracked + 1              # only the real step moves BN
+    assert int(bn.num_batches_tracked) == tracked + 1  # only the real step moves BN
     assert set(stats) == {"loss", "meta_loss"} and method.meta_steps == 1
     # evaluation forwards are unmodulated unless modulate_at_test
     method.model.eval()
@@ -181,15 +196,21 @@ def test_configs_load():
 
 def test_fit_end_to_end(mfm_run):
     run_dir, metrics = mfm_run
-    for name in ("config.yaml", "history.jsonl", "last.pt", "model.safetensors", "metrics.json",
-                 "modulator.safetensors"):
+    for name in (
+        "config.yaml",
+        "history.jsonl",
+        "last.pt",
+        "model.safetensors",
+        "metrics.json",
+        "modulator.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and all("meta_loss" in r for r in rows)
     info = metrics["mfm"]
     assert info["variant"] == "network" and info["meta_images"] == 20
     assert info["meta_borrowed"] == [2] + [0] * 9 and metrics["class_counts"][0] == 28
-    assert info["meta_steps"] == 3 * 4                                 # 116 images / 32 = 4 steps
+    assert info["meta_steps"] == 3 * 4  # 116 images / 32 = 4 steps
     saved = load_file(str(run_dir / "modulator.safetensors"))
     assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "fc2" in k)  # it learned
     state = load_checkpoint(run_dir / "last.pt")["method"]["mfm"]
@@ -220,18 +241,30 @@ def test_resume_is_bit_exact(mfm_run, tiny_cifar_root, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    rows = [[json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
-            for d in (straight, killed)]
-    assert [(r["loss"], r["meta_loss"]) for r in rows[0]] == [(r["loss"], r["meta_loss"]) for r in rows[1]]
+    rows = [
+        [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
+        for d in (straight, killed)
+    ]
+    assert [(r["loss"], r["meta_loss"]) for r in rows[0]] == [
+        (r["loss"], r["meta_loss"]) for r in rows[1]
+    ]
 
 
 def test_saved_modulator_transfers_frozen_without_meta_set(mfm_run, tmp_path):
     run_dir, _ = mfm_run
     source = load_file(str(run_dir / "modulator.safetensors"))
     fm_root = write_fashion_mnist(tmp_path / "fm")
-    cfg = load_config(CONFIGS / "methods" / "ce.yaml", [
-        "data=fashion_mnist_lt", *TINY, "train.epochs=2", "method.name=mfm", f"method.modulator={run_dir / 'modulator.safetensors'}",
-        "method.freeze_modulator=true"])
+    cfg = load_config(
+        CONFIGS / "methods" / "ce.yaml",
+        [
+            "data=fashion_mnist_lt",
+            *TINY,
+            "train.epochs=2",
+            "method.name=mfm",
+            f"method.modulator={run_dir / 'modulator.safetensors'}",
+            "method.freeze_modulator=true",
+        ],
+    )
     assert cfg.data.meta_per_class == 0
     target = tmp_path / "fm-run"
     metrics = fit(cfg, target, fm_root)
@@ -240,20 +273,38 @@ def test_saved_modulator_transfers_frozen_without_meta_set(mfm_run, tmp_path):
     after = load_file(str(target / "modulator.safetensors"))
     assert after.keys() == source.keys()
     for key in source:
-        assert torch.equal(after[key], source[key]), key                # frozen
+        assert torch.equal(after[key], source[key]), key  # frozen
     # a run folder is accepted too, and a backbone with other stage widths is refused
-    by_folder = load_config(CONFIGS / "methods" / "ce.yaml", [
-        "data=fashion_mnist_lt", *TINY, "method.name=mfm", f"method.modulator={run_dir}", "method.freeze_modulator=true"])
+    by_folder = load_config(
+        CONFIGS / "methods" / "ce.yaml",
+        [
+            "data=fashion_mnist_lt",
+            *TINY,
+            "method.name=mfm",
+            f"method.modulator={run_dir}",
+            "method.freeze_modulator=true",
+        ],
+    )
     run = build_run(by_folder, tmp_path / "x", fm_root)
     assert all(not p.requires_grad for p in run.method.modulator.parameters())
-    wide = load_config(CONFIGS / "methods" / "ce.yaml", [
-        "data=fashion_mnist_lt", *TINY, "model.backbone_params={widths: [8, 16, 32]}", "method.name=mfm",
-        f"method.modulator={run_dir}", "method.freeze_modulator=true"])
+    wide = load_config(
+        CONFIGS / "methods" / "ce.yaml",
+        [
+            "data=fashion_mnist_lt",
+            *TINY,
+            "model.backbone_params={widths: [8, 16, 32]}",
+            "method.name=mfm",
+            f"method.modulator={run_dir}",
+            "method.freeze_modulator=true",
+        ],
+    )
     with pytest.raises(LongtailError, match="stage widths"):
         build_run(wide, tmp_path / "y", fm_root)
 
 
-def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_root, tmp_path, capsys):
+def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(
+    mfm_run, tiny_cifar_root, tmp_path, capsys
+):
     # a frozen modulator made strong (last layer x200), so modulated and unmodulated nets differ
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -272,7 +323,7 @@ def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_r
 
     val = {}
     run = load_finished_run(run_dir, tiny_cifar_root)
-    for flag in (False, True):              # the same weights, evaluated with each flag
+    for flag in (False, True):  # the same weights, evaluated with each flag
         run.method.modulation.default = flag
         val[str(flag).lower()] = evaluate_splits(run)["val"]["top1"]
     choice = metrics["mfm"]["deploy_choice"]
@@ -287,4 +338,6 @@ def test_auto_deployment_is_chosen_on_val_and_kept_by_eval(mfm_run, tiny_cifar_r
     assert again["val"]["top1"] == metrics["val"]["top1"] and again["top1"] == metrics["top1"]
     assert again["mfm"]["deploy_choice"] == choice
     with pytest.raises(ConfigError, match="modulate_at_test"):
-        build_run(mfm_cfg(1, "method.modulate_at_test=sometimes"), tmp_path / "bad", tiny_cifar_root)
+        build_run(
+            mfm_cfg(1, "method.modulate_at_test=sometimes"), tmp_path / "bad", tiny_cifar_root
+        )

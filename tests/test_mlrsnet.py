@@ -15,26 +15,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-
-from longtail.core.config import load_config
-from longtail.optim.meta import hypergradient, loss_closure
-from longtail.engine.trainer import fit
-from longtail.core.errors import ConfigError
-from longtail.hooks.mlrsnet import (MLRSNet, bundle_epochs, gamma_rule, load_snapshots,
-                                    save_snapshots)
-
 from test_mfm import write_fashion_mnist
 
+from longtail.core.config import load_config
+from longtail.core.errors import ConfigError
+from longtail.engine.trainer import fit
+from longtail.hooks.mlrsnet import (
+    MLRSNet,
+    bundle_epochs,
+    gamma_rule,
+    load_snapshots,
+    save_snapshots,
+)
+from longtail.optim.meta import hypergradient, loss_closure
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["model.backbone=resnet8", "data.imbalance_factor=10", "data.val_per_class=3",
-        "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "data.meta_per_class=2", "hooks.mlrsnet.meta_batch_size=10", "hooks.mlrsnet.meta_every=2",
-        "hooks.mlrsnet.meta_lr=0.05"]
+TINY = [
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+    "data.meta_per_class=2",
+    "hooks.mlrsnet.meta_batch_size=10",
+    "hooks.mlrsnet.meta_every=2",
+    "hooks.mlrsnet.meta_lr=0.05",
+]
 
 
 def meta_cfg(epochs=4, *extra):
-    return load_config(CONFIGS / "methods" / "mlrsnet.yaml",
-                       ["data=cifar10_lt", *TINY, f"train.epochs={epochs}", *extra])
+    return load_config(
+        CONFIGS / "methods" / "mlrsnet.yaml",
+        ["data=cifar10_lt", *TINY, f"train.epochs={epochs}", *extra],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +119,16 @@ def test_hypergradient_through_generated_lr_matches_finite_differences():
             net.out.bias.copy_(bias)
         out, _ = net(L, state)
         lr = gamma * out.reshape(())
-        grads, _, meta = hypergradient(model, [net.out.bias], loss_closure(model, x, y),
-                                       loss_closure(model, xm, ym), lr, weight_decay=wd,
-                                       differentiable=False, params=theta)
+        grads, _, meta = hypergradient(
+            model,
+            [net.out.bias],
+            loss_closure(model, x, y),
+            loss_closure(model, xm, ym),
+            lr,
+            weight_decay=wd,
+            differentiable=False,
+            params=theta,
+        )
         return meta, grads[0]
 
     b0 = net.out.bias.detach().clone()
@@ -123,7 +144,7 @@ def test_hypergradient_through_generated_lr_matches_finite_differences():
 def test_snapshot_file_round_trip_and_clear_errors(tmp_path):
     nets = [MLRSNet(6).state_dict() for _ in range(3)]
     save_snapshots(tmp_path / "mlrsnet.safetensors", nets, [1, 2, 4], 6, {"dataset": "x"})
-    loaded, hidden, epochs = load_snapshots(tmp_path)        # the folder works too
+    loaded, hidden, epochs = load_snapshots(tmp_path)  # the folder works too
     assert hidden == 6 and epochs == [1, 2, 4] and len(loaded) == 3
     for a, b in zip(nets, loaded):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -141,7 +162,7 @@ def test_meta_training_changes_the_schedule(meta_run):
     assert info["mode"] == "meta_train" and info["meta_steps"] > 0
     record = json.loads((run_dir / "mlrsnet_lr.json").read_text())
     lrs, gamma = record["lr"], record["gammas"][0]
-    assert len(record["gammas"]) == 1 and 0.3 < gamma < 1.5   # tiny ResNet-8 at init: L0 near ln 10
+    assert len(record["gammas"]) == 1 and 0.3 < gamma < 1.5  # tiny ResNet-8 at init: L0 near ln 10
     assert len(lrs) == 4 * record["steps_per_epoch"] and all(0 < lr < gamma for lr in lrs)
     rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
     assert all("meta_loss" in r["mlrsnet"] for r in rows)
@@ -171,7 +192,10 @@ def test_resume_is_bit_exact(meta_run, tiny_cifar_root, tmp_path):
     killed = tmp_path / "killed"
     assert fit(meta_cfg(4), killed, tiny_cifar_root, stop_after_epoch=2) is None
     fit(meta_cfg(4), killed, tiny_cifar_root, resume=True)
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    a, b = (
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(killed / "model.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = (json.loads((d / "mlrsnet_lr.json").read_text())["lr"] for d in (straight, killed))
     assert la == lb
@@ -182,22 +206,33 @@ def test_resume_is_bit_exact(meta_run, tiny_cifar_root, tmp_path):
 def test_transfer_trains_a_new_task_with_three_snapshots(meta_run, tmp_path):
     run_dir, _ = meta_run
     fm_root = write_fashion_mnist(tmp_path / "fm")
-    cfg = load_config(CONFIGS / "methods" / "mlrsnet_transfer.yaml",
-                      ["data=fashion_mnist_lt", *TINY, "data.meta_per_class=0", "train.epochs=3",
-                       f"hooks.mlrsnet.checkpoint={run_dir}"])
+    cfg = load_config(
+        CONFIGS / "methods" / "mlrsnet_transfer.yaml",
+        [
+            "data=fashion_mnist_lt",
+            *TINY,
+            "data.meta_per_class=0",
+            "train.epochs=3",
+            f"hooks.mlrsnet.checkpoint={run_dir}",
+        ],
+    )
     target = tmp_path / "fm-transfer"
     metrics = fit(cfg, target, fm_root)
     info = metrics["mlrsnet"]
-    assert info["mode"] == "transfer" and info["meta_steps"] == 0 and info["snapshot_epochs"] == [1, 2, 4]
-    assert len(info["gammas"]) == 3                     # recomputed at each switch
+    assert (
+        info["mode"] == "transfer"
+        and info["meta_steps"] == 0
+        and info["snapshot_epochs"] == [1, 2, 4]
+    )
+    assert len(info["gammas"]) == 3  # recomputed at each switch
     rows = [json.loads(x) for x in (target / "history.jsonl").read_text().splitlines()]
     assert [r["mlrsnet"]["snapshot"] for r in rows] == [0, 1, 2]
     # each third's lrs are what its frozen snapshot gives: lr / gamma stays inside (0, 1)
     record = json.loads((target / "mlrsnet_lr.json").read_text())
     per = record["steps_per_epoch"]
     for e, g in enumerate(info["gammas"]):
-        assert all(0 < lr < g for lr in record["lr"][e * per:(e + 1) * per])
-    assert rows[-1]["loss"] < rows[0]["loss"]           # it trains
+        assert all(0 < lr < g for lr in record["lr"][e * per : (e + 1) * per])
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it trains
     assert not (target / "mlrsnet.safetensors").exists()
 
 

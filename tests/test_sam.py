@@ -11,7 +11,6 @@ import json
 import math
 import os
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,18 +21,27 @@ from safetensors.torch import load_file
 
 from longtail.cli import main
 from longtail.core.config import OptimConfig, load_config
+from longtail.core.errors import ConfigError
 from longtail.core.io import load_checkpoint
 from longtail.engine.config_check import check_config
 from longtail.engine.trainer import fit
-from longtail.core.errors import ConfigError
 from longtail.optim import build_optimizer, set_lr
 from longtail.optim.sam import RSAM, SAM, rsam_noise_factor
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TINY = ["data=cifar10_lt", "model.backbone=resnet8", "data.imbalance_factor=10",
-        "data.val_per_class=3", "train.batch_size=32", "train.eval_batch_size=64", "train.progress=false",
-        "schedule.warmup_epochs=1", "schedule.milestones=[3]", "schedule.gamma=0.1"]
+TINY = [
+    "data=cifar10_lt",
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=[3]",
+    "schedule.gamma=0.1",
+]
 
 
 def optim_cfg(**kw) -> OptimConfig:
@@ -44,6 +52,7 @@ def optim_cfg(**kw) -> OptimConfig:
 
 def recording_closure(params, loss_fn, log, clip=None):
     """A closure in the Method's shape that records the weights it was evaluated at."""
+
     def closure():
         log.append([p.detach().clone() for p in params])
         for p in params:
@@ -53,10 +62,12 @@ def recording_closure(params, loss_fn, log, clip=None):
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         return loss.detach()
+
     return closure
 
 
 # ------------------------------------------------------------------------------------ SAM numbers
+
 
 def test_sam_perturbation_is_rho_g_over_norm_on_a_linear_model():
     # f = x.w + b, L = (f - t)^2 at x = (1, 2), w = (0.5, -1), b = 0.25, t = 1:
@@ -69,7 +80,7 @@ def test_sam_perturbation_is_rho_g_over_norm_on_a_linear_model():
     assert isinstance(opt, SAM)
     log = []
     loss = opt.step(recording_closure([w, b], lambda: ((x @ w + b - t) ** 2).sum(), log))
-    assert float(loss) == pytest.approx(2.25 ** 2)              # the loss at w, not at w + e
+    assert float(loss) == pytest.approx(2.25**2)  # the loss at w, not at w + e
     assert len(log) == 2
     norm = math.sqrt(121.5)
     e_w = [0.05 * -4.5 / norm, 0.05 * -9.0 / norm]
@@ -87,7 +98,7 @@ def test_sam_update_is_base_sgd_with_the_gradient_at_w_plus_e():
     opt = build_optimizer(optim_cfg(name="sam", rho=0.1), [w])
     opt.step(recording_closure([w], lambda: 0.5 * (a * w * w).sum(), []))
     e1, e2 = 0.1 / math.sqrt(17), 0.4 / math.sqrt(17)
-    expected = [1 - 0.1 * (1 + e1), 1 - 0.1 * 4 * (1 + e2)]      # 0.8975746..., 0.5611943...
+    expected = [1 - 0.1 * (1 + e1), 1 - 0.1 * 4 * (1 + e2)]  # 0.8975746..., 0.5611943...
     torch.testing.assert_close(w.detach(), torch.tensor(expected, dtype=torch.float64))
     assert expected == pytest.approx([0.8975746, 0.5611943], abs=1e-7)
 
@@ -111,47 +122,58 @@ def test_clipping_the_first_gradient_leaves_the_sam_perturbation_unchanged():
         w = nn.Parameter(torch.ones(2, dtype=torch.float64))
         log = []
         build_optimizer(optim_cfg(name="sam", rho=0.1, lr=0.0), [w]).step(
-            recording_closure([w], lambda: 0.5 * (a * w * w).sum(), log, clip=clip))
+            recording_closure([w], lambda w=w: 0.5 * (a * w * w).sum(), log, clip=clip)
+        )
         perturbations.append(log[1][0] - log[0][0])
     torch.testing.assert_close(perturbations[0], perturbations[1], rtol=1e-9, atol=0)
 
 
 # ------------------------------------------------------------------------------------ RSAM numbers
 
+
 def test_rsam_perturbation_statistics():
     n = 400_000
     w = nn.Parameter(torch.zeros(n))
     opt = build_optimizer(optim_cfg(name="rsam", rho=0.05, dis_mul=0.1), [w], seed=3)
     assert isinstance(opt, RSAM)
-    opt.set_epoch(1)                                   # decay factor 1 (no DRW: 1 at every epoch)
+    opt.set_epoch(1)  # decay factor 1 (no DRW: 1 at every epoch)
     log = []
     opt.step(recording_closure([w], lambda: w.sum() * 0.0, log))
     e = log[0][0].double()
     scale = 0.05 * 0.1
-    assert float(e.std()) == pytest.approx(scale / 3, rel=0.01)   # 1.67e-3; clamping at 3 sigma: -0.3 %
+    assert float(e.std()) == pytest.approx(
+        scale / 3, rel=0.01
+    )  # 1.67e-3; clamping at 3 sigma: -0.3 %
     assert abs(float(e.mean())) < 5 * scale / 3 / math.sqrt(n)
-    assert float(e.abs().max()) <= scale * (1 + 1e-6)               # |xi| <= 1 ...
-    assert int((e.abs() >= scale * (1 - 1e-6)).sum()) > 0           # ... reached by the clamp
+    assert float(e.abs().max()) <= scale * (1 + 1e-6)  # |xi| <= 1 ...
+    assert int((e.abs() >= scale * (1 - 1e-6)).sum()) > 0  # ... reached by the clamp
     frac = float((e.abs() >= scale * (1 - 1e-6)).double().mean())
-    assert frac == pytest.approx(0.0027, rel=0.15)                  # P(|N(0,1)| > 3)
+    assert frac == pytest.approx(0.0027, rel=0.15)  # P(|N(0,1)| > 3)
 
 
-@pytest.mark.parametrize("fix, expected", [(False, [2.0, 1.0, 1.0, 0.5, 0.5]),
-                                           (True, [1.0, 1.0, 1.0, 0.5, 0.5])])
+@pytest.mark.parametrize(
+    "fix, expected", [(False, [2.0, 1.0, 1.0, 0.5, 0.5]), (True, [1.0, 1.0, 1.0, 0.5, 0.5])]
+)
 def test_rsam_decay_schedule(fix, expected):
     epochs = [0, 1, 59, 60, 69]
     # GNM-PT: reweight_epoch 59 (CB weights for epoch > 59) = our drw_epoch 60
     assert [rsam_noise_factor(e, 60, fix) for e in epochs] == expected
-    opt = build_optimizer(optim_cfg(name="rsam", fix_epoch0_quirk=fix),
-                          [nn.Parameter(torch.zeros(3))], loss=SimpleNamespace(drw_epoch=60))   # the loss's DRW epoch
+    opt = build_optimizer(
+        optim_cfg(name="rsam", fix_epoch0_quirk=fix),
+        [nn.Parameter(torch.zeros(3))],
+        loss=SimpleNamespace(drw_epoch=60),
+    )  # the loss's DRW epoch
     got = []
     for e in epochs:
         opt.set_epoch(e)
         got.append(opt.noise_factor() / (0.05 * 0.1))
     assert got == pytest.approx(expected, rel=1e-12)
-    explicit = build_optimizer(optim_cfg(name="rsam", decay_epoch=10), [nn.Parameter(torch.zeros(1))],
-                               loss=SimpleNamespace(drw_epoch=60))
-    assert explicit.decay_epoch == 10                                 # the option wins
+    explicit = build_optimizer(
+        optim_cfg(name="rsam", decay_epoch=10),
+        [nn.Parameter(torch.zeros(1))],
+        loss=SimpleNamespace(drw_epoch=60),
+    )
+    assert explicit.decay_epoch == 10  # the option wins
     plain = build_optimizer(optim_cfg(name="rsam"), [nn.Parameter(torch.zeros(1))])
     assert [plain.noise_factor(e) / 0.005 for e in (0, 1, 500)] == pytest.approx([1.0, 1.0, 1.0])
 
@@ -162,7 +184,7 @@ def test_closure_calls_per_step(name, calls):
     opt = build_optimizer(optim_cfg(name=name), [w])
     log = []
     for _ in range(3):
-        opt.step(recording_closure([w], lambda: (w ** 2).sum(), log))
+        opt.step(recording_closure([w], lambda: (w**2).sum(), log))
     assert len(log) == 3 * calls
 
 
@@ -173,12 +195,12 @@ def test_weights_restored_exactly(name):
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
     opt = build_optimizer(OptimConfig(name=name, lr=0.1, momentum=0.9, weight_decay=5e-4), params)
-    set_lr(opt, 0.0)                                      # lr 0: the step itself changes nothing
+    set_lr(opt, 0.0)  # lr 0: the step itself changes nothing
     x, y = torch.randn(16, 7), torch.randint(0, 3, (16,))
     log = []
     for _ in range(2):
         opt.step(recording_closure(params, lambda: nn.functional.cross_entropy(model(x), y), log))
-    assert any(not torch.equal(a, b) for a, b in zip(log[-1], before))   # it did perturb
+    assert any(not torch.equal(a, b) for a, b in zip(log[-1], before))  # it did perturb
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
 
@@ -199,7 +221,7 @@ def test_wrappers_share_the_base_param_groups_and_resume_their_state():
 
     opt.set_epoch(3)
     run(opt, 2)
-    state = copy.deepcopy(opt.state_dict())       # as a checkpoint: not the live tensors
+    state = copy.deepcopy(opt.state_dict())  # as a checkpoint: not the live tensors
     w_saved = w.detach().clone()
     ahead = run(opt, 2)
     w_ahead = w.detach().clone()
@@ -209,30 +231,39 @@ def test_wrappers_share_the_base_param_groups_and_resume_their_state():
     fresh.load_state_dict(state)
     assert fresh.epoch == 3 and fresh.param_groups is fresh.base.param_groups
     again = run(fresh, 2)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(ahead, again))   # same noise, same points
-    assert torch.equal(w.detach(), w_ahead)                              # same momentum state
-    with pytest.raises(ValueError, match="rsam"):              # resumed with another optimiser
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ahead, again))  # same noise, same points
+    assert torch.equal(w.detach(), w_ahead)  # same momentum state
+    with pytest.raises(ValueError, match="rsam"):  # resumed with another optimiser
         build_optimizer(OptimConfig(name="sam"), [w]).load_state_dict(state)
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match=r"'optim\.rho': Input should be greater than or equal to 0"):
-        check_config(load_config(CONFIGS / "methods" / "ce.yaml",
-                                 ["data=cifar10_lt", "optim=sam", "optim.rho=-0.1"]))
+    with pytest.raises(
+        ConfigError, match=r"'optim\.rho': Input should be greater than or equal to 0"
+    ):
+        check_config(
+            load_config(
+                CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim=sam", "optim.rho=-0.1"]
+            )
+        )
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.rho'.*optimizer 'sgd'"):
-        check_config(load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim.rho=0.1"]))
+        check_config(
+            load_config(CONFIGS / "methods" / "ce.yaml", ["data=cifar10_lt", "optim.rho=0.1"])
+        )
     with pytest.raises(ConfigError, match=r"optim\.base"):
         build_optimizer(OptimConfig(name="sam", base="rsam"), [nn.Parameter(torch.zeros(1))])
-    with pytest.raises(ConfigError, match="sgd"):                       # unknown base: the choices
+    with pytest.raises(ConfigError, match="sgd"):  # unknown base: the choices
         build_optimizer(OptimConfig(name="rsam", base="adamz"), [nn.Parameter(torch.zeros(1))])
 
 
 # ------------------------------------------------------------------------------------- engine runs
 
+
 def test_rsam_gcl_drw_resume_is_bit_exact(tiny_cifar_root, tmp_path):
     # DRW (and the noise halving) from epoch 2 of 3: epoch 0 factor 2, epoch 1 factor 1, epoch 2 0.5
-    cfg = load_config(CONFIGS / "methods" / "rsam_gcl_drw.yaml",
-                      [*TINY, "train.epochs=3", "loss.drw_epoch=2"])
+    cfg = load_config(
+        CONFIGS / "methods" / "rsam_gcl_drw.yaml", [*TINY, "train.epochs=3", "loss.drw_epoch=2"]
+    )
     assert cfg.optim.name == "rsam" and cfg.loss.name == "gcl"
     fit(cfg, tmp_path / "straight", tiny_cifar_root)
     assert fit(cfg, tmp_path / "killed", tiny_cifar_root, stop_after_epoch=1) is None
@@ -244,8 +275,10 @@ def test_rsam_gcl_drw_resume_is_bit_exact(tiny_cifar_root, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    h1, h2 = ([json.loads(x)["loss"] for x in (d / "history.jsonl").read_text().splitlines()]
-              for d in (tmp_path / "straight", tmp_path / "killed"))
+    h1, h2 = (
+        [json.loads(x)["loss"] for x in (d / "history.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "straight", tmp_path / "killed")
+    )
     assert h1 == h2 and all(np.isfinite(h1))
 
 
@@ -262,7 +295,7 @@ def test_sam_trains_end_to_end_and_eval_reproduces_metrics(tiny_cifar_root, tmp_
     weights = load_file(str(run_dir / "model.safetensors"))
     steps = math.ceil(sum(metrics["class_counts"]) / 32) * 4
     tracked = [v for k, v in weights.items() if k.endswith("num_batches_tracked")]
-    assert tracked and all(int(v) == steps for v in tracked)   # BN statistics: once per step
+    assert tracked and all(int(v) == steps for v in tracked)  # BN statistics: once per step
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--data-root", str(tiny_cifar_root), "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -273,6 +306,7 @@ def test_sam_trains_end_to_end_and_eval_reproduces_metrics(tiny_cifar_root, tmp_
 
 def _scaled_closure(model, x, y, scaler, clip):
     """The closure of OptimWrapper.update under fp16: scaled backward, clip at clip x scale."""
+
     def closure():
         for p in model.parameters():
             p.grad = None
@@ -281,6 +315,7 @@ def _scaled_closure(model, x, y, scaler, clip):
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip * float(scaler.get_scale()))
         return loss.detach()
+
     return closure
 
 
@@ -295,16 +330,24 @@ def test_loss_scaled_step_equals_the_unscaled_step(name, clip):
     start = [p.detach().clone() for p in plain.parameters()]
     x, y = torch.randn(16, 7), torch.randint(0, 3, (16,))
     cfg = OptimConfig(name=name, lr=0.5, momentum=0.9, weight_decay=5e-4, rho=0.5)
-    opt_a, opt_b = build_optimizer(cfg, plain.parameters()), build_optimizer(cfg, scaled.parameters())
+    opt_a, opt_b = (
+        build_optimizer(cfg, plain.parameters()),
+        build_optimizer(cfg, scaled.parameters()),
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     for _ in range(3):
-        opt_a.step(recording_closure(list(plain.parameters()),
-                                     lambda: nn.functional.cross_entropy(plain(x), y), [], clip=clip))
-        opt_b.step(_scaled_closure(scaled, x, y, scaler, clip),
-                   base_step=scaler.step)
+        opt_a.step(
+            recording_closure(
+                list(plain.parameters()),
+                lambda: nn.functional.cross_entropy(plain(x), y),
+                [],
+                clip=clip,
+            )
+        )
+        opt_b.step(_scaled_closure(scaled, x, y, scaler, clip), base_step=scaler.step)
         scaler.update()
-    assert scaler.get_scale() == 1024.0                       # no overflow, no skipped step
-    assert any(not torch.equal(a, s0) for a, s0 in zip(plain.parameters(), start))   # it stepped
+    assert scaler.get_scale() == 1024.0  # no overflow, no skipped step
+    assert any(not torch.equal(a, s0) for a, s0 in zip(plain.parameters(), start))  # it stepped
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -314,44 +357,59 @@ def test_overflowing_step_is_skipped_and_the_scale_halves(name):
     model = nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
     opt = build_optimizer(OptimConfig(name=name, lr=0.1, rho=0.05), model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
 
     def closure():
         for p in model.parameters():
             p.grad = None
-        loss = model(torch.full((4, 3), 1e38)).square().sum()   # inf in float32
+        loss = model(torch.full((4, 3), 1e38)).square().sum()  # inf in float32
         scaler.scale(loss).backward()
         return loss.detach()
 
     opt.step(closure, base_step=scaler.step)
     scaler.update()
-    assert scaler.get_scale() == 2.0 ** 15
+    assert scaler.get_scale() == 2.0**15
     for p, b in zip(model.parameters(), before):
-        assert torch.equal(p.detach(), b)                   # restored and not stepped
+        assert torch.equal(p.detach(), b)  # restored and not stepped
 
 
 @pytest.mark.parametrize("name", ["sgd", "sam", "rsam"])
 def test_fp16_autocast_trains_end_to_end(name, tiny_cifar_root, tmp_path):
-    cfg = load_config(CONFIGS / "methods" / "ce.yaml",
-                      [*TINY, "train.epochs=2", f"optim.name={name}", "train.amp=fp16",
-                       "optim.grad_clip=5.0"])
+    cfg = load_config(
+        CONFIGS / "methods" / "ce.yaml",
+        [*TINY, "train.epochs=2", f"optim.name={name}", "train.amp=fp16", "optim.grad_clip=5.0"],
+    )
     metrics = fit(cfg, tmp_path / name, tiny_cifar_root)
-    rows = [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()
+    ]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
-    assert metrics["top1"] > 10.0                            # above chance (10 classes)
+    assert metrics["top1"] > 10.0  # above chance (10 classes)
 
 
 # --------------------------------------------- DDP: 2 spawned gloo ranks (no BN) = one process
 
+
 def _ddp_losses_and_weights(root: Path):
-    from test_distributed import CONFIG, TINY as DTINY
+    from test_distributed import CONFIG
+    from test_distributed import TINY as DTINY
+
     from longtail.engine import trainer
 
     out = {}
     for name in ("sam", "rsam"):
         # 149 images, batch 32: the last batch splits 11 + 10 (grad_scale weighting applies)
-        cfg = load_config(CONFIG, [*DTINY, "train.batch_size=32", "optim.lr=0.01",
-                                   f"optim.name={name}", "optim.rho=0.5", "train.epochs=1"])
+        cfg = load_config(
+            CONFIG,
+            [
+                *DTINY,
+                "train.batch_size=32",
+                "optim.lr=0.01",
+                f"optim.name={name}",
+                "optim.rho=0.5",
+                "train.epochs=1",
+            ],
+        )
         run = trainer.build_run(cfg, Path("unused"), root)
         loss = trainer.train_one_epoch(run, 0, None)["loss"]
         out[name] = {"loss": loss, "state": run.method.model.state_dict()}
@@ -360,13 +418,20 @@ def _ddp_losses_and_weights(root: Path):
 
 def _spawned(rank: int, port: int, root: str, out: str) -> None:
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
     from test_distributed import _without_bn
-    from longtail.engine import trainer
+
     from longtail.core.distributed import shutdown_distributed
+    from longtail.engine import trainer
 
     build = trainer.build_model
     trainer.build_model = lambda *a, **k: _without_bn(build(*a, **k))
@@ -384,11 +449,17 @@ def test_ddp_sam_and_rsam_equal_one_process(tiny_cifar_root, tmp_path, monkeypat
     RSAM draws the same noise on every rank (a shared seed)."""
     import torch.multiprocessing as mp
     from test_distributed import _without_bn, free_port, join_or_fail
+
     from longtail.engine import trainer
 
     out = tmp_path / "rank0.pt"
-    ctx = mp.start_processes(_spawned, args=(free_port(), str(tiny_cifar_root), str(out)),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _spawned,
+        args=(free_port(), str(tiny_cifar_root), str(out)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     build = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _without_bn(build(*a, **k)))
     single = _ddp_losses_and_weights(tiny_cifar_root)
@@ -398,5 +469,6 @@ def test_ddp_sam_and_rsam_equal_one_process(tiny_cifar_root, tmp_path, monkeypat
         assert np.isfinite(single[name]["loss"])
         np.testing.assert_allclose(two[name]["loss"], single[name]["loss"], rtol=1e-6)
         for key, value in single[name]["state"].items():
-            torch.testing.assert_close(two[name]["state"][key], value, rtol=1e-5, atol=1e-6,
-                                       msg=f"{name} {key}")
+            torch.testing.assert_close(
+                two[name]["state"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}"
+            )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from longtail.data.samplers import SAMPLERS, build_sampler
 from longtail.core.errors import ConfigError
+from longtail.data.samplers import SAMPLERS, build_sampler
 
 COUNTS = [500, 200, 80, 30, 10]
 N = sum(COUNTS)
@@ -56,6 +56,7 @@ def pooled_hist(sampler_factory, epoch, n_seeds):
 
 # --------------------------------------------------------------------------- registry / options
 
+
 def test_all_samplers_registered():
     assert set(ALL) <= set(SAMPLERS.names())
 
@@ -66,17 +67,20 @@ def test_unknown_option_names_config_key(name):
         build(name, bogus_option=1)
 
 
-@pytest.mark.parametrize("name, params, key", [
-    ("class_balanced", {"epoch_length": "huge"}, "epoch_length"),
-    ("class_balanced", {"epoch_length": 0}, "epoch_length"),
-    ("class_balanced", {"num_samples_cls": 0}, "num_samples_cls"),
-    ("square_root", {"q": -1.0}, "q"),
-    ("progressive", {"total_epochs": None}, "total_epochs"),
-    ("progressive", {"total_epochs": 0}, "total_epochs"),
-    ("b3rs", {"batch_size": None}, "batch_size"),
-    ("b3rs", {"batch_size": 3}, "batch_size"),  # fewer than the 4 blocks
-    ("b3rs", {"num_blocks": 0}, "num_blocks"),
-])
+@pytest.mark.parametrize(
+    "name, params, key",
+    [
+        ("class_balanced", {"epoch_length": "huge"}, "epoch_length"),
+        ("class_balanced", {"epoch_length": 0}, "epoch_length"),
+        ("class_balanced", {"num_samples_cls": 0}, "num_samples_cls"),
+        ("square_root", {"q": -1.0}, "q"),
+        ("progressive", {"total_epochs": None}, "total_epochs"),
+        ("progressive", {"total_epochs": 0}, "total_epochs"),
+        ("b3rs", {"batch_size": None}, "batch_size"),
+        ("b3rs", {"batch_size": 3}, "batch_size"),  # fewer than the 4 blocks
+        ("b3rs", {"num_blocks": 0}, "num_blocks"),
+    ],
+)
 def test_bad_option_values_name_config_key(name, params, key):
     with pytest.raises(ConfigError, match=rf"sampler\.{key}"):
         build(name, **params)
@@ -89,6 +93,7 @@ def test_labels_outside_class_counts_rejected():
 
 # --------------------------------------------------------------------------- instance
 
+
 def test_instance_epoch_is_a_permutation_with_exact_counts():
     s = build("instance", seed=3)
     order = s.global_order(0)
@@ -99,6 +104,7 @@ def test_instance_epoch_is_a_permutation_with_exact_counts():
 
 
 # --------------------------------------------------------------------------- class_balanced
+
 
 def test_class_balanced_epoch_length_options():
     assert len(build("class_balanced")) == max(COUNTS) * C == 2500
@@ -156,6 +162,7 @@ def test_class_balanced_skips_empty_classes():
 
 # --------------------------------------------------------------------------- square_root
 
+
 def test_square_root_shares_follow_sqrt_counts():
     total = pooled_hist(lambda seed: build("square_root", seed=seed), epoch=0, n_seeds=25)
     assert total.sum() == 25 * N
@@ -177,6 +184,7 @@ def test_square_root_exponent_option_and_uniform_items():
 
 # --------------------------------------------------------------------------- progressive
 
+
 def test_progressive_interpolates_from_instance_to_balanced():
     T = 10
     factory = lambda seed: build("progressive", seed=seed, total_epochs=T)  # noqa: E731
@@ -197,6 +205,7 @@ def test_progressive_interpolates_from_instance_to_balanced():
 
 
 # --------------------------------------------------------------------------- b3rs
+
 
 def test_b3rs_blocks_are_contiguous_in_count_order_and_roughly_equal():
     s = build("b3rs")
@@ -244,7 +253,7 @@ def test_b3rs_every_batch_has_exact_quotas_and_whole_batches():
     for row in blocks:
         np.testing.assert_array_equal(np.bincount(row, minlength=4), [28, 17, 11, 8])
     # blocks are interleaved: the first and the second half of each batch hold every block
-    for half in (blocks[:, :B // 2], blocks[:, B // 2:]):
+    for half in (blocks[:, : B // 2], blocks[:, B // 2 :]):
         assert all(len(np.unique(h)) == 4 for h in half)
     # uniform inside a block: items of block 3 (classes 3, 4) all seen, counts differ by <= 1
     items = order[s.block_of_class[LABELS[order]] == 3]
@@ -286,6 +295,7 @@ def test_b3rs_warns_when_a_block_cannot_reach_every_rank():
 
 # --------------------------------------------------------------------------- DDP, all samplers
 
+
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_two_ranks_partition_the_single_process_batches(name):
     s = build(name, seed=7)
@@ -293,12 +303,13 @@ def test_two_ranks_partition_the_single_process_batches(name):
     r0, r1 = s.batches(0, B, rank=0, world_size=2), s.batches(0, B, rank=1, world_size=2)
     order = s.global_order(0)
     assert len(single) == len(r0) == len(r1) == s.num_batches(B)
-    np.testing.assert_array_equal(np.concatenate(single), order[:sum(map(len, single))])
+    np.testing.assert_array_equal(np.concatenate(single), order[: sum(map(len, single))])
     for g, a, b in zip(single, r0, r1):
         assert abs(len(a) - len(b)) <= 1 and len(a) + len(b) == len(g)
         # union equals the single-process batch, and the two shares are disjoint (as a multiset)
-        np.testing.assert_array_equal(np.bincount(a, minlength=N) + np.bincount(b, minlength=N),
-                                      np.bincount(g, minlength=N))
+        np.testing.assert_array_equal(
+            np.bincount(a, minlength=N) + np.bincount(b, minlength=N), np.bincount(g, minlength=N)
+        )
     if name == "instance":  # no repeats inside an epoch: plain set disjointness too
         assert not set(np.concatenate(r0)) & set(np.concatenate(r1))
         assert len(np.concatenate(r0 + r1)) == N
@@ -325,6 +336,7 @@ def test_batches_validates_rank_and_divisibility():
 
 
 # --------------------------------------------------------------------------- reproducibility
+
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_order_depends_only_on_seed_and_epoch(name):

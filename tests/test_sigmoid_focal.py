@@ -24,7 +24,7 @@ def _sig(x):
 
 def _hand(z, y, gamma, w=None):
     total = 0.0
-    for i, (row, label) in enumerate(zip(z, y)):
+    for _i, (row, label) in enumerate(zip(z, y)):
         s = 0.0
         for c, v in enumerate(row):
             p_t = _sig(v) if c == label else 1.0 - _sig(v)
@@ -42,8 +42,12 @@ def test_sigmoid_focal_by_hand(gamma):
 
 def test_gamma_0_is_the_sigmoid_cross_entropy():
     z, y = torch.tensor(Z), torch.tensor(Y)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(
-        z, torch.nn.functional.one_hot(y, 3).float(), reduction="sum") / 2
+    bce = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            z, torch.nn.functional.one_hot(y, 3).float(), reduction="sum"
+        )
+        / 2
+    )
     assert create("sigmoid_focal", gamma=0.0)(z, y).item() == pytest.approx(bce.item(), rel=1e-6)
 
 
@@ -73,14 +77,20 @@ def test_gradient_is_finite_and_deferred_weights_switch_on():
     assert torch.isfinite(z.grad).all()
     loss.set_epoch(1)
     w = class_balanced_weights(COUNTS, 0.9999).tolist()
-    assert loss(torch.tensor(Z), torch.tensor(Y)).item() == pytest.approx(_hand(Z, Y, 2.0, w), rel=1e-6)
+    assert loss(torch.tensor(Z), torch.tensor(Y)).item() == pytest.approx(
+        _hand(Z, Y, 2.0, w), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10_lt", "fashion_mnist_lt"])
 def test_recipe_composes_with_any_dataset(dataset):
     cfg = load_config(CONFIGS / "methods" / "cb_sigmoid_focal.yaml", [f"data={dataset}"])
-    assert cfg.loss.name == "cb" and cfg.loss.params() == {"base": "sigmoid_focal", "beta": 0.9999,
-                                                           "gamma": 1.0}
+    assert cfg.loss.name == "cb" and cfg.loss.params() == {
+        "base": "sigmoid_focal",
+        "beta": 0.9999,
+        "gamma": 1.0,
+    }
     loss = create(cfg.loss.name, class_counts=COUNTS, **cfg.loss.params())
     assert loss(torch.tensor(Z), torch.tensor(Y)).item() == pytest.approx(
-        _hand(Z, Y, 1.0, class_balanced_weights(COUNTS, 0.9999).tolist()), rel=1e-6)
+        _hand(Z, Y, 1.0, class_balanced_weights(COUNTS, 0.9999).tolist()), rel=1e-6
+    )

@@ -12,5 +12,13 @@ Modules: :mod:`~longtail.bench.suite` (suite files, planning), :mod:`~longtail.c
 from longtail.bench.suite import PlannedRun, RunSpec, Suite, load_suite, plan_suite
 from longtail.core.scale import epoch_overrides, scale_epochs, scaled_settings
 
-__all__ = ["epoch_overrides", "scale_epochs", "scaled_settings", "PlannedRun", "RunSpec", "Suite",
-           "load_suite", "plan_suite"]
+__all__ = [
+    "epoch_overrides",
+    "scale_epochs",
+    "scaled_settings",
+    "PlannedRun",
+    "RunSpec",
+    "Suite",
+    "load_suite",
+    "plan_suite",
+]

@@ -17,8 +17,16 @@ from typing import Any, Dict, Optional
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # environment variables that change what a run does or measures; recorded when set
-_ENV_KEYS = ("LONGTAIL_DATA", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY",
-             "OMP_PROC_BIND", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "CUDA_VISIBLE_DEVICES")
+_ENV_KEYS = (
+    "LONGTAIL_DATA",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "KMP_AFFINITY",
+    "OMP_PROC_BIND",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def cpu_model() -> str:
@@ -31,8 +39,12 @@ def cpu_model() -> str:
         pass
     if sys.platform == "darwin":
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             pass
     return platform.processor() or platform.machine() or "unknown"
@@ -86,8 +98,9 @@ def git_info(repo: Path = REPO_ROOT) -> Dict[str, Any]:
 
     def git(*args: str) -> Optional[str]:
         try:
-            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                                 timeout=30)
+            out = subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout if out.returncode == 0 else None
@@ -122,6 +135,8 @@ def short_machine(info: Dict[str, Any]) -> str:
     """One line: CPU (cores), GPU if any, torch version, platform."""
     gpu = f", GPU {', '.join(info['gpus'])}" if info.get("gpus") else ""
     cores = info.get("usable_cores", info.get("cpu_count"))
-    return (f"{info.get('cpu_model', '?')} ({cores} usable cores, torch threads "
-            f"{info.get('torch_num_threads', '?')}){gpu}; torch {info.get('torch', '?')}; "
-            f"{info.get('platform', '?')}; Python {info.get('python', sys.version.split()[0])}")
+    return (
+        f"{info.get('cpu_model', '?')} ({cores} usable cores, torch threads "
+        f"{info.get('torch_num_threads', '?')}){gpu}; torch {info.get('torch', '?')}; "
+        f"{info.get('platform', '?')}; Python {info.get('python', sys.version.split()[0])}"
+    )

@@ -19,8 +19,8 @@ from typing import Dict, List, Tuple
 @dataclass(frozen=True)
 class Reference:
     top1: float
-    source: str          # who reported it, and how
-    tag: str             # where the number comes from
+    source: str  # who reported it, and how
+    tag: str  # where the number comes from
 
     def cell(self) -> str:
         return f"{self.top1:.2f}"
@@ -59,22 +59,34 @@ REFERENCES: Dict[Tuple[str, str, int], List[Reference]] = {
     ("cb_focal", C10, 50): [_bot(21.71)],
     ("cb_focal", C100, 100): [_bot(62.11)],
     ("cb_focal", C100, 50): [_bot(57.70)],
-    ("ldam_drw", C10, 100): [Reference(77.03, "LDAM-DRW paper (error 22.97)", "[AGG hyper.ai]"),
-                             _bot(24.61)],
+    ("ldam_drw", C10, 100): [
+        Reference(77.03, "LDAM-DRW paper (error 22.97)", "[AGG hyper.ai]"),
+        _bot(24.61),
+    ],
     ("ldam_drw", C10, 50): [_bot(20.31)],
     ("ldam_drw", C10, 10): [Reference(88.16, "LDAM-DRW paper (error 11.84)", "[AGG hyper.ai]")],
-    ("ldam_drw", C100, 100): [Reference(42.04, "LDAM-DRW paper (error 57.96)", "[AGG hyper.ai]"),
-                              _bot(59.08)],
+    ("ldam_drw", C100, 100): [
+        Reference(42.04, "LDAM-DRW paper (error 57.96)", "[AGG hyper.ai]"),
+        _bot(59.08),
+    ],
     ("ldam_drw", C100, 50): [_bot(54.46)],
     ("ldam_drw", C100, 10): [Reference(58.71, "LDAM-DRW paper (error 41.29)", "[AGG hyper.ai]")],
-    ("la", C10, 100): [Reference(77.67, "LA paper, loss", "[MEM]"),
-                       Reference(77.89, LA_REPO, LA_REPO_TAG)],
-    ("la", C100, 100): [Reference(43.89, "LA paper, loss", "[MEM]"),
-                        Reference(44.06, LA_REPO, LA_REPO_TAG)],
-    ("la_posthoc", C10, 100): [Reference(77.40, "LA paper, post-hoc", "[MEM]"),
-                               Reference(77.32, LA_REPO, LA_REPO_TAG)],
-    ("la_posthoc", C100, 100): [Reference(42.84, "LA paper, post-hoc", "[MEM]"),
-                                Reference(44.07, LA_REPO, LA_REPO_TAG)],
+    ("la", C10, 100): [
+        Reference(77.67, "LA paper, loss", "[MEM]"),
+        Reference(77.89, LA_REPO, LA_REPO_TAG),
+    ],
+    ("la", C100, 100): [
+        Reference(43.89, "LA paper, loss", "[MEM]"),
+        Reference(44.06, LA_REPO, LA_REPO_TAG),
+    ],
+    ("la_posthoc", C10, 100): [
+        Reference(77.40, "LA paper, post-hoc", "[MEM]"),
+        Reference(77.32, LA_REPO, LA_REPO_TAG),
+    ],
+    ("la_posthoc", C100, 100): [
+        Reference(42.84, "LA paper, post-hoc", "[MEM]"),
+        Reference(44.07, LA_REPO, LA_REPO_TAG),
+    ],
     ("bs", C10, 100): [_bot(23.63)],
     ("bs", C10, 50): [_bot(20.07)],
     ("bs", C100, 100): [_bot(56.82)],

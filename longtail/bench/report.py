@@ -19,13 +19,22 @@ from longtail.bench.references import missing_reason, references
 from longtail.bench.suite import PlannedRun, Suite, load_suite, plan_suite
 from longtail.core.config import split_selectors
 from longtail.core.io import atomic_write_text
+from longtail.core.run_folder import RunFolder
 
-BENCH_FILE = "bench.json"          # per run folder: wall time, commit, command of the bench run
+BENCH_FILE = "bench.json"  # per run folder: wall time, commit, command of the bench run
 # configs/datasets/<name>.yaml -> its data.dataset (for a run whose config could not be loaded)
-_FOLDER_DATASET = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt",
-                   "fashion_mnist_lt": "fashion-mnist-lt", "mnist_lt": "mnist-lt"}
-DATASET_LABEL = {"cifar10-lt": "CIFAR-10-LT", "cifar100-lt": "CIFAR-100-LT",
-                 "fashion-mnist-lt": "Fashion-MNIST-LT", "mnist-lt": "MNIST-LT"}
+_FOLDER_DATASET = {
+    "cifar10_lt": "cifar10-lt",
+    "cifar100_lt": "cifar100-lt",
+    "fashion_mnist_lt": "fashion-mnist-lt",
+    "mnist_lt": "mnist-lt",
+}
+DATASET_LABEL = {
+    "cifar10-lt": "CIFAR-10-LT",
+    "cifar100-lt": "CIFAR-100-LT",
+    "fashion-mnist-lt": "Fashion-MNIST-LT",
+    "mnist-lt": "MNIST-LT",
+}
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -37,17 +46,15 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 def epochs_done(run_dir: Path) -> int:
     """Finished epochs of an interrupted run (lines of history.jsonl)."""
-    try:
-        return sum(1 for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip())
-    except OSError:
-        return 0
+    return RunFolder(run_dir).epochs_done()
 
 
 def run_state(run_dir: Path) -> str:
     """done (metrics.json), partial (a run folder without metrics: resumable) or todo."""
-    if (run_dir / "metrics.json").is_file():
+    folder = RunFolder(run_dir)
+    if folder.is_finished():
         return "done"
-    if (run_dir / "config.yaml").is_file():
+    if folder.is_run():
         return "partial"
     return "todo"
 
@@ -56,15 +63,17 @@ def _dataset_and_factor(p: PlannedRun) -> Tuple[str, Optional[float]]:
     if p.cfg is not None:
         return p.cfg.data.dataset, float(p.cfg.data.imbalance_factor)
 
-    selected = split_selectors(p.overrides)[0].get("data")     # the run's data=NAME
+    selected = split_selectors(p.overrides)[0].get("data")  # the run's data=NAME
     name = Path(selected).stem if selected else p.spec.config.parent.name
     dataset = _FOLDER_DATASET.get(name, name)
     return dataset, float(p.spec.imbalance_factor) if p.spec.imbalance_factor else None
 
 
-def collect_rows(plan: Sequence[PlannedRun],
-                 statuses: Optional[Dict[str, Tuple[str, str]]] = None,
-                 baseline: Optional[str] = None) -> List[Dict[str, Any]]:
+def collect_rows(
+    plan: Sequence[PlannedRun],
+    statuses: Optional[Dict[str, Tuple[str, str]]] = None,
+    baseline: Optional[str] = None,
+) -> List[Dict[str, Any]]:
     """One row per planned run, numbers where its folder holds metrics.json.
 
     ``statuses`` (name -> (status, message)) overrides the state read from disk for runs that
@@ -76,10 +85,16 @@ def collect_rows(plan: Sequence[PlannedRun],
         dataset, factor = _dataset_and_factor(p)
         state = run_state(p.run_dir)
         row: Dict[str, Any] = {
-            "name": p.name, "method": p.spec.label, "config": p.spec.config_text,
-            "dataset": dataset, "imbalance_factor": factor, "stage1": p.spec.stage1,
+            "name": p.name,
+            "method": p.spec.label,
+            "config": p.spec.config_text,
+            "dataset": dataset,
+            "imbalance_factor": factor,
+            "stage1": p.spec.stage1,
             "epochs": p.cfg.train.epochs if p.cfg is not None else None,
-            "config_epochs": p.base_epochs, "run_dir": str(p.run_dir), "status": state,
+            "config_epochs": p.base_epochs,
+            "run_dir": str(p.run_dir),
+            "status": state,
             "train_command": "longtail " + " ".join(_quote(a) for a in p.train_argv()),
         }
         if p.error:
@@ -88,26 +103,41 @@ def collect_rows(plan: Sequence[PlannedRun],
             row["epochs_done"] = epochs_done(p.run_dir)
         if p.name in statuses and state != "done":
             row["status"], row["message"] = statuses[p.name]
-        metrics = _read_json(p.run_dir / "metrics.json") if state == "done" else None
+        metrics = RunFolder(p.run_dir).read_metrics() if state == "done" else None
         if metrics is not None:
             val = metrics.get("val") or {}
-            row.update({
-                "epochs": metrics.get("epochs", row["epochs"]),
-                "test": {k: metrics.get(k) for k in ("top1", "many", "medium", "few",
-                                                     "mean_class_acc", "ece")},
-                "val": {k: val.get(k) for k in ("top1", "mean_class_acc", "ece")},
-                "train_seconds": metrics.get("train_seconds"),
-                "images_per_s": metrics.get("images_per_s"),
-                "device": metrics.get("device"),
-            })
+            row.update(
+                {
+                    "epochs": metrics.get("epochs", row["epochs"]),
+                    "test": {
+                        k: metrics.get(k)
+                        for k in ("top1", "many", "medium", "few", "mean_class_acc", "ece")
+                    },
+                    "val": {k: val.get(k) for k in ("top1", "mean_class_acc", "ece")},
+                    "train_seconds": metrics.get("train_seconds"),
+                    "images_per_s": metrics.get("images_per_s"),
+                    "device": metrics.get("device"),
+                }
+            )
             for key in ("tau", "tau_val"):
                 if key in metrics:
                     row[key] = metrics[key]
             bench = _read_json(p.run_dir / BENCH_FILE) or {}
-            row.update({k: bench.get(k) for k in ("wall_seconds", "finished_utc", "git_commit",
-                                                  "git_dirty", "mode", "resumed")})
-            if row.get("resumed"):   # the last invocation's wall time covers only part of the run:
-                row["wall_seconds_last_invocation"] = row.pop("wall_seconds")   # use train time
+            row.update(
+                {
+                    k: bench.get(k)
+                    for k in (
+                        "wall_seconds",
+                        "finished_utc",
+                        "git_commit",
+                        "git_dirty",
+                        "mode",
+                        "resumed",
+                    )
+                }
+            )
+            if row.get("resumed"):  # the last invocation's wall time covers only part of the run:
+                row["wall_seconds_last_invocation"] = row.pop("wall_seconds")  # use train time
         rows.append(row)
     _add_time_cost(rows, baseline)
     return rows
@@ -126,7 +156,9 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
     by_name = {r["name"]: r for r in rows}
 
     def own(r: Dict[str, Any]) -> Optional[float]:
-        return r.get("wall_seconds") if r.get("wall_seconds") is not None else r.get("train_seconds")
+        return (
+            r.get("wall_seconds") if r.get("wall_seconds") is not None else r.get("train_seconds")
+        )
 
     def cost(r: Dict[str, Any], depth: int = 0) -> Optional[float]:
         if r.get("status") != "done" or own(r) is None or depth > len(rows):
@@ -140,17 +172,26 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
     for r in rows:
         r["cost_seconds"] = cost(r)
     for r in rows:
-        same = [c for c in rows if baseline is not None and c["method"] == baseline
-                and not c.get("stage1")
-                and c["dataset"] == r["dataset"] and c["imbalance_factor"] == r["imbalance_factor"]
-                and c.get("cost_seconds")]
+        same = [
+            c
+            for c in rows
+            if baseline is not None
+            and c["method"] == baseline
+            and not c.get("stage1")
+            and c["dataset"] == r["dataset"]
+            and c["imbalance_factor"] == r["imbalance_factor"]
+            and c.get("cost_seconds")
+        ]
         ce = [c for c in same if c.get("epochs") == r.get("epochs")]
-        if r.get("stage1") and not ce:      # a stage-2 run: compare with its own stage-1 run
+        if r.get("stage1") and not ce:  # a stage-2 run: compare with its own stage-1 run
             ce = [c for c in rows if c["name"] == r["stage1"] and c.get("cost_seconds")]
-        if not ce:                          # a multi-stage recipe (epochs summed over its stages)
+        if not ce:  # a multi-stage recipe (epochs summed over its stages)
             ce = same
-        r["time_vs_baseline"] = (r["cost_seconds"] / ce[0]["cost_seconds"]
-                           if ce and r.get("cost_seconds") is not None else None)
+        r["time_vs_baseline"] = (
+            r["cost_seconds"] / ce[0]["cost_seconds"]
+            if ce and r.get("cost_seconds") is not None
+            else None
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +200,19 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
 
 def _metric(row: Dict[str, Any], name: str) -> Optional[float]:
     t, v = row.get("test") or {}, row.get("val") or {}
-    return {"test": t.get("top1"), "val": v.get("top1"), "many": t.get("many"),
-            "medium": t.get("medium"), "few": t.get("few"),
-            "val_mean_class": v.get("mean_class_acc")}[name]
+    return {
+        "test": t.get("top1"),
+        "val": v.get("top1"),
+        "many": t.get("many"),
+        "medium": t.get("medium"),
+        "few": t.get("few"),
+        "val_mean_class": v.get("mean_class_acc"),
+    }[name]
 
 
-def evaluate_checks(checks: Sequence[Dict[str, Any]],
-                    rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def evaluate_checks(
+    checks: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]]
+) -> List[Dict[str, Any]]:
     """One result per (check, metric): both values, their difference, and ``pass`` when
     ``run - beats >= by``, ``fail`` otherwise, ``pending`` while a run has no result (or the
     metric is empty, e.g. no few-shot class)."""
@@ -178,19 +225,35 @@ def evaluate_checks(checks: Sequence[Dict[str, Any]],
             y = _metric(b, metric) if b.get("status") == "done" else None
             diff = None if x is None or y is None else x - y
             status = "pending" if diff is None else ("pass" if diff >= c["by"] - 1e-9 else "fail")
-            out.append({**c, "metric": metric, "value": x, "other": y, "diff": diff,
-                        "status": status})
+            out.append(
+                {**c, "metric": metric, "value": x, "other": y, "diff": diff, "status": status}
+            )
     return out
 
 
 def checks_table(results: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| claim | run | beats | on | run | other | difference | needed | result |",
-             "|---|---|---|---|--:|--:|--:|--:|---|"]
+    lines = [
+        "| claim | run | beats | on | run | other | difference | needed | result |",
+        "|---|---|---|---|--:|--:|--:|--:|---|",
+    ]
     for r in results:
-        lines.append("| " + " | ".join([
-            r.get("claim") or "–", f"`{r['run']}`", f"`{r['beats']}`", r["metric"], pct(r["value"]),
-            pct(r["other"]), "–" if r["diff"] is None else f"{r['diff']:+.2f}",
-            f">= {r['by']:+.1f}" if r["by"] else ">= 0", r["status"].upper()]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.get("claim") or "–",
+                    f"`{r['run']}`",
+                    f"`{r['beats']}`",
+                    r["metric"],
+                    pct(r["value"]),
+                    pct(r["other"]),
+                    "–" if r["diff"] is None else f"{r['diff']:+.2f}",
+                    f">= {r['by']:+.1f}" if r["by"] else ">= 0",
+                    r["status"].upper(),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -219,29 +282,65 @@ def factor_text(x: Any) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-TABLE_HEADER = ("run", "method", "dataset", "IF", "epochs", "test all", "many", "medium", "few",
-                "val all", "val mean-class", "ECE", "wall", "img/s", "time vs baseline")
+TABLE_HEADER = (
+    "run",
+    "method",
+    "dataset",
+    "IF",
+    "epochs",
+    "test all",
+    "many",
+    "medium",
+    "few",
+    "val all",
+    "val mean-class",
+    "ECE",
+    "wall",
+    "img/s",
+    "time vs baseline",
+)
 
 
 def results_table(rows: Sequence[Dict[str, Any]]) -> str:
     """The Markdown table of the finished rows (one per run)."""
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |",
-             "|" + "|".join(["---"] * 4 + ["--:"] * (len(TABLE_HEADER) - 4)) + "|"]
+    lines = [
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "|".join(["---"] * 4 + ["--:"] * (len(TABLE_HEADER) - 4)) + "|",
+    ]
     for r in rows:
         if r.get("status") != "done":
             continue
         t, v = r.get("test") or {}, r.get("val") or {}
-        wall = duration(r.get("wall_seconds")) if r.get("wall_seconds") is not None else (
-            f"~{duration(r.get('train_seconds'))}")
+        wall = (
+            duration(r.get("wall_seconds"))
+            if r.get("wall_seconds") is not None
+            else (f"~{duration(r.get('train_seconds'))}")
+        )
         ips = r.get("images_per_s")
-        cost = r.get("time_vs_baseline", r.get("time_vs_ce"))   # time_vs_ce: results before 0.2
-        lines.append("| " + " | ".join([
-            r["name"], r["method"], DATASET_LABEL.get(r["dataset"], r["dataset"]),
-            factor_text(r["imbalance_factor"]), str(r.get("epochs", "–")), pct(t.get("top1")),
-            pct(t.get("many")), pct(t.get("medium")), pct(t.get("few")), pct(v.get("top1")),
-            pct(v.get("mean_class_acc")), pct(t.get("ece")), wall,
-            "–" if ips is None else f"{ips:.0f}", "–" if cost is None else f"{cost:.2f}x",
-        ]) + " |")
+        cost = r.get("time_vs_baseline", r.get("time_vs_ce"))  # time_vs_ce: results before 0.2
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    r["method"],
+                    DATASET_LABEL.get(r["dataset"], r["dataset"]),
+                    factor_text(r["imbalance_factor"]),
+                    str(r.get("epochs", "–")),
+                    pct(t.get("top1")),
+                    pct(t.get("many")),
+                    pct(t.get("medium")),
+                    pct(t.get("few")),
+                    pct(v.get("top1")),
+                    pct(v.get("mean_class_acc")),
+                    pct(t.get("ece")),
+                    wall,
+                    "–" if ips is None else f"{ips:.0f}",
+                    "–" if cost is None else f"{cost:.2f}x",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -252,26 +351,47 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
     out = [f"# Benchmark suite `{header['suite']}`", ""]
     if header.get("description"):
         out += [header["description"], ""]
-    sched = (f"every run shortened to {header['epochs']} epochs (epoch-valued settings scaled)"
-             if header.get("epochs") else "each config's own schedule")
-    out += [f"Suite file `{header.get('suite_file')}`; {sched}; run folders under "
-            f"`{header.get('out_dir')}`.", ""]
+    sched = (
+        f"every run shortened to {header['epochs']} epochs (epoch-valued settings scaled)"
+        if header.get("epochs")
+        else "each config's own schedule"
+    )
+    out += [
+        f"Suite file `{header.get('suite_file')}`; {sched}; run folders under "
+        f"`{header.get('out_dir')}`.",
+        "",
+    ]
     done = [r for r in rows if r.get("status") == "done"]
     out += [results_table(rows) if done else "_No run has finished yet._", ""]
     if header.get("checks"):
         results = evaluate_checks(header["checks"], rows)
         counts = {k: sum(r["status"] == k for r in results) for k in ("pass", "fail", "pending")}
-        out += ["## Checks", "",
-                f"The orderings the suite file claims (`checks:`): {counts['pass']} pass, "
-                f"{counts['fail']} fail, {counts['pending']} pending (a run not finished).", "",
-                checks_table(results), ""]
+        out += [
+            "## Checks",
+            "",
+            f"The orderings the suite file claims (`checks:`): {counts['pass']} pass, "
+            f"{counts['fail']} fail, {counts['pending']} pending (a run not finished).",
+            "",
+            checks_table(results),
+            "",
+        ]
     pending = [r for r in rows if r.get("status") != "done"]
     if pending:
-        out.append("Not finished: " + "; ".join(
-            f"`{r['name']}` ({r['status']}"
-            + (f", {r['epochs_done']}/{r['epochs']} epochs" if r["status"] == "partial" else "")
-            + (f": {r['message']}" if r.get("message") and r["status"] in ("failed", "blocked") else "")
-            + ")" for r in pending) + ".")
+        out.append(
+            "Not finished: "
+            + "; ".join(
+                f"`{r['name']}` ({r['status']}"
+                + (f", {r['epochs_done']}/{r['epochs']} epochs" if r["status"] == "partial" else "")
+                + (
+                    f": {r['message']}"
+                    if r.get("message") and r["status"] in ("failed", "blocked")
+                    else ""
+                )
+                + ")"
+                for r in pending
+            )
+            + "."
+        )
         out.append("")
     out += [
         "Columns: top-1 accuracy (%) on the test split (all classes, then the many- / medium- / "
@@ -281,26 +401,43 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         "img/s: training images per second; time vs baseline: wall time of the run plus its "
         "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's baseline run "
         f"(`{header.get('baseline')}`) of the same dataset, IF and schedule; with equal epochs, the "
-        "per-epoch cost relative to it.", "",
+        "per-epoch cost relative to it.",
+        "",
         f"- Machine: {short_machine(machine)}",
         f"- Git commit: `{git.get('commit') or 'unknown'}`"
-        + (f" (dirty: {len(git.get('changed_files') or [])} changed files)" if git.get("dirty") else
-           " (clean)" if git.get("dirty") is False else ""),
+        + (
+            f" (dirty: {len(git.get('changed_files') or [])} changed files)"
+            if git.get("dirty")
+            else " (clean)"
+            if git.get("dirty") is False
+            else ""
+        ),
         f"- Command: `{header.get('command')}` (in `{header.get('cwd')}`"
-        + (", " + ", ".join(f"{k}={v}" for k, v in (header.get("env") or {}).items())
-           if header.get("env") else "") + ")",
+        + (
+            ", " + ", ".join(f"{k}={v}" for k, v in (header.get("env") or {}).items())
+            if header.get("env")
+            else ""
+        )
+        + ")",
         f"- Written: {header.get('date_utc')}",
     ]
-    other = sorted({(r["name"], r["git_commit"][:10]) for r in done
-                    if r.get("git_commit") and r.get("git_commit") != git.get("commit")})
+    other = sorted(
+        {
+            (r["name"], r["git_commit"][:10])
+            for r in done
+            if r.get("git_commit") and r.get("git_commit") != git.get("commit")
+        }
+    )
     if other:
-        out.append("- Rows finished at another commit: " +
-                   ", ".join(f"`{n}` @ `{c}`" for n, c in other))
+        out.append(
+            "- Rows finished at another commit: " + ", ".join(f"`{n}` @ `{c}`" for n, c in other)
+        )
     return "\n".join(out) + "\n"
 
 
-def write_results(results_dir: Path, header: Dict[str, Any],
-                  rows: Sequence[Dict[str, Any]]) -> Tuple[Path, Path]:
+def write_results(
+    results_dir: Path, header: Dict[str, Any], rows: Sequence[Dict[str, Any]]
+) -> Tuple[Path, Path]:
     """``<results_dir>/<suite>.md`` and ``.json`` (atomically); returns both paths."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -341,8 +478,9 @@ Reading the comparison (the notes below):
 """
 
 
-def _ref_cells(method: str, dataset: str, factor: Optional[float], short: Optional[int]
-               ) -> Tuple[str, str]:
+def _ref_cells(
+    method: str, dataset: str, factor: Optional[float], short: Optional[int]
+) -> Tuple[str, str]:
     if short:
         return "–", f"none: {short}-epoch schedule, no published number"
     refs = references(method, dataset, factor if factor is not None else 0)
@@ -351,8 +489,9 @@ def _ref_cells(method: str, dataset: str, factor: Optional[float], short: Option
     return " / ".join(r.cell() for r in refs), "; ".join(r.citation() for r in refs)
 
 
-def render_results_doc(entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Optional[Dict[str, Any]]]]
-                       ) -> str:
+def render_results_doc(
+    entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Optional[Dict[str, Any]]]],
+) -> str:
     """The docs/results.md text: one section and table per suite."""
     out = [DOC_INTRO]
     for suite, plan, results in entries:
@@ -363,16 +502,24 @@ def render_results_doc(entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Opti
         if results:
             git = results.get("git") or {}
 
-            out += [f"Results: `benchmarks/results/{suite.name}.json` ({results.get('date_utc')}, "
-                    f"commit `{(git.get('commit') or 'unknown')[:10]}`"
-                    f"{', dirty' if git.get('dirty') else ''}; "
-                    f"{short_machine(results.get('machine') or {})}).", ""]
+            out += [
+                f"Results: `benchmarks/results/{suite.name}.json` ({results.get('date_utc')}, "
+                f"commit `{(git.get('commit') or 'unknown')[:10]}`"
+                f"{', dirty' if git.get('dirty') else ''}; "
+                f"{short_machine(results.get('machine') or {})}).",
+                "",
+            ]
         else:
-            out += [f"Results: not run yet (`longtail bench {suite.name}` writes "
-                    f"`benchmarks/results/{suite.name}.json`).", ""]
-        out += ["| method | dataset | IF | epochs | ours: test top-1 | many / medium / few | "
-                "ours: val top-1 | reference top-1 | reference source |",
-                "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+            out += [
+                f"Results: not run yet (`longtail bench {suite.name}` writes "
+                f"`benchmarks/results/{suite.name}.json`).",
+                "",
+            ]
+        out += [
+            "| method | dataset | IF | epochs | ours: test top-1 | many / medium / few | "
+            "ours: val top-1 | reference top-1 | reference source |",
+            "|---|---|--:|--:|--:|--:|--:|--:|---|",
+        ]
         for p in plan:
             dataset, factor = _dataset_and_factor(p)
             row = by_name.get(p.name, {})
@@ -381,15 +528,30 @@ def render_results_doc(entries: Sequence[Tuple[Suite, Sequence[PlannedRun], Opti
             epochs = row.get("epochs") or (p.cfg.train.epochs if p.cfg is not None else "?")
             # a suite with ``epochs`` is a short-schedule suite: no published number applies
             ref, source = _ref_cells(p.spec.label, dataset, factor, suite.epochs)
-            out.append("| " + " | ".join([
-                p.spec.label, DATASET_LABEL.get(dataset, dataset), factor_text(factor), str(epochs),
-                pct(t.get("top1")) if done else "not run yet",
-                f"{pct(t.get('many'))} / {pct(t.get('medium'))} / {pct(t.get('few'))}" if done else "–",
-                pct(v.get("top1")) if done else "–", ref, source]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        p.spec.label,
+                        DATASET_LABEL.get(dataset, dataset),
+                        factor_text(factor),
+                        str(epochs),
+                        pct(t.get("top1")) if done else "not run yet",
+                        f"{pct(t.get('many'))} / {pct(t.get('medium'))} / {pct(t.get('few'))}"
+                        if done
+                        else "–",
+                        pct(v.get("top1")) if done else "–",
+                        ref,
+                        source,
+                    ]
+                )
+                + " |"
+            )
         out.append("")
         if suite.checks:
-            checked = evaluate_checks([c.as_dict() for c in suite.checks],
-                                      (results or {}).get("rows", []))
+            checked = evaluate_checks(
+                [c.as_dict() for c in suite.checks], (results or {}).get("rows", [])
+            )
             out += ["Checks (the suite's `checks:`):", "", checks_table(checked), ""]
     return "\n".join(out)
 
@@ -398,8 +560,9 @@ def load_results(results_dir: Path, suite_name: str) -> Optional[Dict[str, Any]]
     return _read_json(Path(results_dir) / f"{suite_name}.json")
 
 
-def write_results_doc(path: Path, suite_files: Sequence[Path], results_dir: Path,
-                      out_root: Path) -> Path:
+def write_results_doc(
+    path: Path, suite_files: Sequence[Path], results_dir: Path, out_root: Path
+) -> Path:
     """Regenerate ``path`` (docs/results.md) from ``suite_files`` and their results JSON."""
     entries = []
     for f in suite_files:
@@ -410,13 +573,29 @@ def write_results_doc(path: Path, suite_files: Sequence[Path], results_dir: Path
     return Path(path)
 
 
-def header(suite: Suite, out_dir: Path, command: str, machine: Dict[str, Any],
-           git: Dict[str, Any], env: Dict[str, str]) -> Dict[str, Any]:
+def header(
+    suite: Suite,
+    out_dir: Path,
+    command: str,
+    machine: Dict[str, Any],
+    git: Dict[str, Any],
+    env: Dict[str, str],
+) -> Dict[str, Any]:
     """The top of a suite's results JSON."""
     import os
 
-    return {"suite": suite.name, "suite_file": str(suite.path), "description": suite.description,
-            "epochs": suite.epochs, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine, "git": git, "command": command, "cwd": os.getcwd(), "env": env,
-            "out_dir": str(out_dir), "baseline": suite.baseline,
-            "checks": [c.as_dict() for c in suite.checks]}
+    return {
+        "suite": suite.name,
+        "suite_file": str(suite.path),
+        "description": suite.description,
+        "epochs": suite.epochs,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "git": git,
+        "command": command,
+        "cwd": os.getcwd(),
+        "env": env,
+        "out_dir": str(out_dir),
+        "baseline": suite.baseline,
+        "checks": [c.as_dict() for c in suite.checks],
+    }

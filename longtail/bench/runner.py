@@ -24,10 +24,11 @@ import numpy as np
 from longtail.bench import report
 from longtail.bench.machine import environment, git_info, machine_info, short_machine
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
-from longtail.core.config import load_yaml_tree, split_selectors, validate
+from longtail.core.config import split_selectors
 from longtail.core.errors import LongtailError
 from longtail.core.facts import RunFacts
 from longtail.core.io import atomic_write_json
+from longtail.core.run_folder import RunFolder
 from longtail.data.build import resolve_exclude_classes
 from longtail.data.paths import resolve_data_root
 from longtail.data.samplers import build_sampler
@@ -43,13 +44,13 @@ class BenchOptions:
     suite: str
     out: Path = Path("runs/bench")
     data_root: Optional[str] = None
-    only: Optional[str] = None                 # comma-separated globs over run names
+    only: Optional[str] = None  # comma-separated globs over run names
     dry_run: bool = False
     subprocess: bool = False
     results_dir: Path = Path("benchmarks/results")
     report_only: bool = False
     docs: Optional[Path] = Path("docs/results.md")
-    command: str = ""                          # the command line, for the results files
+    command: str = ""  # the command line, for the results files
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,8 +62,10 @@ def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
     globs = [g.strip() for g in only.split(",") if g.strip()]
     wanted = {p.name for p in plan if any(fnmatch.fnmatchcase(p.name, g) for g in globs)}
     if not wanted:
-        raise LongtailError(f"--only {only!r} matches no run of the suite (runs: "
-                            f"{', '.join(p.name for p in plan)}).")
+        raise LongtailError(
+            f"--only {only!r} matches no run of the suite (runs: "
+            f"{', '.join(p.name for p in plan)})."
+        )
     by_name = {p.name: p for p in plan}
     stack = list(wanted)
     while stack:
@@ -102,8 +105,12 @@ def config_epoch_images(cfg) -> Optional[int]:
         excluded = resolve_exclude_classes(d.exclude_classes, counts)
         counts = [0 if c in excluded else n for c, n in enumerate(counts)]
         labels = np.repeat(np.arange(len(counts)), counts)
-        facts = RunFacts(seed=cfg.seed, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                         class_counts=counts)
+        facts = RunFacts(
+            seed=cfg.seed,
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            class_counts=counts,
+        )
         return len(build_sampler(cfg.sampler.name, labels, counts, facts, **cfg.sampler.params()))
     except Exception:
         return None
@@ -111,13 +118,20 @@ def config_epoch_images(cfg) -> Optional[int]:
 
 def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> str:
     """The planned runs with their resolved epochs and schedule, state and training images."""
-    lines = [f"suite {suite.name} ({suite.path}): {len(plan)} runs -> {out_dir}/"
-             + (f"; every run shortened to {suite.epochs} epochs unless it sets its own"
-                if suite.epochs else "")]
+    lines = [
+        f"suite {suite.name} ({suite.path}): {len(plan)} runs -> {out_dir}/"
+        + (
+            f"; every run shortened to {suite.epochs} epochs unless it sets its own"
+            if suite.epochs
+            else ""
+        )
+    ]
     if suite.overrides:
         lines.append(f"suite overrides: {' '.join(suite.overrides)}")
-    head = (f"{'#':>3}  {'run':<22} {'config':<36} {'data':<17} {'IF':>4} {'epochs':>9}  "
-            f"{'stage1':<14} {'state':<9} {'train imgs':>11}")
+    head = (
+        f"{'#':>3}  {'run':<22} {'config':<36} {'data':<17} {'IF':>4} {'epochs':>9}  "
+        f"{'stage1':<14} {'state':<9} {'train imgs':>11}"
+    )
     lines += [head, "-" * len(head)]
     totals = {"plain": 0, "stage2": 0}
     for i, p in enumerate(plan, 1):
@@ -133,20 +147,31 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
         if imgs is not None:
             totals["stage2" if p.spec.stage1 else "plain"] += imgs
         data = split_selectors(p.overrides)[0].get("data", "-")
-        lines.append(f"{i:>3}  {p.name:<22} {p.spec.config_text:<36} {data:<17} "
-                     f"{report.factor_text(p.cfg.data.imbalance_factor):>4} {span:>9}  "
-                     f"{p.spec.stage1 or '-':<14} {state:<9} "
-                     f"{'?' if imgs is None else format(imgs, ','):>11}")
+        lines.append(
+            f"{i:>3}  {p.name:<22} {p.spec.config_text:<36} {data:<17} "
+            f"{report.factor_text(p.cfg.data.imbalance_factor):>4} {span:>9}  "
+            f"{p.spec.stage1 or '-':<14} {state:<9} "
+            f"{'?' if imgs is None else format(imgs, ','):>11}"
+        )
         scaled = {k: v for k, v in p.scaled.items() if k != "train.epochs"}
         if scaled:
-            lines.append(" " * 7 + "scaled: " + "; ".join(f"{k} {a}->{b}" for k, (a, b) in scaled.items()))
+            lines.append(
+                " " * 7 + "scaled: " + "; ".join(f"{k} {a}->{b}" for k, (a, b) in scaled.items())
+            )
         if p.stages:
-            lines.append(" " * 7 + "stages: " + "; ".join(
-                f"{st.name} {st.cfg.method.name} {st.cfg.train.epochs} ep lr {st.cfg.optim.lr:g}"
-                + (f" ({report.run_state(p.run_dir / st.name)})" if p.run_dir.exists() else "")
-                for st in p.stages))
-    lines.append(f"training images (nominal class counts): {totals['plain']:,} in runs that train "
-                 f"the whole network, {totals['stage2']:,} in stage-2 runs (frozen backbone)")
+            lines.append(
+                " " * 7
+                + "stages: "
+                + "; ".join(
+                    f"{st.name} {st.cfg.method.name} {st.cfg.train.epochs} ep lr {st.cfg.optim.lr:g}"
+                    + (f" ({report.run_state(p.run_dir / st.name)})" if p.run_dir.exists() else "")
+                    for st in p.stages
+                )
+            )
+    lines.append(
+        f"training images (nominal class counts): {totals['plain']:,} in runs that train "
+        f"the whole network, {totals['stage2']:,} in stage-2 runs (frozen backbone)"
+    )
     return "\n".join(lines)
 
 
@@ -168,29 +193,28 @@ def _diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
 def _saved_config_note(p: PlannedRun) -> Optional[str]:
     """Which keys of the folder's config.yaml differ from the suite's plan (None if the same)."""
     try:
-        saved = validate(load_yaml_tree(p.run_dir / "config.yaml"), f"config {p.run_dir}").to_dict()
+        saved = RunFolder(p.run_dir).load_config().to_dict()
     except LongtailError as err:
         return str(err)
     planned = p.cfg
-    if p.cfg is not None and p.stages:   # a pipeline's folder records its resolved stages
-
+    if p.cfg is not None and p.stages:  # a pipeline's folder records its resolved stages
         planned = record(p.cfg, p.stages)
     keys = _diff(saved, planned.to_dict()) if planned is not None else []
     return ", ".join(keys) if keys else None
 
 
 def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> None:
-
     root = resolve_data_root(data_root)
-    if resume:
-        saved = p.run_dir / "config.yaml"
-        cfg = validate(load_yaml_tree(saved), f"config {saved}")
-    else:
-        cfg = p.cfg
-    if cfg.stages:   # a multi-stage config: the pipeline runner (skips finished stages on resume)
-
-        run_pipeline(cfg, p.run_dir, root, resume=resume,
-                     overrides=() if resume else p.overrides, source=p.spec.config)
+    cfg = RunFolder(p.run_dir).load_config() if resume else p.cfg
+    if cfg.stages:  # a multi-stage config: the pipeline runner (skips finished stages on resume)
+        run_pipeline(
+            cfg,
+            p.run_dir,
+            root,
+            resume=resume,
+            overrides=() if resume else p.overrides,
+            source=p.spec.config,
+        )
     elif resume:
         fit(cfg, p.run_dir, root, resume=True)
     else:
@@ -200,23 +224,42 @@ def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> No
 def subprocess_argv(p: PlannedRun, data_root: Optional[str], resume: bool) -> List[str]:
     """``python -m longtail train ...`` for a run (``--resume RUN_DIR`` for an interrupted one)."""
     if resume:
-        argv = ["train", "--resume", str(p.run_dir)] + (["--data-root", str(data_root)] if data_root else [])
+        argv = ["train", "--resume", str(p.run_dir)] + (
+            ["--data-root", str(data_root)] if data_root else []
+        )
     else:
         argv = p.train_argv(data_root)
     return [sys.executable, "-m", "longtail", *argv]
 
 
-def _write_bench_json(p: PlannedRun, suite: Suite, info: Dict[str, Any], mode: str, resumed: bool,
-                      started: float, wall: float) -> None:
+def _write_bench_json(
+    p: PlannedRun,
+    suite: Suite,
+    info: Dict[str, Any],
+    mode: str,
+    resumed: bool,
+    started: float,
+    wall: float,
+) -> None:
     iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
     git = info["git"]
-    atomic_write_json(p.run_dir / report.BENCH_FILE, {
-        "suite": suite.name, "name": p.name, "mode": mode, "resumed": resumed,
-        "wall_seconds": wall, "started_utc": iso(started), "finished_utc": iso(started + wall),
-        "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
-        "machine": info["machine_line"], "bench_command": info["command"],
-        "train_command": "longtail " + " ".join(p.train_argv()),
-    })
+    atomic_write_json(
+        p.run_dir / report.BENCH_FILE,
+        {
+            "suite": suite.name,
+            "name": p.name,
+            "mode": mode,
+            "resumed": resumed,
+            "wall_seconds": wall,
+            "started_utc": iso(started),
+            "finished_utc": iso(started + wall),
+            "git_commit": git.get("commit"),
+            "git_dirty": git.get("dirty"),
+            "machine": info["machine_line"],
+            "bench_command": info["command"],
+            "train_command": "longtail " + " ".join(p.train_argv()),
+        },
+    )
 
 
 def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
@@ -240,15 +283,21 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
 
     check_plan(chosen)
 
-    info = {"machine": machine_info(), "git": git_info(), "env": environment(),
-            "command": opts.command or f"longtail bench {opts.suite}"}
+    info = {
+        "machine": machine_info(),
+        "git": git_info(),
+        "env": environment(),
+        "command": opts.command or f"longtail bench {opts.suite}",
+    }
     info["machine_line"] = short_machine(info["machine"])
     head = report.header(suite, out_dir, info["command"], info["machine"], info["git"], info["env"])
     statuses: Dict[str, Tuple[str, str]] = {}
 
     def flush() -> Tuple[Path, Path]:
         head["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return report.write_results(opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline))
+        return report.write_results(
+            opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline)
+        )
 
     mode = "subprocess" if opts.subprocess else "in-process"
     echo(f"suite {suite.name}: {len(chosen)} of {len(plan)} runs, {mode}, folders under {out_dir}/")
@@ -259,8 +308,14 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
             state = report.run_state(p.run_dir)
             if state == "done":
                 note = _saved_config_note(p)
-                echo(f"{tag}: finished earlier ({p.run_dir / 'metrics.json'}), skipped"
-                     + (f"; note: its config differs from the suite's plan in {note}" if note else ""))
+                echo(
+                    f"{tag}: finished earlier ({RunFolder(p.run_dir).metrics_path}), skipped"
+                    + (
+                        f"; note: its config differs from the suite's plan in {note}"
+                        if note
+                        else ""
+                    )
+                )
                 continue
             missing = [n for n in p.spec.needs if report.run_state(out_dir / n) != "done"]
             if missing:
@@ -274,9 +329,11 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
             resume = state == "partial"
             if resume:
                 note = _saved_config_note(p)
-                echo(f"{tag}: resuming after epoch {report.epochs_done(p.run_dir)} "
-                     f"({p.run_dir}, its saved config.yaml)"
-                     + (f"; note: it differs from the suite's plan in {note}" if note else ""))
+                echo(
+                    f"{tag}: resuming after epoch {report.epochs_done(p.run_dir)} "
+                    f"({p.run_dir}, its saved config.yaml)"
+                    + (f"; note: it differs from the suite's plan in {note}" if note else "")
+                )
             else:
                 echo(f"{tag}: longtail {' '.join(p.train_argv())}")
             started = time.time()
@@ -288,15 +345,19 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
                         raise LongtailError(f"`longtail train` exited with status {rc}")
                 else:
                     _run_in_process(p, opts.data_root, resume)
-                if not (p.run_dir / "metrics.json").is_file():
+                if not RunFolder(p.run_dir).is_finished():
                     raise LongtailError("the run ended without writing metrics.json")
             except KeyboardInterrupt:
                 raise
             except Exception as err:  # one failed run must not stop the others
                 if not isinstance(err, LongtailError):
                     traceback.print_exc()
-                statuses[p.name] = ("failed", f"{type(err).__name__}: {err}"
-                                    if not isinstance(err, LongtailError) else str(err))
+                statuses[p.name] = (
+                    "failed",
+                    f"{type(err).__name__}: {err}"
+                    if not isinstance(err, LongtailError)
+                    else str(err),
+                )
                 echo(f"{tag}: FAILED: {statuses[p.name][1]}")
                 flush()
                 continue
@@ -312,10 +373,14 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     echo(report.results_table(rows))
     echo(f"\nresults: {md}  {js}")
     if interrupted:
-        echo("interrupted: run the same command again to continue (finished runs are skipped, "
-             "an interrupted run resumes from its last checkpoint)")
+        echo(
+            "interrupted: run the same command again to continue (finished runs are skipped, "
+            "an interrupted run resumes from its last checkpoint)"
+        )
         return 130
-    echo(f"docs: `longtail bench {opts.suite} --report-only` updates {opts.docs or 'docs/results.md'}")
+    echo(
+        f"docs: `longtail bench {opts.suite} --report-only` updates {opts.docs or 'docs/results.md'}"
+    )
     failed = [n for n, (s, _) in statuses.items() if s in ("failed", "blocked")]
     if failed:
         echo(f"{len(failed)} run(s) did not finish: {', '.join(failed)}")
@@ -323,23 +388,31 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     return 0
 
 
-def _report_only(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path, opts: BenchOptions,
-                 echo: Printer) -> int:
+def _report_only(
+    suite: Suite, plan: Sequence[PlannedRun], out_dir: Path, opts: BenchOptions, echo: Printer
+) -> int:
     """Rewrite the suite's results files from its run folders (when there are any) and
     regenerate the docs page from every suite next to this one."""
     rows = report.collect_rows(plan, baseline=suite.baseline)
     if any(r["status"] == "done" for r in rows):
         existing = report.load_results(opts.results_dir, suite.name) or {}
-        head = report.header(suite, out_dir, existing.get("command") or opts.command,
-                             existing.get("machine") or machine_info(),
-                             existing.get("git") or git_info(), existing.get("env") or environment())
+        head = report.header(
+            suite,
+            out_dir,
+            existing.get("command") or opts.command,
+            existing.get("machine") or machine_info(),
+            existing.get("git") or git_info(),
+            existing.get("env") or environment(),
+        )
         head["report_command"] = opts.command
         md, js = report.write_results(opts.results_dir, head, rows)
         echo(report.results_table(rows))
         echo(f"\nresults: {md}  {js}")
     else:
-        echo(f"no finished run under {out_dir}/: kept {Path(opts.results_dir) / suite.name}.json "
-             f"as it is")
+        echo(
+            f"no finished run under {out_dir}/: kept {Path(opts.results_dir) / suite.name}.json "
+            f"as it is"
+        )
     if opts.docs:
         files = sorted(suite.path.parent.glob("*.yaml"))
         path = report.write_results_doc(Path(opts.docs), files, opts.results_dir, Path(opts.out))

@@ -55,14 +55,13 @@ from longtail.engine.config_check import check_config
 from longtail.engine.pipeline import expand_stages
 
 SUITE_KEYS = ("description", "epochs", "overrides", "data", "baseline", "runs", "checks")
-CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")   # not "on": YAML reads it as true
+CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")  # not "on": YAML reads it as true
 # what a check compares: top-1 on test / val, or a test shot group, or val mean-class accuracy
 CHECK_METRICS = ("test", "val", "many", "medium", "few", "val_mean_class")
-RUN_KEYS = ("name", "config", "data", "overrides", "stage1", "imbalance_factor", "epochs",
-            "method")
+RUN_KEYS = ("name", "config", "data", "overrides", "stage1", "imbalance_factor", "epochs", "method")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RUN_REF = re.compile(r"\{run:([^{}]*)\}")
-_INHERIT = object()          # a run without its own ``epochs`` key takes the suite's
+_INHERIT = object()  # a run without its own ``epochs`` key takes the suite's
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -73,10 +72,10 @@ class RunSpec:
     overrides: List[str] = field(default_factory=list)
     stage1: Optional[str] = None
     imbalance_factor: Optional[float] = None
-    epochs: Any = _INHERIT                     # int, None (the config's own), or _INHERIT
+    epochs: Any = _INHERIT  # int, None (the config's own), or _INHERIT
     method: Optional[str] = None
-    config_text: str = ""                      # as written in the suite file
-    data: Any = _INHERIT                       # dataset selector (data=NAME), None, or _INHERIT
+    config_text: str = ""  # as written in the suite file
+    data: Any = _INHERIT  # dataset selector (data=NAME), None, or _INHERIT
 
     @property
     def label(self) -> str:
@@ -103,8 +102,13 @@ class Check:
     claim: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"run": self.run, "beats": self.beats, "by": self.by, "metrics": list(self.metrics),
-                "claim": self.claim}
+        return {
+            "run": self.run,
+            "beats": self.beats,
+            "by": self.by,
+            "metrics": list(self.metrics),
+            "claim": self.claim,
+        }
 
 
 @dataclass
@@ -114,8 +118,8 @@ class Suite:
     description: str = ""
     epochs: Optional[int] = None
     overrides: List[str] = field(default_factory=list)
-    data: Optional[str] = None                 # default dataset selector of the runs
-    baseline: Optional[str] = None             # the method whose runs the time ratios compare with
+    data: Optional[str] = None  # default dataset selector of the runs
+    baseline: Optional[str] = None  # the method whose runs the time ratios compare with
     runs: List[RunSpec] = field(default_factory=list)
     checks: List[Check] = field(default_factory=list)
 
@@ -132,13 +136,13 @@ class PlannedRun:
 
     spec: RunSpec
     run_dir: Path
-    overrides: List[str]                       # everything after the config file, in order
-    cfg: Optional[Config]                      # None when the config could not be loaded
-    base_epochs: Optional[int] = None          # train.epochs before scaling
-    scaled: Dict[str, Any] = field(default_factory=dict)   # key -> (old, new)
+    overrides: List[str]  # everything after the config file, in order
+    cfg: Optional[Config]  # None when the config could not be loaded
+    base_epochs: Optional[int] = None  # train.epochs before scaling
+    scaled: Dict[str, Any] = field(default_factory=dict)  # key -> (old, new)
     stage1_dir: Optional[Path] = None
     error: Optional[str] = None
-    stages: List[Any] = field(default_factory=list)   # a multi-stage config's resolved stages
+    stages: List[Any] = field(default_factory=list)  # a multi-stage config's resolved stages
 
     @property
     def name(self) -> str:
@@ -171,8 +175,10 @@ def find_suite(suite: str | Path) -> Path:
             if candidate.is_file():
                 return candidate
     known = sorted({p.stem for d in suite_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-    raise LongtailError(f"No benchmark suite {str(suite)!r}: pass a suite file or one of the names "
-                        f"in configs/bench/ ({', '.join(known) or 'none found'}).")
+    raise LongtailError(
+        f"No benchmark suite {str(suite)!r}: pass a suite file or one of the names "
+        f"in configs/bench/ ({', '.join(known) or 'none found'})."
+    )
 
 
 def _overrides(value: Any, where: str) -> List[str]:
@@ -183,19 +189,24 @@ def _overrides(value: Any, where: str) -> List[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         bad = [v for v in value if "=" not in v]
         if bad:
-            raise LongtailError(f"{where}: override {bad[0]!r} is not of the form key=value "
-                                f"(e.g. optim.lr=0.05).")
+            raise LongtailError(
+                f"{where}: override {bad[0]!r} is not of the form key=value (e.g. optim.lr=0.05)."
+            )
         return list(value)
-    raise LongtailError(f"{where}: 'overrides' must be a list of key=value strings or a mapping "
-                        f"of dotted keys to values, not {type(value).__name__}.")
+    raise LongtailError(
+        f"{where}: 'overrides' must be a list of key=value strings or a mapping "
+        f"of dotted keys to values, not {type(value).__name__}."
+    )
 
 
 def _epochs(value: Any, where: str, allow_null: bool) -> Optional[int]:
     if value is None and allow_null:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LongtailError(f"{where}: 'epochs' must be a positive integer"
-                            f"{' or null' if allow_null else ''}, got {value!r}.")
+        raise LongtailError(
+            f"{where}: 'epochs' must be a positive integer"
+            f"{' or null' if allow_null else ''}, got {value!r}."
+        )
     return value
 
 
@@ -203,15 +214,19 @@ def _data(value: Any, where: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip() or "=" in value:
-        raise LongtailError(f"{where}: 'data' must name a dataset file (configs/datasets/NAME.yaml, "
-                            f"e.g. cifar10_lt) or be a path to one, got {value!r}.")
+        raise LongtailError(
+            f"{where}: 'data' must name a dataset file (configs/datasets/NAME.yaml, "
+            f"e.g. cifar10_lt) or be a path to one, got {value!r}."
+        )
     return value.strip()
 
 
 def _baseline(value: Any, where: str) -> Optional[str]:
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise LongtailError(f"{where}: 'baseline' must name the method (a run's label, e.g. ce) "
-                            f"whose runs the time ratios compare with, got {value!r}.")
+        raise LongtailError(
+            f"{where}: 'baseline' must name the method (a run's label, e.g. ce) "
+            f"whose runs the time ratios compare with, got {value!r}."
+        )
     return None if value is None else value.strip()
 
 
@@ -220,8 +235,9 @@ def _unknown(keys: Sequence[str], allowed: Sequence[str], where: str) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise LongtailError(f"{where}: unknown key '{key}'.{hint} Allowed keys: "
-                                f"{', '.join(allowed)}.")
+            raise LongtailError(
+                f"{where}: unknown key '{key}'.{hint} Allowed keys: {', '.join(allowed)}."
+            )
 
 
 def resolve_config_path(text: str, suite_path: Path) -> Path:
@@ -230,7 +246,7 @@ def resolve_config_path(text: str, suite_path: Path) -> Path:
     if path.is_absolute():
         return path
     roots = [suite_path.parent]
-    for parent in suite_path.parents:                      # the folder holding configs/
+    for parent in suite_path.parents:  # the folder holding configs/
         if parent.name == "configs":
             roots.append(parent.parent)
             break
@@ -238,7 +254,7 @@ def resolve_config_path(text: str, suite_path: Path) -> Path:
     for root in roots:
         if (root / path).is_file():
             return (root / path).resolve()
-    return (roots[-1] / path).resolve()                    # missing: reported by load_suite/plan
+    return (roots[-1] / path).resolve()  # missing: reported by load_suite/plan
 
 
 def load_suite(suite: str | Path) -> Suite:
@@ -248,59 +264,89 @@ def load_suite(suite: str | Path) -> Suite:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise LongtailError(f"Suite file {path} is not valid YAML: {err}. Fix the syntax.") from None
+        raise LongtailError(
+            f"Suite file {path} is not valid YAML: {err}. Fix the syntax."
+        ) from None
     where = f"Suite {path}"
     if not isinstance(data, dict):
         raise LongtailError(f"{where} must hold a mapping with a 'runs' list.")
     _unknown(list(data), SUITE_KEYS, where)
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
-        raise LongtailError(f"{where}: 'runs' must be a non-empty list of runs "
-                            f"({{name: ..., config: ...}}).")
-    out = Suite(name=path.stem, path=path, description=str(data.get("description") or "").strip(),
-                epochs=_epochs(data["epochs"], where, True) if "epochs" in data else None,
-                overrides=_overrides(data.get("overrides"), where),
-                data=_data(data.get("data"), where),
-                baseline=_baseline(data.get("baseline"), where))
+        raise LongtailError(
+            f"{where}: 'runs' must be a non-empty list of runs ({{name: ..., config: ...}})."
+        )
+    out = Suite(
+        name=path.stem,
+        path=path,
+        description=str(data.get("description") or "").strip(),
+        epochs=_epochs(data["epochs"], where, True) if "epochs" in data else None,
+        overrides=_overrides(data.get("overrides"), where),
+        data=_data(data.get("data"), where),
+        baseline=_baseline(data.get("baseline"), where),
+    )
     seen: Dict[str, int] = {}
     for i, run in enumerate(runs):
         if not isinstance(run, dict):
-            raise LongtailError(f"{where}: run #{i + 1} must be a mapping with 'name' and 'config'.")
+            raise LongtailError(
+                f"{where}: run #{i + 1} must be a mapping with 'name' and 'config'."
+            )
         name = run.get("name")
         rwhere = f"{where}, run '{name}'" if name else f"{where}, run #{i + 1}"
         _unknown(list(run), RUN_KEYS, rwhere)
         if not isinstance(name, str) or not _NAME.match(name):
-            raise LongtailError(f"{rwhere}: 'name' must be a folder-safe string (letters, digits, "
-                                f"'.', '_', '-'), got {name!r}.")
+            raise LongtailError(
+                f"{rwhere}: 'name' must be a folder-safe string (letters, digits, "
+                f"'.', '_', '-'), got {name!r}."
+            )
         if name in seen:
-            raise LongtailError(f"{where}: two runs are named '{name}' (#{seen[name] + 1} and "
-                                f"#{i + 1}); names must be unique.")
+            raise LongtailError(
+                f"{where}: two runs are named '{name}' (#{seen[name] + 1} and "
+                f"#{i + 1}); names must be unique."
+            )
         seen[name] = i
         if not isinstance(run.get("config"), str):
             raise LongtailError(f"{rwhere}: 'config' (a YAML file) is required.")
         stage1 = run.get("stage1")
-        if stage1 is not None and (not isinstance(stage1, str) or stage1 not in seen or stage1 == name):
-            raise LongtailError(f"{rwhere}: 'stage1: {stage1}' must name an earlier run of the suite "
-                                f"(known before it: {', '.join(n for n in seen if n != name) or 'none'}).")
-        for ref in (n for o in _overrides(run.get("overrides"), rwhere) for n in _RUN_REF.findall(o)):
+        if stage1 is not None and (
+            not isinstance(stage1, str) or stage1 not in seen or stage1 == name
+        ):
+            raise LongtailError(
+                f"{rwhere}: 'stage1: {stage1}' must name an earlier run of the suite "
+                f"(known before it: {', '.join(n for n in seen if n != name) or 'none'})."
+            )
+        for ref in (
+            n for o in _overrides(run.get("overrides"), rwhere) for n in _RUN_REF.findall(o)
+        ):
             if ref not in seen or ref == name:
-                raise LongtailError(f"{rwhere}: '{{run:{ref}}}' in its overrides must name an earlier "
-                                    f"run of the suite (known before it: "
-                                    f"{', '.join(n for n in seen if n != name) or 'none'}).")
+                raise LongtailError(
+                    f"{rwhere}: '{{run:{ref}}}' in its overrides must name an earlier "
+                    f"run of the suite (known before it: "
+                    f"{', '.join(n for n in seen if n != name) or 'none'})."
+                )
         factor = run.get("imbalance_factor")
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                   or factor < 1):
-            raise LongtailError(f"{rwhere}: 'imbalance_factor' must be a number >= 1, got {factor!r}.")
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1
+        ):
+            raise LongtailError(
+                f"{rwhere}: 'imbalance_factor' must be a number >= 1, got {factor!r}."
+            )
         method = run.get("method")
         if method is not None and not isinstance(method, str):
             raise LongtailError(f"{rwhere}: 'method' (a table label) must be a string.")
-        out.runs.append(RunSpec(
-            name=name, config=resolve_config_path(run["config"], path),
-            overrides=_overrides(run.get("overrides"), rwhere), stage1=stage1,
-            imbalance_factor=factor,
-            epochs=_epochs(run["epochs"], rwhere, True) if "epochs" in run else _INHERIT,
-            method=method, config_text=run["config"],
-            data=_data(run["data"], rwhere) if "data" in run else _INHERIT))
+        out.runs.append(
+            RunSpec(
+                name=name,
+                config=resolve_config_path(run["config"], path),
+                overrides=_overrides(run.get("overrides"), rwhere),
+                stage1=stage1,
+                imbalance_factor=factor,
+                epochs=_epochs(run["epochs"], rwhere, True) if "epochs" in run else _INHERIT,
+                method=method,
+                config_text=run["config"],
+                data=_data(run["data"], rwhere) if "data" in run else _INHERIT,
+            )
+        )
     out.checks = _checks(data.get("checks"), seen, where)
     return out
 
@@ -310,20 +356,26 @@ def _checks(value: Any, names: Dict[str, int], where: str) -> List[Check]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise LongtailError(f"{where}: 'checks' must be a list of {{run: A, beats: B, by: 2, "
-                            f"metrics: [test, val]}} mappings.")
+        raise LongtailError(
+            f"{where}: 'checks' must be a list of {{run: A, beats: B, by: 2, "
+            f"metrics: [test, val]}} mappings."
+        )
     out = []
     for i, item in enumerate(value):
         cwhere = f"{where}, check #{i + 1}"
         if not isinstance(item, dict):
             raise LongtailError(f"{cwhere} must be a mapping with 'run' and 'beats'.")
         if True in item:
-            raise LongtailError(f"{cwhere}: YAML reads the key 'on' as true; name the metrics with "
-                                f"'metrics: [test, val]'.")
+            raise LongtailError(
+                f"{cwhere}: YAML reads the key 'on' as true; name the metrics with "
+                f"'metrics: [test, val]'."
+            )
         _unknown(list(item), CHECK_KEYS, cwhere)
         for key in ("run", "beats"):
             if item.get(key) not in names:
-                raise LongtailError(f"{cwhere}: '{key}: {item.get(key)}' must name a run of the suite.")
+                raise LongtailError(
+                    f"{cwhere}: '{key}: {item.get(key)}' must name a run of the suite."
+                )
         by = item.get("by", 0.0)
         if isinstance(by, bool) or not isinstance(by, (int, float)):
             raise LongtailError(f"{cwhere}: 'by' must be a number of points, got {by!r}.")
@@ -331,9 +383,13 @@ def _checks(value: Any, names: Dict[str, int], where: str) -> List[Check]:
         on = [on] if isinstance(on, str) else on
         bad = [m for m in on if m not in CHECK_METRICS] if isinstance(on, list) else [on]
         if bad or not on:
-            raise LongtailError(f"{cwhere}: 'metrics' must list some of {', '.join(CHECK_METRICS)}; "
-                                f"got {item.get('metrics')!r}.")
-        out.append(Check(item["run"], item["beats"], float(by), list(on), str(item.get("claim", ""))))
+            raise LongtailError(
+                f"{cwhere}: 'metrics' must list some of {', '.join(CHECK_METRICS)}; "
+                f"got {item.get('metrics')!r}."
+            )
+        out.append(
+            Check(item["run"], item["beats"], float(by), list(on), str(item.get("claim", "")))
+        )
     return out
 
 
@@ -352,18 +408,23 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
     overrides = ([f"data={data}"] if data is not None else []) + list(suite.overrides)
     if spec.imbalance_factor is not None:
         overrides.append(f"data.imbalance_factor={_fmt_number(spec.imbalance_factor)}")
-    overrides += [_RUN_REF.sub(lambda m: str((suite_dir / m.group(1)).resolve()), o)
-                  for o in spec.overrides]
+    overrides += [
+        _RUN_REF.sub(lambda m: str((suite_dir / m.group(1)).resolve()), o) for o in spec.overrides
+    ]
     planned = PlannedRun(spec, run_dir, overrides, None)
     where = f"Suite {suite.path}, run '{spec.name}'"
     if not spec.config.is_file():
-        planned.error = (f"{where}: config {spec.config_text} not found (looked next to the suite, "
-                         f"in {PROJECT_ROOT} and in {Path.cwd()}).")
+        planned.error = (
+            f"{where}: config {spec.config_text} not found (looked next to the suite, "
+            f"in {PROJECT_ROOT} and in {Path.cwd()})."
+        )
         return planned
     try:
         selectors, _ = split_selectors(overrides)
         tree = compose(spec.config, selectors)
-        cfg = validate(apply_overrides(tree, split_selectors(overrides)[1]), f"config {spec.config}")
+        cfg = validate(
+            apply_overrides(tree, split_selectors(overrides)[1]), f"config {spec.config}"
+        )
         planned.base_epochs = cfg.train.epochs
         epochs = suite.epochs if spec.epochs is _INHERIT else spec.epochs
         if epochs is not None:
@@ -372,11 +433,13 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
         if spec.stage1 is not None:
             planned.stage1_dir = (suite_dir / spec.stage1).resolve()
             overrides.append(f"stage1={planned.stage1_dir}")
-        planned.cfg = validate(apply_overrides(tree, split_selectors(overrides)[1]),
-                               f"config {spec.config}")
-        if planned.cfg.stages:   # a pipeline: its stages follow the scaled settings (epochs_scale)
-            planned.stages = expand_stages(planned.cfg, overrides, source=spec.config,
-                                           run_dir=run_dir)
+        planned.cfg = validate(
+            apply_overrides(tree, split_selectors(overrides)[1]), f"config {spec.config}"
+        )
+        if planned.cfg.stages:  # a pipeline: its stages follow the scaled settings (epochs_scale)
+            planned.stages = expand_stages(
+                planned.cfg, overrides, source=spec.config, run_dir=run_dir
+            )
         else:
             check_config(planned.cfg, f"config {spec.config}")
     except LongtailError as err:

@@ -33,14 +33,14 @@ class DataConfig(_Strict):
     dataset: str = "cifar10-lt"
     imbalance_factor: float = 100.0
     profile: Literal["exp", "step"] = "exp"
-    subset_seed: int = 0                    # 0 = the LDAM-DRW subset every paper uses
-    max_per_class: Optional[int] = None     # debugging cap on training images per class
+    subset_seed: int = 0  # 0 = the LDAM-DRW subset every paper uses
+    max_per_class: Optional[int] = None  # debugging cap on training images per class
     max_test_per_class: Optional[int] = None
-    val_per_class: int = 200                # balanced held-out split from unused training images
-    meta_per_class: int = 0                 # balanced meta set (meta-learning methods); 0 = none
+    val_per_class: int = 200  # balanced held-out split from unused training images
+    meta_per_class: int = 0  # balanced meta set (meta-learning methods); 0 = none
     meta_from: Literal["unused", "before_subset"] = "unused"  # longtail/data/meta.py
-    crop_padding: int = 4                   # random crop with zero padding; 0 disables
-    flip: bool = True                       # random horizontal flip
+    crop_padding: int = 4  # random crop with zero padding; 0 disables
+    flip: bool = True  # random horizontal flip
     # residual set: drop these classes' images from the TRAINING set only ("largest": argmax n_c;
     # a list of class ids); val / test and the class counts (losses, shot groups) stay whole
     exclude_classes: Union[Literal["largest"], List[int], None] = None
@@ -74,7 +74,7 @@ class OptimConfig(_Open):
     name: str = "sgd"
     lr: float = 0.1
     weight_decay: float = 2e-4
-    grad_clip: Optional[float] = None       # max global grad norm
+    grad_clip: Optional[float] = None  # max global grad norm
 
 
 class ScheduleConfig(_Open):
@@ -87,17 +87,17 @@ class ScheduleConfig(_Open):
 
 class TrainConfig(_Strict):
     epochs: int = 200
-    batch_size: int = 128                   # global batch, split over DDP ranks
+    batch_size: int = 128  # global batch, split over DDP ranks
     drop_last: bool = False
-    eval_every: int = 0                     # evaluate every N epochs (0: only at the end)
+    eval_every: int = 0  # evaluate every N epochs (0: only at the end)
     eval_batch_size: int = 512
     amp: Literal["none", "bf16", "fp16"] = "none"
-    device: str = "auto"                    # auto | cpu | cuda | cuda:N
-    channels_last: bool = True             # NHWC: ~1.3x faster ResNet-32 training on CPU (benchmarks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True  # NHWC: ~1.3x faster ResNet-32 training on CPU (benchmarks)
     compile: bool = False
-    num_threads: Optional[int] = None       # torch intra-op threads (None: torch default)
+    num_threads: Optional[int] = None  # torch intra-op threads (None: torch default)
     progress: bool = True
-    checkpoint_every: int = 1               # epochs between resumable checkpoints
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
 
 
 class MethodConfig(_Open):
@@ -109,16 +109,16 @@ class MethodConfig(_Open):
 class StageConfig(_Strict):
     """One stage of a multi-stage config (``stages:``; see :mod:`longtail.engine.pipeline`)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")   # its folder: RUN_DIR/<name>/
-    config: Optional[str] = None            # a YAML file merged on top of the pipeline's settings
-    overrides: Dict[str, Any] = Field(default_factory=dict)   # {dotted.key: value} or sections
-    lr_scale: Optional[float] = Field(default=None, gt=0)      # optim.lr = x * the pipeline's
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # its folder: RUN_DIR/<name>/
+    config: Optional[str] = None  # a YAML file merged on top of the pipeline's settings
+    overrides: Dict[str, Any] = Field(default_factory=dict)  # {dotted.key: value} or sections
+    lr_scale: Optional[float] = Field(default=None, gt=0)  # optim.lr = x * the pipeline's
     epochs_scale: Optional[float] = Field(default=None, gt=0)  # epochs = x * the pipeline's
 
 
 class Config(_Strict):
     seed: int = 0
-    stage1: Optional[str] = None            # run folder of a previous stage (decoupled, ...)
+    stage1: Optional[str] = None  # run folder of a previous stage (decoupled, ...)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -129,7 +129,7 @@ class Config(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     # training hooks by name, each with its own options (longtail/hooks/), e.g. {mlrsnet: {...}}
     hooks: Dict[str, Dict[str, Any]] = Field(default_factory=dict)
-    stages: Optional[List[StageConfig]] = None   # a pipeline: `longtail train` runs them in order
+    stages: Optional[List[StageConfig]] = None  # a pipeline: `longtail train` runs them in order
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -140,21 +140,29 @@ class Config(_Strict):
 
 # keys that moved, for the message that rejects the old name
 MOVED = {
-    "optim.schedule": "schedule.name", "optim.warmup_epochs": "schedule.warmup_epochs",
-    "optim.milestones": "schedule.milestones", "optim.gamma": "schedule.gamma",
-    "optim.min_lr": "schedule.min_lr", "optim.base_optimizer": "optim.base",
-    "optim.sam_adaptive": "optim.adaptive", "optim.rsam_dis_mul": "optim.dis_mul",
+    "optim.schedule": "schedule.name",
+    "optim.warmup_epochs": "schedule.warmup_epochs",
+    "optim.milestones": "schedule.milestones",
+    "optim.gamma": "schedule.gamma",
+    "optim.min_lr": "schedule.min_lr",
+    "optim.base_optimizer": "optim.base",
+    "optim.sam_adaptive": "optim.adaptive",
+    "optim.rsam_dis_mul": "optim.dis_mul",
     "optim.rsam_decay_epoch": "optim.decay_epoch",
     "optim.rsam_fix_epoch0_quirk": "optim.fix_epoch0_quirk",
-    "optim.mlrsnet": "hooks.mlrsnet", "data.sampler": "sampler.name",
+    "optim.mlrsnet": "hooks.mlrsnet",
+    "data.sampler": "sampler.name",
     "data.sampler_params": "sampler (its options are keys of the sampler section)",
 }
 
 
 def component_sections() -> Dict[str, Type[_Open]]:
     """Sections that name a registered component (``name``) and hold its own options."""
-    return {key: f.annotation for key, f in Config.model_fields.items()
-            if isinstance(f.annotation, type) and issubclass(f.annotation, _Open)}
+    return {
+        key: f.annotation
+        for key, f in Config.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, _Open)
+    }
 
 
 def switch_component(tree: Dict[str, Any], section: str, name: Any) -> bool:
@@ -197,14 +205,18 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any], _top: bool = True) 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file such as "
-                          f"configs/methods/ce.yaml.")
+        raise ConfigError(
+            f"Config file {path} does not exist. Pass the path of a YAML file such as "
+            f"configs/methods/ce.yaml."
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML: {err}. Fix the syntax.") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(data).__name__}.")
+        raise ConfigError(
+            f"Config file {path} must hold a mapping of keys, not {type(data).__name__}."
+        )
     return data
 
 
@@ -293,21 +305,28 @@ def find_selected(kind: str, value: str, near: Optional[Path] = None) -> Path:
     names = ", ".join(selector_names(kind, near)) or "none found"
     if value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value:
         path = Path(value).expanduser()
-        candidates = [path] if path.is_absolute() else [Path.cwd() / path] + (
-            [Path(near) / path] if near is not None else [])
+        candidates = (
+            [path]
+            if path.is_absolute()
+            else [Path.cwd() / path] + ([Path(near) / path] if near is not None else [])
+        )
         for candidate in candidates:
             if candidate.is_file():
                 return candidate.resolve()
-        raise ConfigError(f"{kind}={value}: no such {what} file (looked for "
-                          f"{', '.join(str(c) for c in candidates)}). Give a YAML file or one of "
-                          f"the {what} names: {names}.")
+        raise ConfigError(
+            f"{kind}={value}: no such {what} file (looked for "
+            f"{', '.join(str(c) for c in candidates)}). Give a YAML file or one of "
+            f"the {what} names: {names}."
+        )
     folders = selector_folders(kind, near)
     for folder in folders:
         if (folder / f"{value}.yaml").is_file():
             return (folder / f"{value}.yaml").resolve()
-    raise ConfigError(f"Unknown {what} {kind}={value}: no {value}.yaml in "
-                      f"{', '.join(str(f) for f in folders)}. Available: {names} (or a path to a "
-                      f"YAML file).")
+    raise ConfigError(
+        f"Unknown {what} {kind}={value}: no {value}.yaml in "
+        f"{', '.join(str(f) for f in folders)}. Available: {names} (or a path to a "
+        f"YAML file)."
+    )
 
 
 def setting_file(path: Path, dotted: str, _seen: Sequence[Path] = ()) -> Optional[Path]:
@@ -326,15 +345,18 @@ def setting_file(path: Path, dotted: str, _seen: Sequence[Path] = ()) -> Optiona
     return None
 
 
-def compose(path: Optional[str | Path], selectors: Dict[str, str],
-            require_dataset: bool = True) -> Dict[str, Any]:
+def compose(
+    path: Optional[str | Path], selectors: Dict[str, str], require_dataset: bool = True
+) -> Dict[str, Any]:
     """The merged tree of the selected dataset file, the selected model file and the recipe
     ``path`` (lowest first). ConfigError: an unknown name; a recipe that names no dataset without
     ``data=`` (``require_dataset``); ``data=`` with a recipe whose _base_ chain fixes the dataset."""
     unknown = sorted(set(selectors) - set(SELECTORS))
     if unknown:
-        raise ConfigError(f"Unknown selector {unknown[0]}=...; the selectors are "
-                          f"{', '.join(f'{k}=NAME' for k in SELECTORS)}.")
+        raise ConfigError(
+            f"Unknown selector {unknown[0]}=...; the selectors are "
+            f"{', '.join(f'{k}=NAME' for k in SELECTORS)}."
+        )
     near = Path(path).resolve().parent if path is not None else None
     recipe = load_yaml_tree(Path(path)) if path is not None else {}
     tree: Dict[str, Any] = {}
@@ -346,7 +368,8 @@ def compose(path: Optional[str | Path], selectors: Dict[str, str],
             raise ConfigError(
                 f"{path} already fixes the dataset (data.dataset: {get_dotted(recipe, 'data.dataset')}, "
                 f"set in {where}), so data={data} cannot choose it. Drop data={data}, or run a "
-                f"recipe that names no dataset (configs/methods/) with data={data}.")
+                f"recipe that names no dataset (configs/methods/) with data={data}."
+            )
         tree = load_yaml_tree(selected)
     if selectors.get("model") is not None:
         tree = deep_merge(tree, load_yaml_tree(find_selected("model", selectors["model"], near)))
@@ -356,7 +379,8 @@ def compose(path: Optional[str | Path], selectors: Dict[str, str],
         raise ConfigError(
             f"{path} names no dataset: name the dataset: add data=NAME (available: "
             f"{', '.join(names) or 'none found'}), e.g. longtail train {path} "
-            f"data={names[0] if names else 'NAME'}.")
+            f"data={names[0] if names else 'NAME'}."
+        )
     return tree
 
 
@@ -382,7 +406,9 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     tree = dict(tree)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. train.epochs=2).")
+            raise ConfigError(
+                f"Override {item!r} is not of the form key=value (e.g. train.epochs=2)."
+            )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
@@ -390,19 +416,25 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             value = raw
         parts = key.strip().split(".")
         if selector_of(item) is not None:
-            raise ConfigError(f"{item!r} selects a {_SELECTOR_WHAT[parts[0]]} file: it is given with a "
-                              f"recipe (longtail train RECIPE {item}), not applied to a config.")
+            raise ConfigError(
+                f"{item!r} selects a {_SELECTOR_WHAT[parts[0]]} file: it is given with a "
+                f"recipe (longtail train RECIPE {item}), not applied to a config."
+            )
         if len(parts) == 1 and switch_component(tree, parts[0], value):
             continue
         if not all(parts):
-            raise ConfigError(f"Override key {key!r} is malformed; use dotted names like optim.lr=0.05.")
+            raise ConfigError(
+                f"Override key {key!r} is malformed; use dotted names like optim.lr=0.05."
+            )
         node = tree
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"Override {key!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section.")
+                raise ConfigError(
+                    f"Override {key!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section."
+                )
             node[part] = dict(child)
             node = node[part]
         node[parts[-1]] = value
@@ -425,8 +457,11 @@ def _suggest(loc: Sequence[Any]) -> str:
 def validate(tree: Dict[str, Any], source: str = "config") -> Config:
     moved = [k for k in MOVED if has_dotted(tree, k)]
     if moved:
-        raise ConfigError(f"Invalid {source}: " + "; ".join(f"'{k}' has moved: use '{MOVED[k]}'"
-                                                           for k in moved) + ".")
+        raise ConfigError(
+            f"Invalid {source}: "
+            + "; ".join(f"'{k}' has moved: use '{MOVED[k]}'" for k in moved)
+            + "."
+        )
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
@@ -439,12 +474,16 @@ def validate(tree: Dict[str, Any], source: str = "config") -> Config:
                 lines.append(f"unknown key '{key}'.{_suggest(e['loc'])}")
             else:
                 lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r}).")
-        raise ConfigError(f"Invalid {source}: " + "; ".join(lines) +
-                          " Fix the key in the YAML file or the key=value override.") from None
+        raise ConfigError(
+            f"Invalid {source}: "
+            + "; ".join(lines)
+            + " Fix the key in the YAML file or the key=value override."
+        ) from None
 
 
-def load_config_tree(path: Optional[str | Path], overrides: Sequence[str] = (),
-                     require_dataset: bool = True) -> Dict[str, Any]:
+def load_config_tree(
+    path: Optional[str | Path], overrides: Sequence[str] = (), require_dataset: bool = True
+) -> Dict[str, Any]:
     """The unvalidated tree of :func:`load_config`: :func:`compose` with the selectors of
     ``overrides`` (``data=NAME``, ``model=NAME``), then the other overrides applied."""
     selectors, rest = split_selectors(overrides)

@@ -11,7 +11,6 @@ BatchNorm is per rank (each rank normalises with the statistics of its share of 
 from __future__ import annotations
 
 import gc
-
 import os
 from dataclasses import dataclass
 
@@ -38,7 +37,9 @@ class DistInfo:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> when CUDA is available, else cpu."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")

@@ -14,13 +14,13 @@ from typing import Any, List, Optional
 @dataclass(frozen=True)
 class RunFacts:
     seed: int = 0
-    epochs: int = 1                 # train.epochs
-    batch_size: int = 128           # global batch
+    epochs: int = 1  # train.epochs
+    batch_size: int = 128  # global batch
     class_counts: List[int] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
-    loss: Optional[Any] = None      # the built loss module (e.g. its drw_epoch), once known
+    loss: Optional[Any] = None  # the built loss module (e.g. its drw_epoch), once known
 
     @property
     def num_classes(self) -> int:

@@ -62,11 +62,15 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise LongtailError(f"No checkpoint at {path}. Pass the folder of a run that has trained at "
-                            f"least one epoch.") from None
+        raise LongtailError(
+            f"No checkpoint at {path}. Pass the folder of a run that has trained at "
+            f"least one epoch."
+        ) from None
     except Exception as err:  # corrupt or unsafe file
-        raise LongtailError(f"Checkpoint {path} cannot be loaded safely ({err}). It is corrupt or was "
-                            f"not written by longtail; delete it or resume from another run.") from None
+        raise LongtailError(
+            f"Checkpoint {path} cannot be loaded safely ({err}). It is corrupt or was "
+            f"not written by longtail; delete it or resume from another run."
+        ) from None
 
 
 def save_weights(path: Path, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:

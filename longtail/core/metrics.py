@@ -21,7 +21,6 @@ def shot_groups(counts: Sequence[int], many: int = 100, few: int = 20) -> dict[s
     return groups
 
 
-
 class MetricAccumulator:
     """Accumulates a confusion matrix and calibration bins over batches.
 
@@ -64,8 +63,9 @@ def _pct(num: float, den: float) -> Optional[float]:
     return None if den == 0 else 100.0 * num / den
 
 
-def metrics_from_sums(confusion: torch.Tensor, bins: torch.Tensor, nll_sum: float,
-                      class_counts: Sequence[int]) -> Dict[str, Any]:
+def metrics_from_sums(
+    confusion: torch.Tensor, bins: torch.Tensor, nll_sum: float, class_counts: Sequence[int]
+) -> Dict[str, Any]:
     """All reported metrics from a [C, C] confusion matrix (rows: true class) and ECE bins.
 
     Group accuracies (many > 100, medium 20-100, few < 20 training images) are the mean of the
@@ -73,7 +73,9 @@ def metrics_from_sums(confusion: torch.Tensor, bins: torch.Tensor, nll_sum: floa
     """
     total = float(confusion.sum())
     per_class_n = confusion.sum(dim=1)
-    per_class = [_pct(float(confusion[c, c]), float(per_class_n[c])) for c in range(len(per_class_n))]
+    per_class = [
+        _pct(float(confusion[c, c]), float(per_class_n[c])) for c in range(len(per_class_n))
+    ]
     groups = shot_groups(class_counts)
     out: Dict[str, Any] = {"top1": _pct(float(confusion.trace()), total)}
     for name in ("many", "medium", "few"):

@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, Iterable, Optional, Set
 
 from longtail.core.errors import ConfigError
 
-
 # builder parameters that are the run's, not options of the config (a method's context, a
 # sampler's labels, a loss's class counts)
 _CONTEXT_PARAMS = frozenset({"self", "ctx", "labels", "class_counts", "num_classes", "facts"})
@@ -72,9 +71,12 @@ class Registry:
         params = inspect.signature(entry).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return None
-        return {n for n, p in params.items()
-                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-                and n not in _CONTEXT_PARAMS}
+        return {
+            n
+            for n, p in params.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and n not in _CONTEXT_PARAMS
+        }
 
     def check_options(self, name: str, options: Dict[str, Any], where: str) -> None:
         """Let component ``name`` validate its option values (``check_options(options, where)``
@@ -83,11 +85,17 @@ class Registry:
         if hasattr(entry, "check_options"):
             entry.check_options(options, where)
 
-    def check_kwargs(self, name: str, kwargs: Dict[str, Any], key_prefix: str = "",
-                     ignore: Iterable[str] = ()) -> None:
+    def check_kwargs(
+        self, name: str, kwargs: Dict[str, Any], key_prefix: str = "", ignore: Iterable[str] = ()
+    ) -> None:
         """Raise a ConfigError naming any keyword the builder does not accept."""
-        check_kwargs(self.get(name), kwargs, what=f"{self.kind} {name!r}",
-                     key_prefix=key_prefix, ignore=ignore)
+        check_kwargs(
+            self.get(name),
+            kwargs,
+            what=f"{self.kind} {name!r}",
+            key_prefix=key_prefix,
+            ignore=ignore,
+        )
 
     def build(self, name: str, *args: Any, key_prefix: str = "", **kwargs: Any) -> Any:
         builder = self.get(name)
@@ -95,21 +103,27 @@ class Registry:
         return builder(*args, **kwargs)
 
 
-def check_kwargs(builder: Callable[..., Any], kwargs: Dict[str, Any], what: str,
-                 key_prefix: str = "", ignore: Iterable[str] = ()) -> None:
+def check_kwargs(
+    builder: Callable[..., Any],
+    kwargs: Dict[str, Any],
+    what: str,
+    key_prefix: str = "",
+    ignore: Iterable[str] = (),
+) -> None:
     sig = inspect.signature(builder)
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    allowed = {n for n, p in params.items()
-               if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    allowed = {
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
     unknown = sorted(set(kwargs) - allowed - set(ignore))
     if unknown:
         shown = ", ".join(f"'{key_prefix}{k}'" for k in unknown)
         options = ", ".join(sorted(allowed - {"self", "class_counts", "num_classes"})) or "none"
         raise ConfigError(f"Unknown option {shown} for {what}. Its options are: {options}.")
-
-
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

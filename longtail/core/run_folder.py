@@ -96,8 +96,10 @@ class RunFolder:
     def config_tree(self) -> Dict[str, Any]:
         """The saved config as a YAML tree; LongtailError when missing or unreadable."""
         if not self.is_run():
-            raise LongtailError(f"{self.path} is not a run folder (no {self.CONFIG}). Pass the "
-                                f"folder that `longtail train` wrote, e.g. runs/<name>.")
+            raise LongtailError(
+                f"{self.path} is not a run folder (no {self.CONFIG}). Pass the "
+                f"folder that `longtail train` wrote, e.g. runs/<name>."
+            )
         try:
             return load_yaml_tree(self.config_path)
         except (yaml.YAMLError, OSError) as err:
@@ -111,8 +113,9 @@ class RunFolder:
         """History rows (of epochs <= upto_epoch: later ones belong to an interrupted epoch)."""
         if not self.history_path.exists():
             return []
-        rows = [json.loads(line) for line in self.history_path.read_text().splitlines()
-                if line.strip()]
+        rows = [
+            json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()
+        ]
         return rows if upto_epoch is None else [r for r in rows if r["epoch"] <= upto_epoch]
 
     def write_history(self, rows: List[Dict[str, Any]]) -> None:

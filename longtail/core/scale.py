@@ -41,8 +41,16 @@ from longtail.core.config import Config, get_dotted, validate
 from longtail.core.errors import ConfigError
 
 # sections whose options may hold epoch-valued settings (found by key name)
-_SECTIONS = ("loss", "optim", "schedule", "sampler", "method", "model.backbone_params",
-             "model.neck_params", "model.head_params")
+_SECTIONS = (
+    "loss",
+    "optim",
+    "schedule",
+    "sampler",
+    "method",
+    "model.backbone_params",
+    "model.neck_params",
+    "model.head_params",
+)
 _EPOCH_KEY = re.compile(r"(^epochs?$|_epochs?$)")
 _MILESTONE_KEY = re.compile(r"(^|_)milestones$")
 
@@ -80,8 +88,9 @@ def _scale_value(value: Any, old: int, new: int) -> Any:
         return _scale_start(value, old, new)
     if isinstance(value, float):
         return round(value * new / old, 4)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                for v in value):
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         return _scale_milestones(list(value), old, new)
     return value
 
@@ -108,7 +117,10 @@ def scaled_settings(cfg: Union[Config, Tree], new_epochs: int) -> Dict[str, Tupl
         return {}
     changes: Dict[str, Tuple[Any, Any]] = {"train.epochs": (old, new_epochs)}
     every = int(tree["train"]["eval_every"])
-    changes["train.eval_every"] = (every, max(_round(every * new_epochs / old), 0) if every > 0 else every)
+    changes["train.eval_every"] = (
+        every,
+        max(_round(every * new_epochs / old), 0) if every > 0 else every,
+    )
     sections = list(_SECTIONS) + [f"hooks.{name}" for name in tree.get("hooks") or {}]
     for section in sections:
         options = get_dotted(tree, section)
@@ -134,4 +146,6 @@ def scale_epochs(cfg: Union[Config, Tree], new_epochs: int) -> Union[Config, Tre
 def epoch_overrides(cfg: Union[Config, Tree], new_epochs: int) -> List[str]:
     """The ``key=value`` overrides that turn ``cfg`` into ``scale_epochs(cfg, new_epochs)``
     (values written as JSON, which the YAML override parser reads back unchanged)."""
-    return [f"{key}={json.dumps(new)}" for key, (_, new) in scaled_settings(cfg, new_epochs).items()]
+    return [
+        f"{key}={json.dumps(new)}" for key, (_, new) in scaled_settings(cfg, new_epochs).items()
+    ]

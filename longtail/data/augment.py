@@ -34,8 +34,8 @@ def random_crop_flip(images: torch.Tensor, params: AugmentParams, padding: int) 
     if padding > 0:
         padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
         offsets = params.offsets.to(images.device)
-        rows = (offsets[:, 0:1] + torch.arange(h, device=images.device))  # [B, H]
-        cols = (offsets[:, 1:2] + torch.arange(w, device=images.device))  # [B, W]
+        rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # [B, H]
+        cols = offsets[:, 1:2] + torch.arange(w, device=images.device)  # [B, W]
         x = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))
         images = x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
     flips = params.flips.to(images.device)
@@ -44,8 +44,12 @@ def random_crop_flip(images: torch.Tensor, params: AugmentParams, padding: int) 
     return images
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """uint8 [B, C, H, W] in 0..255 -> float [B, C, H, W], (x/255 - mean) / std per channel."""
     m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1) * 255.0
     s = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1) * 255.0

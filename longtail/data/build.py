@@ -12,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longtail.data import cifar, idx
-from longtail.data import meta as meta_set
-from longtail.data.longtail import (check_imbalance, first_per_class, heldout_indices, img_num_per_cls,
-                                    longtail_indices)
 from longtail.core.errors import DataError
 from longtail.core.registry import Registry
+from longtail.data import cifar, idx
+from longtail.data import meta as meta_set
+from longtail.data.longtail import (
+    check_imbalance,
+    first_per_class,
+    heldout_indices,
+    img_num_per_cls,
+    longtail_indices,
+)
 
 DATASET_NAMES = ["cifar10", "cifar100", "mnist", "fashion-mnist"]  # each also with a "-lt" suffix
 SPLITS = ("train", "test")
@@ -42,10 +47,10 @@ for _key in idx.SPECS:
 class ImageSet:
     """Images of one split with their labels and their positions in the official split."""
 
-    images: torch.Tensor      # uint8 [N, C, H, W], contiguous
-    labels: torch.Tensor      # int64 [N]
-    indices: np.ndarray       # int64 [N]: index of each image into the official split it came from
-    classes: list[str]        # class names, length num_classes
+    images: torch.Tensor  # uint8 [N, C, H, W], contiguous
+    labels: torch.Tensor  # int64 [N]
+    indices: np.ndarray  # int64 [N]: index of each image into the official split it came from
+    classes: list[str]  # class names, length num_classes
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -57,25 +62,31 @@ class ImageSet:
     def subset(self, positions: np.ndarray) -> "ImageSet":
         """The images at ``positions`` (int [K], into this set) -> a new ImageSet of K images."""
         pos = torch.from_numpy(np.asarray(positions, dtype=np.int64))
-        return ImageSet(images=self.images[pos].contiguous(), labels=self.labels[pos].contiguous(),
-                        indices=self.indices[pos.numpy()], classes=list(self.classes))
+        return ImageSet(
+            images=self.images[pos].contiguous(),
+            labels=self.labels[pos].contiguous(),
+            indices=self.indices[pos.numpy()],
+            classes=list(self.classes),
+        )
 
 
 @dataclass
 class DataBundle:
     """Everything a training run needs to know about its data."""
 
-    name: str                 # e.g. "cifar10-lt"
+    name: str  # e.g. "cifar10-lt"
     train: ImageSet
-    val: ImageSet | None      # balanced held-out split; None if val_per_class == 0 or nothing is spare
+    val: ImageSet | None  # balanced held-out split; None if val_per_class == 0 or nothing is spare
     test: ImageSet
-    class_counts: list[int]   # training images per class (of `train`)
-    mean: tuple[float, ...]   # normalisation per channel, in [0, 1] units
+    class_counts: list[int]  # training images per class (of `train`)
+    mean: tuple[float, ...]  # normalisation per channel, in [0, 1] units
     std: tuple[float, ...]
     in_channels: int
     image_size: int
-    meta: ImageSet | None = None          # balanced meta set (data.meta_per_class); longtail.data.meta
-    meta_borrowed: list[int] | None = None  # per class: meta images taken out of the training subset
+    meta: ImageSet | None = None  # balanced meta set (data.meta_per_class); longtail.data.meta
+    meta_borrowed: list[int] | None = (
+        None  # per class: meta images taken out of the training subset
+    )
     # data.exclude_classes, resolved: these classes' images were removed from `train` only (the
     # residual set); `class_counts` still holds their counts (shot groups, losses), val/test all
     excluded_classes: tuple[int, ...] = ()
@@ -97,29 +108,53 @@ def parse_name(dataset: str) -> tuple[str, bool]:
 def load_split(name: str, split: str, root: Path | str, download: bool = True) -> ImageSet:
     """The full official ``split`` ("train" | "test") of ``name`` (no ``-lt``); indices = arange(N)."""
     if name not in DATASET_NAMES:
-        raise DataError(f"Unknown dataset {name!r} for load_split. Valid names: {', '.join(DATASET_NAMES)}.")
+        raise DataError(
+            f"Unknown dataset {name!r} for load_split. Valid names: {', '.join(DATASET_NAMES)}."
+        )
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r} for {name}: use 'train' or 'test'.")
     images, labels, classes = DATASETS.get(name)(split, Path(root).expanduser(), download)
-    return ImageSet(images=torch.from_numpy(images), labels=torch.from_numpy(labels),
-                    indices=np.arange(len(labels), dtype=np.int64), classes=classes)
+    return ImageSet(
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels),
+        indices=np.arange(len(labels), dtype=np.int64),
+        classes=classes,
+    )
 
 
-def _check_options(max_per_class: int | None, max_test_per_class: int | None, val_per_class: int) -> None:
-    for key, value in (("data.max_per_class", max_per_class), ("data.max_test_per_class", max_test_per_class)):
+def _check_options(
+    max_per_class: int | None, max_test_per_class: int | None, val_per_class: int
+) -> None:
+    for key, value in (
+        ("data.max_per_class", max_per_class),
+        ("data.max_test_per_class", max_test_per_class),
+    ):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise DataError(f"{key} is {value!r}, but it must be a positive integer or null (no cap).")
+            raise DataError(
+                f"{key} is {value!r}, but it must be a positive integer or null (no cap)."
+            )
     if not isinstance(val_per_class, (int, np.integer)) or val_per_class < 0:
-        raise DataError(f"data.val_per_class is {val_per_class!r}, but it must be an integer >= 0 "
-                        f"(0 = no validation split).")
+        raise DataError(
+            f"data.val_per_class is {val_per_class!r}, but it must be an integer >= 0 "
+            f"(0 = no validation split)."
+        )
 
 
-def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.0,
-               profile: str = "exp", seed: int = 0, max_per_class: int | None = None,
-               max_test_per_class: int | None = None, val_per_class: int = 200,
-               download: bool = True, meta_per_class: int = 0,
-               meta_from: str = "unused",
-               exclude_classes: str | list[int] | None = None) -> DataBundle:
+def build_data(
+    dataset: str,
+    root: Path | str,
+    *,
+    imbalance_factor: float = 100.0,
+    profile: str = "exp",
+    seed: int = 0,
+    max_per_class: int | None = None,
+    max_test_per_class: int | None = None,
+    val_per_class: int = 200,
+    download: bool = True,
+    meta_per_class: int = 0,
+    meta_from: str = "unused",
+    exclude_classes: str | list[int] | None = None,
+) -> DataBundle:
     """Build train / val / test for ``dataset`` (one of :data:`DATASET_NAMES`, optionally ``-lt``).
 
     train: for ``-lt`` names the LDAM-DRW subset with ``n_max = min(images per class)`` (5000 / 500 for
@@ -147,7 +182,9 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
     available = np.bincount(labels, minlength=num_classes)
     meta_first = None  # meta_from=before_subset: the meta images leave the pool before the subset
     if meta_per_class > 0 and meta_from == "before_subset":
-        meta_first = meta_set.meta_before_subset(labels, meta_per_class, seed + meta_set.META_SEED_OFFSET)
+        meta_first = meta_set.meta_before_subset(
+            labels, meta_per_class, seed + meta_set.META_SEED_OFFSET
+        )
         available = available - np.bincount(labels[meta_first], minlength=num_classes)
     if lt:
         counts = img_num_per_cls(int(available.min()), num_classes, imbalance_factor, profile)
@@ -174,8 +211,12 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
             meta_pos, borrowed = meta_first, np.zeros(0, dtype=np.int64)
         else:
             meta_pos, borrowed = meta_set.meta_from_unused(
-                labels, train.indices, None if val is None else val.indices, meta_per_class,
-                seed + meta_set.META_SEED_OFFSET)
+                labels,
+                train.indices,
+                None if val is None else val.indices,
+                meta_per_class,
+                seed + meta_set.META_SEED_OFFSET,
+            )
         meta = full.subset(meta_pos)
         meta_borrowed = np.bincount(labels[borrowed], minlength=num_classes).tolist()
         if len(borrowed):
@@ -189,10 +230,20 @@ def build_data(dataset: str, root: Path | str, *, imbalance_factor: float = 100.
     excluded = resolve_exclude_classes(exclude_classes, class_counts)
     if excluded:  # the residual set: after val / meta were drawn, so those stay as without it
         train = train.subset(np.flatnonzero(~np.isin(train.labels.numpy(), excluded)))
-    return DataBundle(name=f"{base}-lt" if lt else base, train=train, val=val, test=test,
-                      class_counts=class_counts, mean=mean, std=std,
-                      in_channels=int(full.images.shape[1]), image_size=int(full.images.shape[-1]),
-                      meta=meta, meta_borrowed=meta_borrowed, excluded_classes=tuple(excluded))
+    return DataBundle(
+        name=f"{base}-lt" if lt else base,
+        train=train,
+        val=val,
+        test=test,
+        class_counts=class_counts,
+        mean=mean,
+        std=std,
+        in_channels=int(full.images.shape[1]),
+        image_size=int(full.images.shape[-1]),
+        meta=meta,
+        meta_borrowed=meta_borrowed,
+        excluded_classes=tuple(excluded),
+    )
 
 
 def resolve_exclude_classes(spec: str | list[int] | None, class_counts: list[int]) -> list[int]:
@@ -204,17 +255,23 @@ def resolve_exclude_classes(spec: str | list[int] | None, class_counts: list[int
     num_classes = len(class_counts)
     if spec == "largest":
         ids = [int(np.argmax(class_counts))]
-    elif isinstance(spec, (list, tuple)) and all(isinstance(c, (int, np.integer))
-                                                 and not isinstance(c, bool) for c in spec):
+    elif isinstance(spec, (list, tuple)) and all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in spec
+    ):
         ids = sorted({int(c) for c in spec})
         bad = [c for c in ids if not 0 <= c < num_classes]
         if bad:
-            raise DataError(f"data.exclude_classes names class {bad[0]}, but the dataset has classes "
-                            f"0..{num_classes - 1}. Use ids in that range, 'largest' or null.")
+            raise DataError(
+                f"data.exclude_classes names class {bad[0]}, but the dataset has classes "
+                f"0..{num_classes - 1}. Use ids in that range, 'largest' or null."
+            )
     else:
-        raise DataError(f"data.exclude_classes is {spec!r}; use 'largest', a list of class ids "
-                        f"(e.g. [0, 1]) or null.")
+        raise DataError(
+            f"data.exclude_classes is {spec!r}; use 'largest', a list of class ids "
+            f"(e.g. [0, 1]) or null."
+        )
     if not any(n for c, n in enumerate(class_counts) if c not in ids):
-        raise DataError(f"data.exclude_classes={spec!r} removes every training image; keep at "
-                        f"least one class.")
+        raise DataError(
+            f"data.exclude_classes={spec!r} removes every training image; keep at least one class."
+        )
     return ids

@@ -15,22 +15,22 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 
-from longtail.data.paths import Remote, check_md5, obtain
 from longtail.core.errors import DataError
+from longtail.data.paths import Remote, check_md5, obtain
 
 
 @dataclass(frozen=True)
 class CifarSpec:
     """Where one CIFAR variant lives on disk and on the web, and what its files contain."""
 
-    key: str                     # "cifar10" | "cifar100"
-    title: str                   # for messages
-    folder: str                  # extracted folder under ROOT
-    archive: str                 # archive file name under ROOT
+    key: str  # "cifar10" | "cifar100"
+    title: str  # for messages
+    folder: str  # extracted folder under ROOT
+    archive: str  # archive file name under ROOT
     archive_md5: str
     url: str
     train_files: tuple[str, ...]
@@ -44,19 +44,35 @@ class CifarSpec:
 
 SPECS: dict[str, CifarSpec] = {
     "cifar10": CifarSpec(
-        key="cifar10", title="CIFAR-10", folder="cifar-10-batches-py",
-        archive="cifar-10-python.tar.gz", archive_md5="c58f30108f718f92721af3b95e74349a",
+        key="cifar10",
+        title="CIFAR-10",
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        archive_md5="c58f30108f718f92721af3b95e74349a",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
-        meta_file="batches.meta", label_key=b"labels", names_key=b"label_names",
-        num_classes=10, train_size=50_000),
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key=b"labels",
+        names_key=b"label_names",
+        num_classes=10,
+        train_size=50_000,
+    ),
     "cifar100": CifarSpec(
-        key="cifar100", title="CIFAR-100", folder="cifar-100-python",
-        archive="cifar-100-python.tar.gz", archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        key="cifar100",
+        title="CIFAR-100",
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        train_files=("train",), test_files=("test",), meta_file="meta",
-        label_key=b"fine_labels", names_key=b"fine_label_names",
-        num_classes=100, train_size=50_000),
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key=b"fine_labels",
+        names_key=b"fine_label_names",
+        num_classes=100,
+        train_size=50_000,
+    ),
 }
 
 
@@ -75,8 +91,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         from numpy._core import multiarray
     except ImportError:  # numpy < 1.26
         from numpy.core import multiarray  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                           ("_codecs", "encode"): codecs.encode}
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
         allowed[(module, "scalar")] = multiarray.scalar
@@ -111,7 +130,9 @@ def load_pickle(path: Path, fix: str) -> Any:
             f"does, so it is not the official file (and was not loaded). {fix}"
         ) from None
     except Exception as err:  # any failure to parse the bytes means a truncated or corrupt file
-        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}). {fix}") from err
+        raise DataError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}). {fix}"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------- file reading
@@ -133,20 +154,29 @@ def read_batch(path: Path, spec: CifarSpec, fix: str) -> tuple[np.ndarray, np.nd
         if key not in batch:
             raise bad(f"the key {key!r} is missing (keys: {sorted(map(repr, batch))})")
     data = batch[b"data"]
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072):
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3072
+    ):
         shape = getattr(data, "shape", None)
-        raise bad(f"b'data' is {type(data).__name__} {getattr(data, 'dtype', '')} of shape {shape}, "
-                  f"expected uint8 [n, 3072]")
+        raise bad(
+            f"b'data' is {type(data).__name__} {getattr(data, 'dtype', '')} of shape {shape}, "
+            f"expected uint8 [n, 3072]"
+        )
     try:
         labels = np.asarray(batch[spec.label_key], dtype=np.int64)
     except (TypeError, ValueError) as err:
         raise bad(f"{spec.label_key!r} is not a list of integers ({err})") from None
     if labels.shape != (data.shape[0],):
-        raise bad(f"{spec.label_key!r} has shape {labels.shape}, expected ({data.shape[0]},) "
-                  f"like b'data'")
+        raise bad(
+            f"{spec.label_key!r} has shape {labels.shape}, expected ({data.shape[0]},) like b'data'"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise bad(f"labels range over {labels.min()}..{labels.max()}, expected 0..{spec.num_classes - 1}")
+        raise bad(
+            f"labels range over {labels.min()}..{labels.max()}, expected 0..{spec.num_classes - 1}"
+        )
     return data, labels
 
 
@@ -155,8 +185,10 @@ def read_class_names(path: Path, spec: CifarSpec, fix: str) -> list[str]:
     obj = load_pickle(path, fix)
     names = _as_bytes_keys(obj).get(spec.names_key) if isinstance(obj, dict) else None
     if not isinstance(names, list) or len(names) != spec.num_classes:
-        raise DataError(f"{path} is not a valid {spec.title} meta file: it needs {spec.names_key!r} "
-                        f"with {spec.num_classes} class names. {fix}")
+        raise DataError(
+            f"{path} is not a valid {spec.title} meta file: it needs {spec.names_key!r} "
+            f"with {spec.num_classes} class names. {fix}"
+        )
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -185,18 +217,26 @@ def extract_archive(archive: Path, root: Path, spec: CifarSpec) -> None:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 parts = PurePosixPath(member.name).parts
-                if member.isfile() and len(parts) == 2 and parts[0] == spec.folder and parts[1] in wanted:
+                if (
+                    member.isfile()
+                    and len(parts) == 2
+                    and parts[0] == spec.folder
+                    and parts[1] in wanted
+                ):
                     src = tar.extractfile(member)
                     assert src is not None
                     _write_atomic(root / spec.folder / parts[1], src)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise DataError(f"{archive} could not be extracted ({type(err).__name__}: {err}): it is "
-                        f"truncated or corrupt. {fix}") from err
+        raise DataError(
+            f"{archive} could not be extracted ({type(err).__name__}: {err}): it is "
+            f"truncated or corrupt. {fix}"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_cifar(key: str, split: str, root: Path | str,
-               download: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cifar(
+    key: str, split: str, root: Path | str, download: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load one official split -> (images uint8 [N, 3, 32, 32], labels int64 [N], class names [C]).
 
     Uses ``ROOT/<folder>/`` if complete, else extracts ``ROOT/<archive>`` (md5-checked), else gets the
@@ -207,29 +247,45 @@ def load_cifar(key: str, split: str, root: Path | str,
     folder, archive = root / spec.folder, root / spec.archive
     files = spec.train_files if split == "train" else spec.test_files
     needed = [folder / name for name in files + (spec.meta_file,)]
-    present: Callable[[], bool] = lambda: all(p.is_file() for p in needed)
+
+    def present() -> bool:
+        return all(p.is_file() for p in needed)
+
     if not present():
-        obtain(key, root, ready=lambda: present() or archive.is_file(),
-               remotes=[Remote(spec.url, archive, spec.archive_md5)], download=download,
-               expected=f"{archive} (or the extracted folder {folder}/)", what=f"{spec.title} ({split} split)")
+        obtain(
+            key,
+            root,
+            ready=lambda: present() or archive.is_file(),
+            remotes=[Remote(spec.url, archive, spec.archive_md5)],
+            download=download,
+            expected=f"{archive} (or the extracted folder {folder}/)",
+            what=f"{spec.title} ({split} split)",
+        )
         if not present():
             extract_archive(archive, root, spec)
         if not present():
             missing = ", ".join(p.name for p in needed if not p.is_file())
-            raise DataError(f"{archive} does not contain {missing} under {spec.folder}/: it is not the "
-                            f"official {spec.title} archive. Delete it and re-run to download it again.")
+            raise DataError(
+                f"{archive} does not contain {missing} under {spec.folder}/: it is not the "
+                f"official {spec.title} archive. Delete it and re-run to download it again."
+            )
 
-    fix = (f"Delete it and re-run: longtail re-extracts it from {archive} if that is present, "
-           f"else re-downloads the archive ({spec.url}).")
+    fix = (
+        f"Delete it and re-run: longtail re-extracts it from {archive} if that is present, "
+        f"else re-downloads the archive ({spec.url})."
+    )
     batches = [read_batch(folder / name, spec, fix) for name in files]
     data = np.concatenate([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
     labels = np.concatenate([b[1] for b in batches])
     if split == "train" and len(labels) != spec.train_size:
         # Structure is valid (each batch parsed, shapes and labels consistent), so this is a
         # deliberately small copy (tests, subsets); it cannot give the published LT subset.
-        warnings.warn(f"{folder} holds {len(labels)} training images, not the official "
-                      f"{spec.train_size}: long-tailed subsets built from it differ from the "
-                      f"published ones.", stacklevel=2)
+        warnings.warn(
+            f"{folder} holds {len(labels)} training images, not the official "
+            f"{spec.train_size}: long-tailed subsets built from it differ from the "
+            f"published ones.",
+            stacklevel=2,
+        )
     if not (data.flags.c_contiguous and data.flags.writeable):
         data = np.ascontiguousarray(data).copy()
     classes = read_class_names(folder / spec.meta_file, spec, fix)

@@ -39,14 +39,29 @@ class TrainLoader:
         sampler: gives the global order of an epoch; batch_size: the global batch.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BaseSampler,
-                 batch_size: int, mean: Sequence[float], std: Sequence[float], *,
-                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 padding: int = 4, flip: bool = True, drop_last: bool = False,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sampler: BaseSampler,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        padding: int = 4,
+        flip: bool = True,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ):
         if batch_size % world_size:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of "
-                             f"processes ({world_size}).")
+            raise ValueError(
+                f"train.batch_size={batch_size} must be divisible by the number of "
+                f"processes ({world_size})."
+            )
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.sampler = sampler
@@ -64,21 +79,30 @@ class TrainLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = torch.as_tensor(self.sampler.global_order(epoch), dtype=torch.long)
         params = sample_params(len(order), self.padding, self.flip, _generator(self.seed, epoch, 1))
-        for pos in self.sampler.rank_positions(order.numpy(), self.batch_size, self.rank,
-                                               self.world_size, self.drop_last):
+        for pos in self.sampler.rank_positions(
+            order.numpy(), self.batch_size, self.rank, self.world_size, self.drop_last
+        ):
             pos_t = torch.from_numpy(pos)
             idx = order[pos_t].to(self.device, non_blocking=True)
             x = self.images.index_select(0, idx)
-            x = random_crop_flip(x, AugmentParams(params.offsets[pos_t], params.flips[pos_t]),
-                                 self.padding)
+            x = random_crop_flip(
+                x, AugmentParams(params.offsets[pos_t], params.flips[pos_t]), self.padding
+            )
             x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
             yield Batch(x, self.labels.index_select(0, idx), idx)
 
 
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> Iterator[Batch]:
+def eval_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+) -> Iterator[Batch]:
     """This rank's contiguous shard of an evaluation set, in order, normalised, not augmented."""
     n = len(labels)
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
@@ -88,4 +112,3 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         x = normalize(images[start:stop].to(device), mean, std).contiguous(memory_format=fmt)
         idx = torch.arange(start, stop, device=device)
         yield Batch(x, labels[start:stop].to(device), idx)
-

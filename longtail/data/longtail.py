@@ -10,28 +10,34 @@ from typing import Sequence
 
 import numpy as np
 
-from longtail.core.metrics import shot_groups
 from longtail.core.errors import DataError
+from longtail.core.metrics import shot_groups
 
 PROFILES = ("exp", "step")
 
 
 def check_imbalance(imbalance_factor: float, profile: str) -> None:
     """DataError naming ``data.imbalance_factor`` / ``data.profile`` when they are invalid."""
-    if not (isinstance(imbalance_factor, (int, float)) and math.isfinite(imbalance_factor)
-            and imbalance_factor >= 1):
+    if not (
+        isinstance(imbalance_factor, (int, float))
+        and math.isfinite(imbalance_factor)
+        and imbalance_factor >= 1
+    ):
         raise DataError(
             f"data.imbalance_factor is {imbalance_factor!r}, but it must be a number >= 1 (the ratio of "
             f"the largest to the smallest class; 1 = balanced, 100 = the usual CIFAR-LT setting). "
             f"Set data.imbalance_factor to e.g. 100."
         )
     if profile not in PROFILES:
-        raise DataError(f"data.profile is {profile!r}, but it must be one of {', '.join(PROFILES)}. "
-                        f"Set data.profile to 'exp' (the usual long-tailed profile) or 'step'.")
+        raise DataError(
+            f"data.profile is {profile!r}, but it must be one of {', '.join(PROFILES)}. "
+            f"Set data.profile to 'exp' (the usual long-tailed profile) or 'step'."
+        )
 
 
-def img_num_per_cls(n_max: int, num_classes: int, imbalance_factor: float,
-                    profile: str = "exp") -> list[int]:
+def img_num_per_cls(
+    n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp"
+) -> list[int]:
     """Images per class, head first, with the reference's float order.
 
     Args:
@@ -74,14 +80,18 @@ def longtail_indices(labels: np.ndarray, counts: Sequence[int], seed: int = 0) -
     for c, n_c in enumerate(counts):
         idx = np.where(labels == c)[0]
         if n_c > len(idx):
-            raise DataError(f"Class {c} has only {len(idx)} training images but the long-tailed profile "
-                            f"asks for {n_c}; lower data.max_per_class or check the dataset files.")
+            raise DataError(
+                f"Class {c} has only {len(idx)} training images but the long-tailed profile "
+                f"asks for {n_c}; lower data.max_per_class or check the dataset files."
+            )
         rng.shuffle(idx)
         chosen.append(idx[:n_c])
     return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def heldout_indices(labels: np.ndarray, exclude: np.ndarray, per_class: int, seed: int = 1) -> np.ndarray:
+def heldout_indices(
+    labels: np.ndarray, exclude: np.ndarray, per_class: int, seed: int = 1
+) -> np.ndarray:
     """Up to ``per_class`` images per class among those not in ``exclude`` (a balanced held-out split).
 
     Uses its own ``np.random.RandomState(seed)``: for each class c in order, shuffle the class's
@@ -117,7 +127,7 @@ def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    rank = np.arange(len(labels)) - starts            # rank of each image within its class, file order
+    rank = np.arange(len(labels)) - starts  # rank of each image within its class, file order
     return np.sort(order[rank < per_class]).astype(np.int64)
 
 
@@ -131,5 +141,10 @@ def class_stats(counts: Sequence[int]) -> dict:
     counts = [int(n) for n in counts]
     smallest = min(counts) if counts else 0
     ratio = max(counts) / smallest if smallest > 0 else float("inf")
-    return {"num_classes": len(counts), "counts": counts, "total": sum(counts),
-            "imbalance_factor": ratio, "groups": shot_groups(counts)}
+    return {
+        "num_classes": len(counts),
+        "counts": counts,
+        "total": sum(counts),
+        "imbalance_factor": ratio,
+        "groups": shot_groups(counts),
+    }

@@ -45,23 +45,29 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from longtail.core.errors import DataError
 from longtail.data.augment import AugmentParams, normalize, random_crop_flip, sample_params
 from longtail.data.loader import Batch
 from longtail.data.longtail import heldout_indices, longtail_indices
-from longtail.core.errors import DataError
 
 META_FROM = ("unused", "before_subset")
-META_SEED_OFFSET = 2          # val uses subset_seed + 1, the meta set subset_seed + 2
+META_SEED_OFFSET = 2  # val uses subset_seed + 1, the meta set subset_seed + 2
 
 
 def check_meta_options(meta_per_class: int, meta_from: str) -> None:
-    if not isinstance(meta_per_class, (int, np.integer)) or isinstance(meta_per_class, bool) \
-            or meta_per_class < 0:
-        raise DataError(f"data.meta_per_class is {meta_per_class!r}, but it must be an integer >= 0 "
-                        f"(0 = no meta set; 10 = the MW-Net / MFM protocol).")
+    if (
+        not isinstance(meta_per_class, (int, np.integer))
+        or isinstance(meta_per_class, bool)
+        or meta_per_class < 0
+    ):
+        raise DataError(
+            f"data.meta_per_class is {meta_per_class!r}, but it must be an integer >= 0 "
+            f"(0 = no meta set; 10 = the MW-Net / MFM protocol)."
+        )
     if meta_from not in META_FROM:
-        raise DataError(f"data.meta_from is {meta_from!r}, but it must be one of "
-                        f"{', '.join(META_FROM)}.")
+        raise DataError(
+            f"data.meta_from is {meta_from!r}, but it must be one of {', '.join(META_FROM)}."
+        )
 
 
 def meta_before_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -76,14 +82,17 @@ def meta_before_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndar
     total = np.bincount(labels, minlength=num_classes)
     short = [c for c in range(num_classes) if total[c] <= per_class]
     if short:
-        raise DataError(f"data.meta_per_class={per_class} with data.meta_from=before_subset leaves no "
-                        f"training image for class(es) {short} (they have {total[short].tolist()}). "
-                        f"Lower data.meta_per_class.")
+        raise DataError(
+            f"data.meta_per_class={per_class} with data.meta_from=before_subset leaves no "
+            f"training image for class(es) {short} (they have {total[short].tolist()}). "
+            f"Lower data.meta_per_class."
+        )
     return chosen
 
 
-def longtail_from_pool(labels: np.ndarray, pool: np.ndarray, counts: Sequence[int],
-                       seed: int) -> np.ndarray:
+def longtail_from_pool(
+    labels: np.ndarray, pool: np.ndarray, counts: Sequence[int], seed: int
+) -> np.ndarray:
     """:func:`longtail_indices` restricted to the positions ``pool`` (ascending) -> positions into
     ``labels``: per class, the ``pool`` positions of the class in ascending order, shuffled with
     ``RandomState(seed)`` in class order, the first ``counts[c]`` kept."""
@@ -91,8 +100,9 @@ def longtail_from_pool(labels: np.ndarray, pool: np.ndarray, counts: Sequence[in
     return pool[longtail_indices(np.asarray(labels)[pool], counts, seed)]
 
 
-def meta_from_unused(labels: np.ndarray, subset: np.ndarray, val: Optional[np.ndarray],
-                     per_class: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def meta_from_unused(
+    labels: np.ndarray, subset: np.ndarray, val: Optional[np.ndarray], per_class: int, seed: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """``data.meta_from=unused``: ``per_class`` images of every class not in ``subset ∪ val``,
     topped up from ``subset`` where a class has too few spare images.
 
@@ -121,16 +131,20 @@ def meta_from_unused(labels: np.ndarray, subset: np.ndarray, val: Optional[np.nd
             if len(in_subset) <= missing:
                 starved.append((c, len(mine), len(in_subset)))
                 continue
-            take = in_subset[len(in_subset) - missing:]
+            take = in_subset[len(in_subset) - missing :]
             borrowed.append(take)
             mine = np.concatenate([mine, take])
         meta.append(mine)
     if starved:
         listed = ", ".join(f"class {c} ({s} spare, {n} in training)" for c, s, n in starved)
-        raise DataError(f"data.meta_per_class={per_class}: {listed} cannot give {per_class} meta images "
-                        f"and keep a training image. Lower data.meta_per_class or data.val_per_class.")
-    cat = (lambda parts: np.concatenate(parts).astype(np.int64) if parts
-           else np.zeros(0, dtype=np.int64))
+        raise DataError(
+            f"data.meta_per_class={per_class}: {listed} cannot give {per_class} meta images "
+            f"and keep a training image. Lower data.meta_per_class or data.val_per_class."
+        )
+
+    def cat(parts):
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
     return cat(meta), cat(borrowed)
 
 
@@ -145,7 +159,10 @@ def warn_borrowed(dataset: str, per_class: int, borrowed_per_class: Sequence[int
         f"{per_class} training images outside the long-tailed subset and val, so {sum(borrowed_per_class)} "
         f"meta images were taken OUT OF THE TRAINING SUBSET (class: images {shown}{more}); those "
         f"classes train on fewer images than the standard subset. Use data.meta_from=before_subset "
-        f"for the MW-Net protocol (meta images removed before imbalancing).", UserWarning, stacklevel=3)
+        f"for the MW-Net protocol (meta images removed before imbalancing).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +171,9 @@ def warn_borrowed(dataset: str, per_class: int, borrowed_per_class: Sequence[int
 
 def _meta_generator(seed: int, a: int, stream: int) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([int(seed), int(a), int(stream), 0x3E7A]).generate_state(1)[0]))
+    g.manual_seed(
+        int(np.random.SeedSequence([int(seed), int(a), int(stream), 0x3E7A]).generate_state(1)[0])
+    )
     return g
 
 
@@ -175,17 +194,32 @@ class MetaLoader:
         rank, world_size: under DDP each rank gets its contiguous share of the global batch.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), *,
-                 device: torch.device = torch.device("cpu"), seed: int = 0, augment: bool = False,
-                 padding: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int = 100,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        *,
+        device: torch.device = torch.device("cpu"),
+        seed: int = 0,
+        augment: bool = False,
+        padding: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ):
         if len(labels) == 0:
-            raise DataError("The meta set is empty: set data.meta_per_class (e.g. 10) for a method "
-                            "that learns on a meta set.")
+            raise DataError(
+                "The meta set is empty: set data.meta_per_class (e.g. 10) for a method "
+                "that learns on a meta set."
+            )
         if batch_size < world_size or batch_size < 1:
-            raise ValueError(f"meta batch size {batch_size} must be >= the number of processes "
-                             f"({world_size}).")
+            raise ValueError(
+                f"meta batch size {batch_size} must be >= the number of processes ({world_size})."
+            )
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = int(batch_size)
@@ -213,7 +247,9 @@ class MetaLoader:
     def positions(self, step: int) -> torch.Tensor:
         """int64 [B]: positions into the meta set of global meta batch ``step`` (all ranks)."""
         n = len(self)
-        stream = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=torch.long)
+        stream = torch.arange(
+            step * self.batch_size, (step + 1) * self.batch_size, dtype=torch.long
+        )
         epochs, offsets = stream // n, stream % n
         out = torch.empty_like(stream)
         for e in torch.unique(epochs).tolist():
@@ -229,8 +265,9 @@ class MetaLoader:
         x = self.images.index_select(0, idx)
         if self.augment:
             params = sample_params(b, self.padding, self.flip, _meta_generator(self.seed, step, 2))
-            x = random_crop_flip(x, AugmentParams(params.offsets[lo:hi], params.flips[lo:hi]),
-                                 self.padding)
+            x = random_crop_flip(
+                x, AugmentParams(params.offsets[lo:hi], params.flips[lo:hi]), self.padding
+            )
         x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
         return Batch(x, self.labels.index_select(0, idx), idx)
 
@@ -242,15 +279,36 @@ class MetaLoader:
             step += 1
 
 
-def build_meta_loader(data, cfg, device: torch.device, *, batch_size: int = 100,
-                      augment: bool = False, rank: int = 0, world_size: int = 1,
-                      seed: Optional[int] = None) -> MetaLoader:
+def build_meta_loader(
+    data,
+    cfg,
+    device: torch.device,
+    *,
+    batch_size: int = 100,
+    augment: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: Optional[int] = None,
+) -> MetaLoader:
     """A :class:`MetaLoader` over ``data.meta`` (a DataBundle) with the run's normalisation, crop
     padding / flip settings (used only when ``augment``), memory format and seed (``cfg.seed``)."""
     if data.meta is None or len(data.meta) == 0:
-        raise DataError("This method learns on a balanced meta set, but the run has none: set "
-                        "data.meta_per_class (e.g. 10; data.meta_from=unused|before_subset).")
-    return MetaLoader(data.meta.images, data.meta.labels, batch_size, data.mean, data.std,
-                      device=device, seed=cfg.seed if seed is None else seed, augment=augment,
-                      padding=cfg.data.crop_padding, flip=cfg.data.flip, rank=rank,
-                      world_size=world_size, channels_last=cfg.train.channels_last)
+        raise DataError(
+            "This method learns on a balanced meta set, but the run has none: set "
+            "data.meta_per_class (e.g. 10; data.meta_from=unused|before_subset)."
+        )
+    return MetaLoader(
+        data.meta.images,
+        data.meta.labels,
+        batch_size,
+        data.mean,
+        data.std,
+        device=device,
+        seed=cfg.seed if seed is None else seed,
+        augment=augment,
+        padding=cfg.data.crop_padding,
+        flip=cfg.data.flip,
+        rank=rank,
+        world_size=world_size,
+        channels_last=cfg.train.channels_last,
+    )

@@ -21,7 +21,11 @@ from typing import Callable, Iterator, Sequence
 from longtail.core.errors import DataError
 
 ENV_VAR = "LONGTAIL_DATA"
-MIRROR_KEYS = ("cifar10", "mnist", "fashion-mnist")  # what materialize.py can write (no full cifar100)
+MIRROR_KEYS = (
+    "cifar10",
+    "mnist",
+    "fashion-mnist",
+)  # what materialize.py can write (no full cifar100)
 DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
@@ -70,7 +74,11 @@ def mirror_candidates() -> list[Path]:
     """Folders that may hold the local dataset mirror (``shared/data`` with ``materialize.py``)."""
     checkout = Path(__file__).resolve().parents[2]  # parent of the ``longtail`` package directory
     cwd = Path.cwd()
-    return [checkout.parent / "shared" / "data", cwd.parent / "shared" / "data", cwd / "shared" / "data"]
+    return [
+        checkout.parent / "shared" / "data",
+        cwd.parent / "shared" / "data",
+        cwd / "shared" / "data",
+    ]
 
 
 def find_mirror() -> Path | None:
@@ -90,11 +98,16 @@ def materialize_from_mirror(root: Path, key: str) -> str | None:
     mirror = find_mirror()
     if mirror is None or key not in MIRROR_KEYS:
         return None
-    print(f"longtail: {key} is not under {root}; materialising it from the local mirror {mirror}",
-          flush=True)
+    print(
+        f"longtail: {key} is not under {root}; materialising it from the local mirror {mirror}",
+        flush=True,
+    )
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(mirror / "materialize.py"), str(root), key],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(mirror / "materialize.py"), str(root), key],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return f"the local mirror {mirror} failed (exit {proc.returncode}: {tail[0]})"
@@ -145,8 +158,15 @@ def download_file(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIME
 
 
 # ---------------------------------------------------------------------------------- orchestration
-def obtain(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Remote],
-           download: bool, expected: str, what: str) -> None:
+def obtain(
+    key: str,
+    root: Path,
+    ready: Callable[[], bool],
+    remotes: Sequence[Remote],
+    download: bool,
+    expected: str,
+    what: str,
+) -> None:
     """Make a dataset present under ``root``: already there, else local mirror, else download.
 
     Args:
@@ -181,8 +201,15 @@ def _root_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _obtain_locked(key: str, root: Path, ready: Callable[[], bool], remotes: Sequence[Remote],
-                   download: bool, expected: str, what: str) -> None:
+def _obtain_locked(
+    key: str,
+    root: Path,
+    ready: Callable[[], bool],
+    remotes: Sequence[Remote],
+    download: bool,
+    expected: str,
+    what: str,
+) -> None:
     if ready():  # another process finished it while we waited for the lock
         return
     notes: list[str] = []

@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Sequence, Type, Union, cast
 
 import numpy as np
 
-from longtail.core.facts import RunFacts
 from longtail.core.errors import ConfigError
+from longtail.core.facts import RunFacts
 from longtail.core.registry import Registry
 
 SAMPLERS = Registry("sampler")
@@ -39,7 +39,9 @@ _KEY = "sampler."
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     """An independent numpy generator for (seed, epoch, stream): reproducible and resumable."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream), 0x5A3]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), int(epoch), int(stream), 0x5A3])
+    )
 
 
 def _cyclic_stream(rng: np.random.Generator, items: np.ndarray, length: int) -> np.ndarray:
@@ -80,8 +82,12 @@ def _require_int(value, key: str, minimum: int) -> int:
 
 
 def _require_float(value, key: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)) or float(value) < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(value))
+        or float(value) < minimum
+    ):
         raise ConfigError(f"'{_KEY}{key}' must be a finite number >= {minimum}, got {value!r}.")
     return float(value)
 
@@ -104,8 +110,10 @@ class BaseSampler:
         self.num_classes = len(self.class_counts)
         self.seed = int(seed)
         if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}) (len(class_counts)); "
-                             f"got min {self.labels.min()}, max {self.labels.max()}")
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}) (len(class_counts)); "
+                f"got min {self.labels.min()}, max {self.labels.max()}"
+            )
         self.class_indices: List[np.ndarray] = [
             np.flatnonzero(self.labels == c) for c in range(self.num_classes)
         ]
@@ -135,8 +143,14 @@ class BaseSampler:
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
 
-    def batches(self, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                drop_last: bool = False) -> List[np.ndarray]:
+    def batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> List[np.ndarray]:
         """This rank's index batches for ``epoch``.
 
         ``batch_size`` is the global batch; each global batch is shared between the
@@ -150,10 +164,18 @@ class BaseSampler:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
         order = self.global_order(epoch)
-        return [order[p] for p in self.rank_positions(order, batch_size, rank, world_size, drop_last)]
+        return [
+            order[p] for p in self.rank_positions(order, batch_size, rank, world_size, drop_last)
+        ]
 
-    def rank_positions(self, order: np.ndarray, batch_size: int, rank: int = 0,
-                       world_size: int = 1, drop_last: bool = False) -> List[np.ndarray]:
+    def rank_positions(
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> List[np.ndarray]:
         """Positions into ``order`` (an epoch's global order) of this rank's batches.
 
         The loader uses positions (not only indices) to draw each sample's augmentation from its
@@ -166,8 +188,9 @@ class BaseSampler:
             out.append(pos[self._split_global_batch(order[pos], b, world_size)[rank]])
         return out
 
-    def _split_global_batch(self, glob: np.ndarray, batch_index: int,
-                            world_size: int) -> List[np.ndarray]:
+    def _split_global_batch(
+        self, glob: np.ndarray, batch_index: int, world_size: int
+    ) -> List[np.ndarray]:
         """Each rank's share of one global batch, as positions into ``glob`` (default: contiguous,
         equal slices)."""
         return np.array_split(np.arange(len(glob)), world_size)
@@ -213,8 +236,14 @@ class ClassBalancedSampler(BaseSampler):
             (N, the training-set size, comparable with instance sampling) or a positive integer.
     """
 
-    def __init__(self, labels, class_counts, seed: int = 0, num_samples_cls: int = 4,
-                 epoch_length: Union[str, int] = "max"):
+    def __init__(
+        self,
+        labels,
+        class_counts,
+        seed: int = 0,
+        num_samples_cls: int = 4,
+        epoch_length: Union[str, int] = "max",
+    ):
         super().__init__(labels, class_counts, seed)
         self.num_samples_cls = _require_int(num_samples_cls, "num_samples_cls", 1)
         if len(self.present) == 0:
@@ -223,12 +252,17 @@ class ClassBalancedSampler(BaseSampler):
             self._len = int(self.counts.max()) * len(self.present)
         elif epoch_length == "dataset":
             self._len = len(self.labels)
-        elif isinstance(epoch_length, (int, np.integer)) and not isinstance(epoch_length, bool) \
-                and epoch_length >= 1:
+        elif (
+            isinstance(epoch_length, (int, np.integer))
+            and not isinstance(epoch_length, bool)
+            and epoch_length >= 1
+        ):
             self._len = int(epoch_length)
         else:
-            raise ConfigError(f"'{_KEY}epoch_length' must be 'max', 'dataset' or a positive "
-                              f"integer, got {epoch_length!r}.")
+            raise ConfigError(
+                f"'{_KEY}epoch_length' must be 'max', 'dataset' or a positive "
+                f"integer, got {epoch_length!r}."
+            )
         self.epoch_length = epoch_length
 
     def __len__(self) -> int:
@@ -245,18 +279,20 @@ class ClassBalancedSampler(BaseSampler):
         rng = epoch_rng(self.seed, epoch, stream=0)
         # shuffled cyclic iterator over the class list
         cycles = -(-visits // len(present))
-        cls_seq = present[np.argsort(rng.random((cycles, len(present))), axis=1,
-                                     kind="stable").ravel()[:visits]]
+        cls_seq = present[
+            np.argsort(rng.random((cycles, len(present))), axis=1, kind="stable").ravel()[:visits]
+        ]
         out = np.empty((visits, k), dtype=np.int64)
         item_rng = epoch_rng(self.seed, epoch, stream=1)
-        rows_by_class = np.argsort(cls_seq, kind="stable")     # visit rows grouped by class
+        rows_by_class = np.argsort(cls_seq, kind="stable")  # visit rows grouped by class
         ends = np.cumsum(np.bincount(cls_seq, minlength=self.num_classes))
         for c in present:
-            rows = rows_by_class[(ends[c - 1] if c else 0):ends[c]]
+            rows = rows_by_class[(ends[c - 1] if c else 0) : ends[c]]
             if len(rows):
-                out[rows] = _cyclic_stream(item_rng, self.class_indices[c],
-                                           len(rows) * k).reshape(len(rows), k)
-        return out.ravel()[:self._len]
+                out[rows] = _cyclic_stream(item_rng, self.class_indices[c], len(rows) * k).reshape(
+                    len(rows), k
+                )
+        return out.ravel()[: self._len]
 
 
 class _ClassProbabilitySampler(BaseSampler):
@@ -281,8 +317,9 @@ class _ClassProbabilitySampler(BaseSampler):
         cls = rng.choice(self.num_classes, size=n, p=p)
         flat = self._flat_indices
         start = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
-        within = np.minimum((rng.random(n) * self.counts[cls]).astype(np.int64),
-                            self.counts[cls] - 1)
+        within = np.minimum(
+            (rng.random(n) * self.counts[cls]).astype(np.int64), self.counts[cls] - 1
+        )
         return flat[start[cls] + within].astype(np.int64)
 
 
@@ -326,8 +363,10 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
     def __init__(self, labels, class_counts, seed: int = 0, total_epochs: Optional[int] = None):
         super().__init__(labels, class_counts, seed)
         if total_epochs is None:
-            raise ConfigError(f"Sampler 'progressive' needs '{_KEY}total_epochs' (T in "
-                              f"p(t) = (1 - t/T) p_IB + (t/T) p_CB), e.g. the number of epochs.")
+            raise ConfigError(
+                f"Sampler 'progressive' needs '{_KEY}total_epochs' (T in "
+                f"p(t) = (1 - t/T) p_IB + (t/T) p_CB), e.g. the number of epochs."
+            )
         self.total_epochs = _require_int(total_epochs, "total_epochs", 1)
         self._p_ib = self.counts / self.counts.sum()
         self._p_cb = np.zeros(self.num_classes)
@@ -335,7 +374,7 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
 
     @classmethod
     def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
-        options.setdefault("total_epochs", facts.epochs)     # T: the run's schedule by default
+        options.setdefault("total_epochs", facts.epochs)  # T: the run's schedule by default
         return cls(labels, class_counts, seed=facts.seed, **options)
 
     def probabilities(self, epoch: int) -> np.ndarray:
@@ -369,11 +408,18 @@ class B3RSSampler(BaseSampler):
 
     @classmethod
     def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
-        options.setdefault("batch_size", facts.batch_size)   # B: the run's global batch
+        options.setdefault("batch_size", facts.batch_size)  # B: the run's global batch
         return cls(labels, class_counts, seed=facts.seed, **options)
 
-    def __init__(self, labels, class_counts, seed: int = 0, batch_size: Optional[int] = None,
-                 num_blocks: int = 4, q: float = 0.5):
+    def __init__(
+        self,
+        labels,
+        class_counts,
+        seed: int = 0,
+        batch_size: Optional[int] = None,
+        num_blocks: int = 4,
+        q: float = 0.5,
+    ):
         super().__init__(labels, class_counts, seed)
         if batch_size is None:
             raise ConfigError(f"Sampler 'b3rs' needs '{_KEY}batch_size' (the global batch size).")
@@ -384,22 +430,25 @@ class B3RSSampler(BaseSampler):
             raise ValueError("b3rs sampler needs at least one labelled item")
         K = min(K, len(self.present))
         if self.batch_size < K:
-            raise ConfigError(f"'{_KEY}batch_size' = {self.batch_size} is smaller than the "
-                              f"number of blocks {K}; every batch must contain every block.")
+            raise ConfigError(
+                f"'{_KEY}batch_size' = {self.batch_size} is smaller than the "
+                f"number of blocks {K}; every batch must contain every block."
+            )
         self.num_blocks = K
-        self.blocks = self._partition(K)                      # list of class-id arrays
+        self.blocks = self._partition(K)  # list of class-id arrays
         self.block_of_class = np.full(self.num_classes, -1, dtype=np.int64)
         for k, cls in enumerate(self.blocks):
             self.block_of_class[cls] = k
         self.block_counts = np.array([self.counts[c].sum() for c in self.blocks], dtype=np.int64)
-        self.block_items = [np.sort(np.concatenate([self.class_indices[c] for c in cls]))
-                            for cls in self.blocks]
+        self.block_items = [
+            np.sort(np.concatenate([self.class_indices[c] for c in cls])) for cls in self.blocks
+        ]
         self.quotas = self._quotas(self.batch_size)
         self.batches_per_epoch = max(1, int(round(len(self.labels) / self.batch_size)))
         # low-discrepancy interleave: the j-th item of block k sits at key (j + 0.5) / B_k
         keys = np.concatenate([(np.arange(n) + 0.5) / n for n in self.quotas])
         blk = np.repeat(np.arange(K), self.quotas)
-        self.pattern = blk[np.lexsort((blk, keys))]           # block id of each batch position
+        self.pattern = blk[np.lexsort((blk, keys))]  # block id of each batch position
 
     # -- construction -----------------------------------------------------------------------
     def _partition(self, K: int) -> List[np.ndarray]:
@@ -413,14 +462,14 @@ class B3RSSampler(BaseSampler):
         blocks, start, done = [], 0, 0
         for k in range(K):
             m = K - k
-            last = len(cls) - m                               # latest allowed end index
+            last = len(cls) - m  # latest allowed end index
             if m == 1:
                 end = len(cls) - 1
             else:
                 target = done + (cum[-1] - done) / m
                 cand = np.arange(start, last + 1)
                 end = int(cand[np.argmin(np.abs(cum[cand] - target))])
-            blocks.append(cls[start:end + 1])
+            blocks.append(cls[start : end + 1])
             done, start = int(cum[end]), end + 1
         return blocks
 
@@ -445,8 +494,10 @@ class B3RSSampler(BaseSampler):
 
     def _check_batch_size(self, batch_size: int) -> None:
         if batch_size != self.batch_size:
-            raise ValueError(f"b3rs was built for batch size {self.batch_size} "
-                             f"({_KEY}batch_size) but is asked for batches of {batch_size}")
+            raise ValueError(
+                f"b3rs was built for batch size {self.batch_size} "
+                f"({_KEY}batch_size) but is asked for batches of {batch_size}"
+            )
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         self._check_batch_size(batch_size)
@@ -461,13 +512,23 @@ class B3RSSampler(BaseSampler):
             out[:, self.pattern == k] = stream.reshape(nb, int(self.quotas[k]))
         return out.ravel()
 
-    def batches(self, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                drop_last: bool = False) -> List[np.ndarray]:
+    def batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> List[np.ndarray]:
         self._check_batch_size(batch_size)
         if world_size > 1 and (self.quotas < world_size).any():
-            warnings.warn(f"b3rs: block quotas {self.quotas.tolist()} of batch {batch_size} cannot "
-                          f"put every block on each of {world_size} ranks; use a larger batch or "
-                          f"fewer blocks", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"b3rs: block quotas {self.quotas.tolist()} of batch {batch_size} cannot "
+                f"put every block on each of {world_size} ranks; use a larger batch or "
+                f"fewer blocks",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return super().batches(epoch, batch_size, rank, world_size, drop_last)
 
     def rank_quotas(self, batch_index: int, world_size: int) -> np.ndarray:
@@ -480,15 +541,16 @@ class B3RSSampler(BaseSampler):
         W, K = world_size, self.num_blocks
         base, extra = np.divmod(self.quotas, W)
         q = np.tile(base, (W, 1))
-        pos = batch_index % W                                 # rotating first receiver
+        pos = batch_index % W  # rotating first receiver
         for k in range(K):
             for _ in range(int(extra[k])):
                 q[pos % W, k] += 1
                 pos += 1
         return q
 
-    def _split_global_batch(self, glob: np.ndarray, batch_index: int,
-                            world_size: int) -> List[np.ndarray]:
+    def _split_global_batch(
+        self, glob: np.ndarray, batch_index: int, world_size: int
+    ) -> List[np.ndarray]:
         if world_size == 1:
             return [np.arange(len(glob))]
         q = self.rank_quotas(batch_index, world_size)
@@ -524,9 +586,11 @@ class UndersampleSampler(BaseSampler):
         else:
             self.per_class = _require_int(per_class, "per_class", 1)
             if self.per_class > smallest:
-                raise ConfigError(f"'{_KEY}per_class' = {self.per_class} exceeds the smallest "
-                                  f"class ({smallest} items): undersampling cannot balance it. "
-                                  f"Use at most {smallest}, or null for that.")
+                raise ConfigError(
+                    f"'{_KEY}per_class' = {self.per_class} exceeds the smallest "
+                    f"class ({smallest} items): undersampling cannot balance it. "
+                    f"Use at most {smallest}, or null for that."
+                )
 
     def __len__(self) -> int:
         return self.per_class * len(self.present)
@@ -539,18 +603,23 @@ class UndersampleSampler(BaseSampler):
     def global_order(self, epoch: int) -> np.ndarray:
         rng = epoch_rng(self.seed, epoch)
         m = self.per_class
-        picked = [self.class_indices[c][np.argsort(rng.random(len(self.class_indices[c])),
-                                                   kind="stable")[:m]] for c in self.present]
+        picked = [
+            self.class_indices[c][
+                np.argsort(rng.random(len(self.class_indices[c])), kind="stable")[:m]
+            ]
+            for c in self.present
+        ]
         items = np.concatenate(picked).astype(np.int64)
         return items[rng.permutation(len(items))]
 
 
-def build_sampler(name: str, labels, class_counts, facts: RunFacts = RunFacts(),
-                  **options) -> BaseSampler:
+def build_sampler(
+    name: str, labels, class_counts, facts: RunFacts = RunFacts(), **options
+) -> BaseSampler:
     """Build a registered sampler for a run; unknown options raise a ConfigError naming them."""
     # SAMPLERS holds BaseSampler subclasses only; Registry.get is typed as returning any callable
     cls = cast(Type[BaseSampler], SAMPLERS.get(name))
-    if "seed" in options:                     # a direct call may fix the seed
+    if "seed" in options:  # a direct call may fix the seed
         facts = dataclasses.replace(facts, seed=int(options.pop("seed")))
     SAMPLERS.check_kwargs(name, options, key_prefix=_KEY)
     return cls.from_facts(labels, class_counts, facts, **options)

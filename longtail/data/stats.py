@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from longtail.data.longtail import class_stats, img_num_per_cls, longtail_indices
 from longtail.core.errors import DataError
+from longtail.data.longtail import class_stats, img_num_per_cls, longtail_indices
 
 # Official training images per class.
 OFFICIAL_TRAIN_COUNTS: Dict[str, List[int]] = {
@@ -39,20 +39,29 @@ def subset_counts(name: str, imbalance_factor: float = 100.0, profile: str = "ex
     return img_num_per_cls(min(official), len(official), imbalance_factor, profile)
 
 
-def dataset_stats(name: str, imbalance_factor: float = 100.0, profile: str = "exp",
-                  data_root: Optional[str] = None) -> Dict[str, Any]:
+def dataset_stats(
+    name: str,
+    imbalance_factor: float = 100.0,
+    profile: str = "exp",
+    data_root: Optional[str] = None,
+) -> Dict[str, Any]:
     """num_classes, counts, total, imbalance_factor, groups (many/medium/few class ids)."""
     stats = class_stats(subset_counts(name, imbalance_factor, profile))
     return {"dataset": name, **stats}
 
 
-def export_split(name: str, out: Path, imbalance_factor: float = 100.0, profile: str = "exp",
-                 data_root: Optional[str] = None) -> int:
+def export_split(
+    name: str,
+    out: Path,
+    imbalance_factor: float = 100.0,
+    profile: str = "exp",
+    data_root: Optional[str] = None,
+) -> int:
     """Write the training subset as 'index label' lines (index into the official training set)."""
     # imported here, not at the top: `longtail data stats` needs no torch (a second faster)
+    from longtail.core.io import atomic_write_text
     from longtail.data.build import load_split
     from longtail.data.paths import resolve_data_root
-    from longtail.core.io import atomic_write_text
 
     base, lt = _parse(name)
     train = load_split(base, "train", resolve_data_root(data_root))

@@ -24,8 +24,13 @@ from longtail.models import BACKBONES, HEADS, NECKS
 from longtail.optim import OPTIMIZERS, SCHEDULES
 
 _FIX = "Fix the key in the YAML file or the override."
-REGISTRIES: Dict[str, Registry] = {"loss": LOSSES, "optim": OPTIMIZERS, "schedule": SCHEDULES,
-                                   "sampler": SAMPLERS, "method": METHODS}
+REGISTRIES: Dict[str, Registry] = {
+    "loss": LOSSES,
+    "optim": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "sampler": SAMPLERS,
+    "method": METHODS,
+}
 
 
 def _unknown_key(key: str, section: str, candidates: Iterable[str], what: str) -> str:
@@ -56,7 +61,7 @@ def option_accepted(cfg: Config, dotted: str) -> Optional[bool]:
         prefix = section + "."
         if not dotted.startswith(prefix) or name not in registry:
             continue
-        key = dotted[len(prefix):].split(".")[0]
+        key = dotted[len(prefix) :].split(".")[0]
         if key in typed or key == "name":
             return None
         accepted = registry.option_names(name, options)
@@ -72,27 +77,43 @@ def check_config(cfg: Config, where: str = "config") -> Config:
             close = difflib.get_close_matches(name, registry.names(), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             key = section if section.startswith("hooks.") else f"{section}.name"
-            problems.append(f"'{key}': no {registry.kind} named {name!r}.{hint} Available: "
-                            f"{', '.join(registry.names())}.")
+            problems.append(
+                f"'{key}': no {registry.kind} named {name!r}.{hint} Available: "
+                f"{', '.join(registry.names())}."
+            )
             continue
         accepted = registry.option_names(name, options)
         unknown = [] if accepted is None else [k for k in options if k not in accepted]
         for key in unknown:
-            problems.append(_unknown_key(key, section, typed | (accepted or set()),
-                                         f"{section} with {registry.kind} {name!r}"))
+            problems.append(
+                _unknown_key(
+                    key,
+                    section,
+                    typed | (accepted or set()),
+                    f"{section} with {registry.kind} {name!r}",
+                )
+            )
         if not unknown:
             try:
                 registry.check_options(name, options, section)
             except ConfigError as err:
                 problems.append(str(err).removesuffix(_FIX).strip())
     if problems:
-        raise ConfigError(f"Invalid {where}: " + " ".join(problems) +
-                          " Fix the key in the YAML file or the key=value override.")
+        raise ConfigError(
+            f"Invalid {where}: "
+            + " ".join(problems)
+            + " Fix the key in the YAML file or the key=value override."
+        )
     return cfg
 
 
-LISTED: Dict[str, Registry] = {**REGISTRIES, "hooks": HOOKS, "model.backbone": BACKBONES,
-                               "model.neck": NECKS, "model.head": HEADS}
+LISTED: Dict[str, Registry] = {
+    **REGISTRIES,
+    "hooks": HOOKS,
+    "model.backbone": BACKBONES,
+    "model.neck": NECKS,
+    "model.head": HEADS,
+}
 
 
 def _summary(entry: Any) -> str:
@@ -101,7 +122,7 @@ def _summary(entry: Any) -> str:
     doc = inspect.getdoc(target) or inspect.getdoc(inspect.getmodule(target)) or ""
     first = " ".join(doc.strip().split("\n\n")[0].split())
     end = first.find(". ")
-    return first if end < 0 else first[:end + 1]
+    return first if end < 0 else first[: end + 1]
 
 
 def describe_components(section: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -113,7 +134,12 @@ def describe_components(section: Optional[str] = None) -> List[Dict[str, Any]]:
             continue
         for name in registry.names():
             options = registry.option_names(name, {})
-            out.append({"section": key, "name": name,
-                        "options": None if options is None else sorted(options),
-                        "summary": _summary(registry.get(name))})
+            out.append(
+                {
+                    "section": key,
+                    "name": name,
+                    "options": None if options is None else sorted(options),
+                    "summary": _summary(registry.get(name)),
+                }
+            )
     return out

@@ -25,8 +25,10 @@ def load_finished_run(run_dir: Path, data_root: Path) -> Run:
         weights = folder.load_checkpoint()["model"]
         print(f"note: {run_dir} has not finished; evaluating its last checkpoint.")
     else:
-        raise LongtailError(f"{run_dir} has no weights yet ({folder.WEIGHTS} or {folder.CHECKPOINT}). "
-                            f"Train it first or resume it with `longtail train --resume {run_dir}`.")
+        raise LongtailError(
+            f"{run_dir} has no weights yet ({folder.WEIGHTS} or {folder.CHECKPOINT}). "
+            f"Train it first or resume it with `longtail train --resume {run_dir}`."
+        )
     run.method.model.load_state_dict(weights)
     if folder.has_checkpoint():
         run.method.load_state_dict(folder.load_checkpoint()["method"])
@@ -38,7 +40,9 @@ def evaluate_run(run_dir: Path, data_root: Path) -> Dict[str, Any]:
     folder = RunFolder(run_dir)
     if folder.is_run():
         cfg = folder.load_config()
-        if cfg.stages:   # a multi-stage run: its metrics.json is its last stage's (engine/pipeline.py)
+        if (
+            cfg.stages
+        ):  # a multi-stage run: its metrics.json is its last stage's (engine/pipeline.py)
             return evaluate_run(folder.path / cfg.stages[-1].name, data_root)
     run = load_finished_run(folder.path, data_root)
     results = evaluate_splits(run)

@@ -13,19 +13,25 @@ def results_table(results: Dict[str, Dict[str, Any]]) -> str:
     header = f"{'split':<8} {'all':>7} {'many':>7} {'medium':>7} {'few':>7} {'ECE':>6} {'n':>7}"
     lines = [header, "-" * len(header)]
     for split, m in results.items():
-        lines.append(f"{split:<8} {fmt_pct(m['top1']):>7} {fmt_pct(m['many']):>7} "
-                     f"{fmt_pct(m['medium']):>7} {fmt_pct(m['few']):>7} {fmt_pct(m['ece']):>6} "
-                     f"{m['num_samples']:>7}")
+        lines.append(
+            f"{split:<8} {fmt_pct(m['top1']):>7} {fmt_pct(m['many']):>7} "
+            f"{fmt_pct(m['medium']):>7} {fmt_pct(m['few']):>7} {fmt_pct(m['ece']):>6} "
+            f"{m['num_samples']:>7}"
+        )
     return "\n".join(lines)
 
 
 def group_sizes_line(groups: Dict[str, Sequence[int]]) -> str:
-    return ("classes: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) +
-            "  (many > 100, medium 20-100, few < 20 training images)")
+    return (
+        "classes: "
+        + ", ".join(f"{k} {len(v)}" for k, v in groups.items())
+        + "  (many > 100, medium 20-100, few < 20 training images)"
+    )
 
 
-def plot_per_class(path: Path, class_counts: Sequence[int], results: Dict[str, Dict[str, Any]],
-                   title: str = "") -> None:
+def plot_per_class(
+    path: Path, class_counts: Sequence[int], results: Dict[str, Dict[str, Any]], title: str = ""
+) -> None:
     """PNG: per-class accuracy (y) against class training count (x, log scale), one series per split."""
     import matplotlib
 
@@ -36,7 +42,9 @@ def plot_per_class(path: Path, class_counts: Sequence[int], results: Dict[str, D
     for marker, (split, m) in zip("os^", results.items()):
         pts = [(n, a) for n, a in zip(class_counts, m["per_class"]) if a is not None]
         if pts:
-            ax.scatter(*zip(*pts), marker=marker, alpha=0.75, label=f"{split} (top-1 {fmt_pct(m['top1'])})")
+            ax.scatter(
+                *zip(*pts), marker=marker, alpha=0.75, label=f"{split} (top-1 {fmt_pct(m['top1'])})"
+            )
     for x in (20, 100):
         ax.axvline(x, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")

@@ -18,9 +18,16 @@ import torch
 from tqdm import tqdm
 
 from longtail.core.config import Config
-from longtail.core.distributed import (DistInfo, all_ok, all_reduce_sum, barrier,
-                                       broadcast_buffers, init_distributed, resolve_device,
-                                       wrap_ddp)
+from longtail.core.distributed import (
+    DistInfo,
+    all_ok,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    resolve_device,
+    wrap_ddp,
+)
 from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.facts import RunFacts
 from longtail.core.metrics import shot_groups
@@ -72,12 +79,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
     folder = RunFolder(run_dir)
     if resume:
         if not folder.is_run():
-            raise LongtailError(f"{run_dir} is not a run folder (no {folder.CONFIG}). Pass the folder "
-                                f"that `longtail train` wrote, e.g. --resume runs/<name>.")
+            raise LongtailError(
+                f"{run_dir} is not a run folder (no {folder.CONFIG}). Pass the folder "
+                f"that `longtail train` wrote, e.g. --resume runs/<name>."
+            )
         return False
     if folder.config_path.exists():
-        raise LongtailError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
-                            f"choose another folder with --out DIR.")
+        raise LongtailError(
+            f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
+            f"choose another folder with --out DIR."
+        )
     error, created = None, False
     if info.is_main:
         created = not run_dir.exists()
@@ -87,11 +98,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
-            error = LongtailError(f"Cannot write the run folder {run_dir} ({err.strerror}). Choose a "
-                                  f"writable folder with --out DIR.")
+            error = LongtailError(
+                f"Cannot write the run folder {run_dir} ({err.strerror}). Choose a "
+                f"writable folder with --out DIR."
+            )
     if not all_ok(error is None, info):
-        raise error or LongtailError(f"Rank 0 could not create the run folder {run_dir} (see its "
-                                     f"message). Choose a writable folder with --out DIR.")
+        raise error or LongtailError(
+            f"Rank 0 could not create the run folder {run_dir} (see its "
+            f"message). Choose a writable folder with --out DIR."
+        )
     return created
 
 
@@ -99,8 +114,10 @@ def setup_process(cfg: Config) -> Tuple[torch.device, DistInfo]:
     """This process's device, and its rank in the torchrun process group (joined once)."""
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device asks for CUDA but no CUDA device is available. Use "
-                          "train.device=cpu (or auto).")
+        raise ConfigError(
+            "train.device asks for CUDA but no CUDA device is available. Use "
+            "train.device=cpu (or auto)."
+        )
     return device, init_distributed(device)
 
 
@@ -115,27 +132,57 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if cfg.train.amp == "bf16" and device.type == "cpu":
-        print("warning: bf16 autocast on this CPU may be far slower than fp32 (no native bf16).",
-              file=sys.stderr)
+        print(
+            "warning: bf16 autocast on this CPU may be far slower than fp32 (no native bf16).",
+            file=sys.stderr,
+        )
 
     d = cfg.data
-    data = build_data(d.dataset, data_root, imbalance_factor=d.imbalance_factor, profile=d.profile,
-                      seed=d.subset_seed, max_per_class=d.max_per_class,
-                      max_test_per_class=d.max_test_per_class, val_per_class=d.val_per_class,
-                      meta_per_class=d.meta_per_class, meta_from=d.meta_from,
-                      exclude_classes=d.exclude_classes)
+    data = build_data(
+        d.dataset,
+        data_root,
+        imbalance_factor=d.imbalance_factor,
+        profile=d.profile,
+        seed=d.subset_seed,
+        max_per_class=d.max_per_class,
+        max_test_per_class=d.max_test_per_class,
+        val_per_class=d.val_per_class,
+        meta_per_class=d.meta_per_class,
+        meta_from=d.meta_from,
+        exclude_classes=d.exclude_classes,
+    )
     counts = list(data.class_counts)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(counts), data.in_channels)
     loss = create_loss(cfg.loss.name, class_counts=counts, **cfg.loss.params())
-    if getattr(loss, "requires_normalized_head", False) and not getattr(model.head, "normalized", False):
-        raise ConfigError(f"loss.name={cfg.loss.name} expects cosine logits: set model.head=cosine.")
-    facts = RunFacts(seed=cfg.seed, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-                     class_counts=counts, rank=info.rank, world_size=info.world_size,
-                     device=str(device), loss=loss)
-    ctx = MethodContext(cfg=cfg, model=model, loss=loss, class_counts=counts, device=device,
-                        dist=info, train_labels=data.train.labels, data=data, facts=facts)
+    if getattr(loss, "requires_normalized_head", False) and not getattr(
+        model.head, "normalized", False
+    ):
+        raise ConfigError(
+            f"loss.name={cfg.loss.name} expects cosine logits: set model.head=cosine."
+        )
+    facts = RunFacts(
+        seed=cfg.seed,
+        epochs=cfg.train.epochs,
+        batch_size=cfg.train.batch_size,
+        class_counts=counts,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=str(device),
+        loss=loss,
+    )
+    ctx = MethodContext(
+        cfg=cfg,
+        model=model,
+        loss=loss,
+        class_counts=counts,
+        device=device,
+        dist=info,
+        train_labels=data.train.labels,
+        data=data,
+        facts=facts,
+    )
     method = build_method(cfg.method.name, ctx, cfg.method.params())
     model = method.model.to(device)
     if cfg.train.channels_last:
@@ -144,24 +191,43 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
-    optim = OptimWrapper(optimizer, needs_closure=optim_info(cfg.optim.name).needs_closure,
-                         device_type=device.type, amp=cfg.train.amp, grad_clip=cfg.optim.grad_clip,
-                         model=model)
+    optim = OptimWrapper(
+        optimizer,
+        needs_closure=optim_info(cfg.optim.name).needs_closure,
+        device_type=device.type,
+        amp=cfg.train.amp,
+        grad_clip=cfg.optim.grad_clip,
+        model=model,
+    )
     method.attach(optim, train_model)
     schedule = build_schedule(cfg.schedule, cfg.train.epochs, cfg.optim.lr)
     hooks = build_hooks(cfg.hooks, facts)
-    sampler = build_sampler(cfg.sampler.name, data.train.labels.numpy(), counts, facts,
-                            **cfg.sampler.params())
-    loader = TrainLoader(data.train.images, data.train.labels, sampler, cfg.train.batch_size,
-                         data.mean, data.std, device=device, seed=cfg.seed, rank=info.rank,
-                         world_size=info.world_size, padding=d.crop_padding, flip=d.flip,
-                         drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
+    sampler = build_sampler(
+        cfg.sampler.name, data.train.labels.numpy(), counts, facts, **cfg.sampler.params()
+    )
+    loader = TrainLoader(
+        data.train.images,
+        data.train.labels,
+        sampler,
+        cfg.train.batch_size,
+        data.mean,
+        data.std,
+        device=device,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        padding=d.crop_padding,
+        flip=d.flip,
+        drop_last=cfg.train.drop_last,
+        channels_last=cfg.train.channels_last,
+    )
     run = Run(cfg, RunFolder(run_dir), data, method, optim, schedule, hooks, loader, device, info)
     for hook in hooks.values():
         hook.before_run(run)
     for hook in hooks.values():
         optim.after_first_backward.append(
-            lambda batch, step_loss, hook=hook: hook.after_backward(run, batch, step_loss))
+            lambda batch, step_loss, hook=hook: hook.after_backward(run, batch, step_loss)
+        )
     return run
 
 
@@ -170,19 +236,26 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
 
 
 def training_state(run: Run, epochs_done: int) -> Dict[str, Any]:
-    return {"format": 2, "epoch": epochs_done, "model": run.method.model.state_dict(),
-            "method": run.method.state_dict(), "optim": run.optim.state_dict(),
-            "hooks": {name: hook.state_dict() for name, hook in run.hooks.items()},
-            "torch_rng": torch.get_rng_state()}
+    return {
+        "format": 2,
+        "epoch": epochs_done,
+        "model": run.method.model.state_dict(),
+        "method": run.method.state_dict(),
+        "optim": run.optim.state_dict(),
+        "hooks": {name: hook.state_dict() for name, hook in run.hooks.items()},
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def restore(run: Run) -> int:
     """Load ``last.pt`` into the run; returns the number of epochs done."""
     state = run.folder.load_checkpoint()
     if state.get("format") != 2:
-        raise LongtailError(f"{run.folder.checkpoint_path} was written by an older longtail "
-                            f"(checkpoint format {state.get('format')}); resume it with that "
-                            f"version, or start the run again in a new folder.")
+        raise LongtailError(
+            f"{run.folder.checkpoint_path} was written by an older longtail "
+            f"(checkpoint format {state.get('format')}); resume it with that "
+            f"version, or start the run again in a new folder."
+        )
     run.method.model.load_state_dict(state["model"])
     run.method.load_state_dict(state["method"])
     run.optim.load_state_dict(state["optim"])
@@ -217,22 +290,30 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
             # so a last batch split unevenly (e.g. 23 + 22) still gives the single-process step
             optim.set_batch_share(n * world / min(global_batch, total - step * global_batch))
         stats = method.train_step(batch)
-        lr = optim.lr   # a hook may set the step's lr from its loss (mlrsnet)
+        lr = optim.lr  # a hook may set the step's lr from its loss (mlrsnet)
         loss_sum += stats["loss"].double() * n
         seen += n
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == steps - 1:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}", lr=f"{lr:.4g}",
-                                img_s=f"{seen * run.dist.world_size / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / max(seen, 1):.4f}",
+                    lr=f"{lr:.4g}",
+                    img_s=f"{seen * run.dist.world_size / max(elapsed, 1e-9):.0f}",
+                )
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - start
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
     all_reduce_sum(totals, run.dist)
-    row = {"epoch": epoch + 1, "lr": lr, "loss": float(totals[0] / max(totals[1], 1)),
-           "images_per_s": float(totals[1]) / seconds, "seconds": seconds}
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": float(totals[0] / max(totals[1], 1)),
+        "images_per_s": float(totals[1]) / seconds,
+        "seconds": seconds,
+    }
     row.update(method.on_epoch_end(epoch))
     for hook in run.hooks.values():
         row.update(hook.after_epoch(run, epoch))
@@ -247,12 +328,20 @@ def evaluate_splits(run: Run, splits=("test", "val")) -> Dict[str, Dict[str, Any
         subset = getattr(data, split)
         if subset is None or len(subset) == 0:
             continue
-        out[split] = evaluate(run.method.model, subset.images, subset.labels, data.class_counts,
-                              data.mean, data.std, device=run.device,
-                              batch_size=cfg.train.eval_batch_size, info=run.dist,
-                              amp_dtype=run.optim.amp_dtype,
-                              channels_last=cfg.train.channels_last,
-                              logits_fn=run.method.eval_logits_fn())
+        out[split] = evaluate(
+            run.method.model,
+            subset.images,
+            subset.labels,
+            data.class_counts,
+            data.mean,
+            data.std,
+            device=run.device,
+            batch_size=cfg.train.eval_batch_size,
+            info=run.dist,
+            amp_dtype=run.optim.amp_dtype,
+            channels_last=cfg.train.channels_last,
+            logits_fn=run.method.eval_logits_fn(),
+        )
     return out
 
 
@@ -260,8 +349,13 @@ def summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece")}
 
 
-def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
-        stop_after_epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
+def fit(
+    cfg: Config,
+    run_dir: Path,
+    data_root: Path,
+    resume: bool = False,
+    stop_after_epoch: Optional[int] = None,
+) -> Optional[Dict[str, Any]]:
     """Train (or resume) a run; returns the final metrics (None if stopped early on purpose).
 
     ``stop_after_epoch`` ends the process after that many epochs, as a crash would (for tests).
@@ -285,21 +379,34 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
         folder.write_config(cfg)
     if info.is_main:
         counts = run.data.class_counts
-        print(f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
-              f"imbalance {max(counts) / max(min(counts), 1):.0f}; "
-              f"{group_sizes_line(shot_groups(counts))}")
+        print(
+            f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
+            f"imbalance {max(counts) / max(min(counts), 1):.0f}; "
+            f"{group_sizes_line(shot_groups(counts))}"
+        )
         val = run.data.val
-        missing = sorted(set(range(len(counts))) - set(val.labels.tolist())) if val is not None else []
+        missing = (
+            sorted(set(range(len(counts))) - set(val.labels.tolist())) if val is not None else []
+        )
         if val is not None and missing:
-            print(f"note: val has no images of classes {missing} (the long-tailed subset uses all of "
-                  f"them); anything tuned on val (tau, model selection) cannot see those classes.")
-        print(f"run folder: {run_dir}  device: {run.device}  processes: {info.world_size}"
-              + (f"  resuming after epoch {start_epoch}" if start_epoch else ""))
+            print(
+                f"note: val has no images of classes {missing} (the long-tailed subset uses all of "
+                f"them); anything tuned on val (tau, model selection) cannot see those classes."
+            )
+        print(
+            f"run folder: {run_dir}  device: {run.device}  processes: {info.world_size}"
+            + (f"  resuming after epoch {start_epoch}" if start_epoch else "")
+        )
 
     show_bar = cfg.train.progress and info.is_main
     for epoch in range(start_epoch, cfg.train.epochs):
-        bar = tqdm(total=len(run.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not show_bar)
+        bar = tqdm(
+            total=len(run.loader),
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not show_bar,
+        )
         row = train_one_epoch(run, epoch, bar if show_bar else None)
         bar.close()
         last = epoch + 1 == cfg.train.epochs
@@ -309,9 +416,12 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
         history.append(row)
         if info.is_main:
             evals = "  ".join(f"{s} {row[s]['top1']:.2f}" for s in ("test", "val") if s in row)
-            print(f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['loss']:.4f}  "
-                  f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s"
-                  + (f"  top-1 {evals}" if evals else ""), flush=True)
+            print(
+                f"epoch {row['epoch']:>3}/{cfg.train.epochs}  loss {row['loss']:.4f}  "
+                f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s"
+                + (f"  top-1 {evals}" if evals else ""),
+                flush=True,
+            )
             folder.write_history(history)
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
                 folder.save_checkpoint(training_state(run, epoch + 1))
@@ -320,7 +430,9 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
             return None
 
     run.method.on_train_end()
-    if info.is_main:  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
+    if (
+        info.is_main
+    ):  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
         folder.save_checkpoint(training_state(run, cfg.train.epochs))
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
@@ -330,20 +442,29 @@ def fit(cfg: Config, run_dir: Path, data_root: Path, resume: bool = False,
     return metrics
 
 
-def final_metrics(run: Run, results: Dict[str, Dict[str, Any]],
-                  history: List[Dict[str, Any]]) -> Dict[str, Any]:
+def final_metrics(
+    run: Run, results: Dict[str, Dict[str, Any]], history: List[Dict[str, Any]]
+) -> Dict[str, Any]:
     test = results["test"]
     train_seconds = sum(r["seconds"] for r in history)
     metrics = {k: v for k, v in test.items()}
-    metrics.update({
-        "dataset": run.data.name, "epochs": run.cfg.train.epochs,
-        "class_counts": list(run.data.class_counts),
-        "train_seconds": train_seconds,
-        "images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in history) / train_seconds
-                         if train_seconds else None),
-        "world_size": run.dist.world_size, "device": str(run.device),
-        "torch": torch.__version__, "machine": platform.machine(),
-    })
+    metrics.update(
+        {
+            "dataset": run.data.name,
+            "epochs": run.cfg.train.epochs,
+            "class_counts": list(run.data.class_counts),
+            "train_seconds": train_seconds,
+            "images_per_s": (
+                sum(r["images_per_s"] * r["seconds"] for r in history) / train_seconds
+                if train_seconds
+                else None
+            ),
+            "world_size": run.dist.world_size,
+            "device": str(run.device),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        }
+    )
     metrics.update(run.method.extra_metrics())
     for hook in run.hooks.values():
         metrics.update(hook.metrics(run))
@@ -355,13 +476,19 @@ def final_metrics(run: Run, results: Dict[str, Dict[str, Any]],
 
 def write_results(run: Run, results: Dict[str, Dict[str, Any]], metrics: Dict[str, Any]) -> None:
     folder = run.folder
-    folder.save_weights(run.method.model.state_dict(), {"format": "longtail", "dataset": run.data.name})
-    run.method.save_artifacts(folder.path)   # method files (e.g. MFM's modulator.safetensors)
+    folder.save_weights(
+        run.method.model.state_dict(), {"format": "longtail", "dataset": run.data.name}
+    )
+    run.method.save_artifacts(folder.path)  # method files (e.g. MFM's modulator.safetensors)
     for hook in run.hooks.values():
         hook.save_artifacts(run, folder)
-    folder.write_metrics(metrics)            # last: marks the run finished
-    plot_per_class(folder.plot_path, run.data.class_counts, results,
-                   title=f"{run.data.name}: {run.cfg.method.name} / {run.cfg.loss.name}")
+    folder.write_metrics(metrics)  # last: marks the run finished
+    plot_per_class(
+        folder.plot_path,
+        run.data.class_counts,
+        results,
+        title=f"{run.data.name}: {run.cfg.method.name} / {run.cfg.loss.name}",
+    )
     print()
     print(results_table(results))
     print(f"\nmetrics: {folder.metrics_path}   plot: {folder.plot_path}")

@@ -3,6 +3,6 @@
 from longtail.core.registry import import_submodules
 from longtail.hooks.base import HOOKS, Hook, build_hooks
 
-import_submodules(__name__, __path__)   # every module registers its hooks: a new one is a file
+import_submodules(__name__, __path__)  # every module registers its hooks: a new one is a file
 
 __all__ = ["HOOKS", "Hook", "build_hooks"]

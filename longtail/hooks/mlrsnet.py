@@ -67,10 +67,10 @@ from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from longtail.core.distributed import all_reduce_sum
 from longtail.core.errors import ConfigError
 from longtail.core.io import atomic_write, atomic_write_json
 from longtail.core.modules import frozen_running_stats
-from longtail.core.distributed import all_reduce_sum
 from longtail.data.augment import normalize
 from longtail.data.meta import build_meta_loader
 from longtail.hooks.base import HOOKS, Hook
@@ -94,7 +94,9 @@ class MLRSNet(nn.Module):
         super().__init__()
         self.hidden = int(hidden)
         self.i2h = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 4 * hidden))
-        self.h2h = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4 * hidden))
+        self.h2h = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4 * hidden)
+        )
         self.out = nn.Linear(hidden, 1)
         for seq in (self.i2h, self.h2h):
             for layer in seq:
@@ -120,21 +122,33 @@ def gamma_rule(initial_loss: float, num_classes: int) -> float:
     L0, C = float(initial_loss), int(num_classes)
     if not (L0 > 0 and math.isfinite(L0)):
         raise ValueError(f"the initial loss must be positive and finite, got {L0}")
-    return abs(math.sqrt(L0) * math.log(L0 * C) / C ** 0.25) / 4
+    return abs(math.sqrt(L0) * math.log(L0 * C) / C**0.25) / 4
 
 
 # ---------------------------------------------------------------------------------------------
 # snapshots
 
 
-def save_snapshots(path: Path, nets: List[Dict[str, torch.Tensor]], epochs: List[int],
-                   hidden: int, info: Optional[Dict[str, Any]] = None) -> None:
+def save_snapshots(
+    path: Path,
+    nets: List[Dict[str, torch.Tensor]],
+    epochs: List[int],
+    hidden: int,
+    info: Optional[Dict[str, Any]] = None,
+) -> None:
     """Write snapshots (state dicts of :class:`MLRSNet`) as one safetensors file, keys
     ``snapshot{k}.{name}``; metadata: hidden size, the epochs they come from, ``info``."""
-    tensors = {f"snapshot{k}.{name}": t.detach().cpu().contiguous()
-               for k, sd in enumerate(nets) for name, t in sd.items()}
-    meta = {"format": "longtail-mlrsnet", "hidden": str(hidden),
-            "epochs": json.dumps([int(e) for e in epochs]), "info": json.dumps(info or {})}
+    tensors = {
+        f"snapshot{k}.{name}": t.detach().cpu().contiguous()
+        for k, sd in enumerate(nets)
+        for name, t in sd.items()
+    }
+    meta = {
+        "format": "longtail-mlrsnet",
+        "hidden": str(hidden),
+        "epochs": json.dumps([int(e) for e in epochs]),
+        "info": json.dumps(info or {}),
+    }
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -148,17 +162,20 @@ def load_snapshots(path: str | Path) -> Tuple[List[Dict[str, torch.Tensor]], int
         raise ConfigError(
             f"hooks.mlrsnet.checkpoint={path}: no MLR-SNet snapshot file at {p}. Meta-train one first "
             f"(longtail train configs/methods/mlrsnet.yaml data=cifar10_lt writes RUN_DIR/{BUNDLE_FILE}) and pass "
-            f"that file or its run folder.")
+            f"that file or its run folder."
+        )
     with safe_open(str(p), framework="pt") as fh:
         meta = fh.metadata() or {}
     if meta.get("format") != "longtail-mlrsnet":
-        raise ConfigError(f"hooks.mlrsnet.checkpoint={path}: {p} is not an MLR-SNet snapshot file "
-                          f"(written by the mlrsnet hook in meta_train mode).")
+        raise ConfigError(
+            f"hooks.mlrsnet.checkpoint={path}: {p} is not an MLR-SNet snapshot file "
+            f"(written by the mlrsnet hook in meta_train mode)."
+        )
     tensors = load_file(str(p))
     groups: Dict[int, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         head, name = key.split(".", 1)
-        groups.setdefault(int(head[len("snapshot"):]), {})[name] = t
+        groups.setdefault(int(head[len("snapshot") :]), {})[name] = t
     nets = [groups[k] for k in sorted(groups)]
     return nets, int(meta["hidden"]), list(json.loads(meta.get("epochs", "[]")))
 
@@ -175,12 +192,14 @@ def bundle_epochs(epochs: int) -> List[int]:
 class MLRSNetOptions(Options):
     """``hooks.mlrsnet.*`` (see the module docstring)."""
 
-    mode: Optional[str] = Field(None, pattern="^(meta_train|transfer)$")  # None: transfer iff checkpoint
-    checkpoint: Optional[str] = None        # mlrsnet.safetensors (or its run folder) for transfer
-    hidden: int = Field(50, ge=1)           # width of the LSTM-style cell
-    meta_every: int = Field(300, ge=1)      # meta_train: one update of the net every N steps
+    mode: Optional[str] = Field(
+        None, pattern="^(meta_train|transfer)$"
+    )  # None: transfer iff checkpoint
+    checkpoint: Optional[str] = None  # mlrsnet.safetensors (or its run folder) for transfer
+    hidden: int = Field(50, ge=1)  # width of the LSTM-style cell
+    meta_every: int = Field(300, ge=1)  # meta_train: one update of the net every N steps
     meta_batch_size: int = Field(128, ge=1)  # meta images per update (global, split over ranks)
-    meta_lr: float = Field(1e-3, gt=0.0)    # Adam on the net's weights
+    meta_lr: float = Field(1e-3, gt=0.0)  # Adam on the net's weights
     meta_weight_decay: float = Field(1e-4, ge=0.0)
     gamma: Optional[float] = Field(None, gt=0.0)  # fixed lr scale instead of the initial-loss rule
     gamma_images: Optional[int] = Field(None, ge=1)  # training images for that loss (None: all)
@@ -199,17 +218,19 @@ class MLRSNetHook(Hook):
     def __init__(self, facts, **options):
         opts = parse_options(MLRSNetOptions, options, "hooks.mlrsnet")
         self.epochs, self.opts = int(facts.epochs), opts
-        self.weight_decay, self.base_lr = 0.0, 0.1     # the run's optim section (before_run)
+        self.weight_decay, self.base_lr = 0.0, 0.1  # the run's optim section (before_run)
         self.mode = opts.mode or ("transfer" if opts.checkpoint else "meta_train")
         self.snapshots: List[Dict[str, torch.Tensor]] = []
         self.snapshot_epochs: List[int] = []
         hidden = opts.hidden
         if self.mode == "transfer":
             if not opts.checkpoint:
-                raise ConfigError("hooks.mlrsnet.mode=transfer needs hooks.mlrsnet.checkpoint=PATH "
-                                  f"(a {BUNDLE_FILE} from a meta_train run, or its run folder).")
+                raise ConfigError(
+                    "hooks.mlrsnet.mode=transfer needs hooks.mlrsnet.checkpoint=PATH "
+                    f"(a {BUNDLE_FILE} from a meta_train run, or its run folder)."
+                )
             self.snapshots, hidden, self.snapshot_epochs = load_snapshots(opts.checkpoint)
-        with torch.random.fork_rng(devices=[]):    # leaves the run's global RNG alone
+        with torch.random.fork_rng(devices=[]):  # leaves the run's global RNG alone
             self.net = MLRSNet(hidden)
         if self.snapshots:
             self.net.load_state_dict(self.snapshots[0])
@@ -217,10 +238,10 @@ class MLRSNetHook(Hook):
         self.state: State = self.net.initial_state()
         self.gamma: Optional[float] = None
         self.gammas: List[float] = []
-        self.active = -1                    # snapshot in use (transfer)
-        self.steps = 0                      # training steps whose lr the net has set
+        self.active = -1  # snapshot in use (transfer)
+        self.steps = 0  # training steps whose lr the net has set
         self.meta_steps = 0
-        self.lrs: List[float] = []          # every step's lr (lr_schedule.json, the plot)
+        self.lrs: List[float] = []  # every step's lr (lr_schedule.json, the plot)
         self.last_lr = 0.0
         self._epoch_meta: List[float] = []
         self._epoch_start_step = 0
@@ -232,7 +253,7 @@ class MLRSNetHook(Hook):
     def before_run(self, run) -> None:
         self.run = run
         self.weight_decay, self.base_lr = float(run.cfg.optim.weight_decay), float(run.cfg.optim.lr)
-        if not self.snapshots:      # a fresh net, drawn from the run's seed (not the global RNG)
+        if not self.snapshots:  # a fresh net, drawn from the run's seed (not the global RNG)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(run.cfg.seed) + 0x5EED)
                 self.net = MLRSNet(self.net.hidden)
@@ -244,14 +265,21 @@ class MLRSNetHook(Hook):
                 raise ConfigError(
                     "hooks.mlrsnet meta-trains its net on a balanced meta set, but the run "
                     "has none: set data.meta_per_class (e.g. 10), or train under a meta-trained net "
-                    "with hooks.mlrsnet.checkpoint=PATH (transfer mode, no meta set).")
-            self.meta_loader = build_meta_loader(data, run.cfg, run.device,
-                                                 batch_size=self.opts.meta_batch_size,
-                                                 rank=run.dist.rank, world_size=run.dist.world_size)
-            self.meta_optimizer = make_meta_optimizer(self.net.parameters(), "adam",
-                                                      self.opts.meta_lr, self.opts.meta_weight_decay)
+                    "with hooks.mlrsnet.checkpoint=PATH (transfer mode, no meta set)."
+                )
+            self.meta_loader = build_meta_loader(
+                data,
+                run.cfg,
+                run.device,
+                batch_size=self.opts.meta_batch_size,
+                rank=run.dist.rank,
+                world_size=run.dist.world_size,
+            )
+            self.meta_optimizer = make_meta_optimizer(
+                self.net.parameters(), "adam", self.opts.meta_lr, self.opts.meta_weight_decay
+            )
             initial = run.folder.artifact(SNAPSHOT_DIR) / "epoch_000.safetensors"
-            if run.dist.is_main and not initial.exists():   # the untrained net, for comparison
+            if run.dist.is_main and not initial.exists():  # the untrained net, for comparison
                 initial.parent.mkdir(parents=True, exist_ok=True)
                 save_snapshots(initial, [self.net.state_dict()], [0], self.net.hidden)
 
@@ -268,20 +296,29 @@ class MLRSNetHook(Hook):
             if k != self.active:
                 self.net.load_state_dict(self.snapshots[k])
                 self.active = k
-                self.gamma = None          # γ follows the network at every switch
+                self.gamma = None  # γ follows the network at every switch
         if self.gamma is None:
-            self.gamma = (float(self.opts.gamma) if self.opts.gamma is not None
-                          else gamma_rule(self.training_loss(), len(self.run.data.class_counts)))
+            self.gamma = (
+                float(self.opts.gamma)
+                if self.opts.gamma is not None
+                else gamma_rule(self.training_loss(), len(self.run.data.class_counts))
+            )
             self.gammas.append(self.gamma)
 
     def after_epoch(self, run, epoch: int) -> Dict[str, Any]:
         if self.steps == self._epoch_start_step and len(run.loader):
-            raise ConfigError(f"hooks.mlrsnet got no loss from method.name={run.cfg.method.name}: "
-                              f"its train_step does not step through OptimWrapper.update, which "
-                              f"reports each step's loss.")
-        lrs = self.lrs[self._epoch_start_step:]
-        stats: Dict[str, Any] = {"gamma": self.gamma, "lr_mean": sum(lrs) / max(len(lrs), 1),
-                                 "lr_min": min(lrs, default=0.0), "lr_max": max(lrs, default=0.0)}
+            raise ConfigError(
+                f"hooks.mlrsnet got no loss from method.name={run.cfg.method.name}: "
+                f"its train_step does not step through OptimWrapper.update, which "
+                f"reports each step's loss."
+            )
+        lrs = self.lrs[self._epoch_start_step :]
+        stats: Dict[str, Any] = {
+            "gamma": self.gamma,
+            "lr_mean": sum(lrs) / max(len(lrs), 1),
+            "lr_min": min(lrs, default=0.0),
+            "lr_max": max(lrs, default=0.0),
+        }
         if self.mode == "transfer":
             stats["snapshot"] = self.active
         if self._epoch_meta:
@@ -289,8 +326,13 @@ class MLRSNetHook(Hook):
         if self.mode == "meta_train" and self.run.dist.is_main:
             folder = run.folder.artifact(SNAPSHOT_DIR)
             folder.mkdir(exist_ok=True)
-            save_snapshots(folder / f"epoch_{epoch + 1:03d}.safetensors", [self.net.state_dict()],
-                           [epoch + 1], self.net.hidden, {"gamma": self.gamma})
+            save_snapshots(
+                folder / f"epoch_{epoch + 1:03d}.safetensors",
+                [self.net.state_dict()],
+                [epoch + 1],
+                self.net.hidden,
+                {"gamma": self.gamma},
+            )
         return {"mlrsnet": stats}
 
     @torch.no_grad()
@@ -316,7 +358,7 @@ class MLRSNetHook(Hook):
         fmt = torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
         total = torch.zeros((), dtype=torch.float64)
         g = torch.Generator().manual_seed(int(run.cfg.seed) + 1)
-        order = idx[torch.randperm(len(idx), generator=g)]     # class-mixed batches
+        order = idx[torch.randperm(len(idx), generator=g)]  # class-mixed batches
         try:
             with frozen_running_stats(model):
                 for chunk in order.split(run.cfg.train.eval_batch_size):
@@ -353,54 +395,98 @@ class MLRSNetHook(Hook):
         """One Adam step of ω on the look-ahead of this batch; returns the meta loss."""
         run, method = self.run, self.run.method
         model = method.model
-        out, _ = self.net(L, self.state)                       # the state is not advanced here
+        out, _ = self.net(L, self.state)  # the state is not advanced here
         lr = self.gamma * out.reshape(())
         meta = self.meta_loader.batch(self.meta_steps)
         train_fn = loss_closure(model, batch.images, batch.labels, method.loss)
         meta_fn = loss_closure(model, meta.images, meta.labels, F.cross_entropy)
-        stats = bilevel_meta_step(model, list(self.net.parameters()), self.meta_optimizer,
-                                  train_fn, meta_fn, lr, weight_decay=self.weight_decay,
-                                  differentiable=False, info=run.dist)
+        stats = bilevel_meta_step(
+            model,
+            list(self.net.parameters()),
+            self.meta_optimizer,
+            train_fn,
+            meta_fn,
+            lr,
+            weight_decay=self.weight_decay,
+            differentiable=False,
+            info=run.dist,
+        )
         self.meta_steps += 1
         return float(stats.meta_loss)
 
     # -- results and state -------------------------------------------------------------------
     def metrics(self, run) -> Dict[str, Any]:
-        return {"mlrsnet": {
-            "mode": self.mode, "checkpoint": self.opts.checkpoint, "gammas": self.gammas,
-            "meta_steps": self.meta_steps, "meta_every": self.opts.meta_every,
-            "snapshot_epochs": self.snapshot_epochs, "lr_first": self.lrs[0] if self.lrs else None,
-            "lr_last": self.lrs[-1] if self.lrs else None,
-            "lr_min": min(self.lrs, default=None), "lr_max": max(self.lrs, default=None)}}
+        return {
+            "mlrsnet": {
+                "mode": self.mode,
+                "checkpoint": self.opts.checkpoint,
+                "gammas": self.gammas,
+                "meta_steps": self.meta_steps,
+                "meta_every": self.opts.meta_every,
+                "snapshot_epochs": self.snapshot_epochs,
+                "lr_first": self.lrs[0] if self.lrs else None,
+                "lr_last": self.lrs[-1] if self.lrs else None,
+                "lr_min": min(self.lrs, default=None),
+                "lr_max": max(self.lrs, default=None),
+            }
+        }
 
     def save_artifacts(self, run, folder) -> None:
         run_dir = Path(folder.path)
 
         steps = len(self.lrs) // max(self.epochs, 1) if self.epochs else 0
-        atomic_write_json(run_dir / LR_FILE, {"mode": self.mode, "gammas": self.gammas,
-                                              "steps_per_epoch": steps, "lr": self.lrs})
+        atomic_write_json(
+            run_dir / LR_FILE,
+            {"mode": self.mode, "gammas": self.gammas, "steps_per_epoch": steps, "lr": self.lrs},
+        )
         if self.mode == "meta_train":
             chosen = bundle_epochs(self.epochs)
-            nets = [load_snapshots(run_dir / SNAPSHOT_DIR / f"epoch_{e:03d}.safetensors")[0][0]
-                    for e in chosen]
-            save_snapshots(run_dir / BUNDLE_FILE, nets, chosen, self.net.hidden,
-                           {"dataset": self.run.data.name, "gammas": self.gammas})
-        plot_lr(run_dir / "mlrsnet_lr.png", self.lrs, steps, f"{self.run.data.name}: MLR-SNet "
-                f"({self.mode})")
+            nets = [
+                load_snapshots(run_dir / SNAPSHOT_DIR / f"epoch_{e:03d}.safetensors")[0][0]
+                for e in chosen
+            ]
+            save_snapshots(
+                run_dir / BUNDLE_FILE,
+                nets,
+                chosen,
+                self.net.hidden,
+                {"dataset": self.run.data.name, "gammas": self.gammas},
+            )
+        plot_lr(
+            run_dir / "mlrsnet_lr.png",
+            self.lrs,
+            steps,
+            f"{self.run.data.name}: MLR-SNet ({self.mode})",
+        )
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"net": self.net.state_dict(), "h": self.state[0], "c": self.state[1],
-                "gamma": self.gamma, "gammas": list(self.gammas), "active": self.active,
-                "steps": self.steps, "meta_steps": self.meta_steps, "lrs": list(self.lrs),
-                "meta_optimizer": (self.meta_optimizer.state_dict()
-                                   if self.meta_optimizer is not None else None)}
+        return {
+            "net": self.net.state_dict(),
+            "h": self.state[0],
+            "c": self.state[1],
+            "gamma": self.gamma,
+            "gammas": list(self.gammas),
+            "active": self.active,
+            "steps": self.steps,
+            "meta_steps": self.meta_steps,
+            "lrs": list(self.lrs),
+            "meta_optimizer": (
+                self.meta_optimizer.state_dict() if self.meta_optimizer is not None else None
+            ),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
-        self.state = (state["h"].to(self.net.out.weight.device),
-                      state["c"].to(self.net.out.weight.device))
+        self.state = (
+            state["h"].to(self.net.out.weight.device),
+            state["c"].to(self.net.out.weight.device),
+        )
         self.gamma, self.gammas = state["gamma"], list(state["gammas"])
-        self.active, self.steps, self.meta_steps = state["active"], state["steps"], state["meta_steps"]
+        self.active, self.steps, self.meta_steps = (
+            state["active"],
+            state["steps"],
+            state["meta_steps"],
+        )
         self.lrs = list(state["lrs"])
         self.last_lr = self.lrs[-1] if self.lrs else 0.0
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:

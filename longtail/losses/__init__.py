@@ -7,17 +7,21 @@ from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
+from longtail.core.registry import import_submodules
 from longtail.losses.base import LOSSES, LongtailLoss, class_balanced_weights
 from longtail.losses.ce import CrossEntropyLoss
-from longtail.losses.focal import FocalLoss
 from longtail.losses.class_balanced import ClassBalancedLoss
-from longtail.losses.ldam import LDAMLoss
-from longtail.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss, posthoc_adjust, select_tau
+from longtail.losses.focal import FocalLoss
 from longtail.losses.gcl import GCLLoss
+from longtail.losses.ldam import LDAMLoss
+from longtail.losses.logit_adjusted import (
+    BalancedSoftmaxLoss,
+    LogitAdjustedLoss,
+    posthoc_adjust,
+    select_tau,
+)
 
-from longtail.core.registry import import_submodules
-
-import_submodules(__name__, __path__)   # every module registers its losses: a new loss is a file
+import_submodules(__name__, __path__)  # every module registers its losses: a new loss is a file
 
 
 def create(name: str, class_counts: Optional[Sequence[float]] = None, **params: Any) -> nn.Module:
@@ -31,7 +35,17 @@ def create(name: str, class_counts: Optional[Sequence[float]] = None, **params: 
 
 
 __all__ = [
-    "LOSSES", "create", "class_balanced_weights", "posthoc_adjust", "select_tau", "LongtailLoss",
-    "CrossEntropyLoss", "FocalLoss", "ClassBalancedLoss", "LDAMLoss", "LogitAdjustedLoss",
-    "BalancedSoftmaxLoss", "GCLLoss",
+    "LOSSES",
+    "create",
+    "class_balanced_weights",
+    "posthoc_adjust",
+    "select_tau",
+    "LongtailLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "ClassBalancedLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "BalancedSoftmaxLoss",
+    "GCLLoss",
 ]

@@ -22,6 +22,7 @@ LOSSES = Registry("loss")
 # validation helpers
 # --------------------------------------------------------------------------------------------
 
+
 def as_class_counts(class_counts: Any, key: str = "loss.class_counts") -> np.ndarray:
     """Validate ``class_counts`` (list / tuple / numpy array / tensor) -> float64 numpy array [C].
 
@@ -35,26 +36,42 @@ def as_class_counts(class_counts: Any, key: str = "loss.class_counts") -> np.nda
     try:
         counts = np.asarray(class_counts, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"'{key}' must be a list of per-class image counts, got {class_counts!r}.") from exc
+        raise ConfigError(
+            f"'{key}' must be a list of per-class image counts, got {class_counts!r}."
+        ) from exc
     if counts.ndim != 1 or counts.size == 0:
-        raise ConfigError(f"'{key}' must be a non-empty 1-D list of per-class image counts, "
-                          f"got shape {tuple(counts.shape)}.")
+        raise ConfigError(
+            f"'{key}' must be a non-empty 1-D list of per-class image counts, "
+            f"got shape {tuple(counts.shape)}."
+        )
     if not np.all(np.isfinite(counts)) or np.any(counts <= 0):
         bad = [i for i, n in enumerate(counts) if not (math.isfinite(n) and n > 0)]
-        raise ConfigError(f"'{key}' must be positive for every class; classes {bad[:10]} have "
-                          f"count <= 0 or non-finite. Drop empty classes or fix the dataset split.")
+        raise ConfigError(
+            f"'{key}' must be positive for every class; classes {bad[:10]} have "
+            f"count <= 0 or non-finite. Drop empty classes or fix the dataset split."
+        )
     return counts
 
 
 def check_beta(beta: Any, key: str) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= float(beta) < 1.0):
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, (int, float))
+        or not (0.0 <= float(beta) < 1.0)
+    ):
         raise ConfigError(f"'{key}' must be a number in [0, 1), got {beta!r}.")
     return float(beta)
 
 
-def check_number(value: Any, key: str, *, minimum: Optional[float] = None, strict: bool = False) -> float:
+def check_number(
+    value: Any, key: str, *, minimum: Optional[float] = None, strict: bool = False
+) -> float:
     """A finite real number, optionally ``>= minimum`` (``> minimum`` when ``strict``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(float(value))
+    ):
         raise ConfigError(f"'{key}' must be a finite number, got {value!r}.")
     value = float(value)
     if minimum is not None and (value <= minimum if strict else value < minimum):
@@ -72,8 +89,10 @@ def check_epoch(epoch: Any, key: str) -> int:
 # class-balanced (effective-number) weights
 # --------------------------------------------------------------------------------------------
 
-def class_balanced_weights(class_counts: Union[Sequence[float], np.ndarray],
-                           beta: float = 0.9999) -> torch.Tensor:
+
+def class_balanced_weights(
+    class_counts: Union[Sequence[float], np.ndarray], beta: float = 0.9999
+) -> torch.Tensor:
     """Effective-number class weights of Cui et al. (CVPR 2019), docs/index.md.
 
     ``w_c = (1 - beta) / (1 - beta ** n_c)``, then ``w <- w * C / sum(w)`` so the weights sum to C.
@@ -82,7 +101,9 @@ def class_balanced_weights(class_counts: Union[Sequence[float], np.ndarray],
     """
     counts = as_class_counts(class_counts)
     beta = check_beta(beta, "loss.beta")
-    effective_num = -np.expm1(counts * np.log(beta)) if beta > 0 else np.ones_like(counts)  # 1 - beta^n
+    effective_num = (
+        -np.expm1(counts * np.log(beta)) if beta > 0 else np.ones_like(counts)
+    )  # 1 - beta^n
     weights = (1.0 - beta) / effective_num
     weights = weights * (counts.size / weights.sum())
     return torch.tensor(weights, dtype=torch.float32)
@@ -91,6 +112,7 @@ def class_balanced_weights(class_counts: Union[Sequence[float], np.ndarray],
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
+
 
 def _fp32_context(device_type: str):
     """Disable autocast for ``device_type`` so the loss runs in float32."""
@@ -147,25 +169,45 @@ class LongtailLoss(nn.Module):
     static_weight: Optional[torch.Tensor]
     drw_weight: Optional[torch.Tensor]
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, *, drw_epoch: Optional[int] = None,
-                 drw_beta: float = 0.9999, own_weight: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        *,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+        own_weight: Optional[torch.Tensor] = None,
+    ):
         super().__init__()
         name = getattr(self, "registry_name", type(self).__name__)
         if class_counts is None and (self.needs_class_counts or drw_epoch is not None):
-            why = "it is computed from them" if self.needs_class_counts else "DRW (loss.drw_epoch) needs them"
-            raise ConfigError(f"loss {name!r} needs 'loss.class_counts' (the number of training images "
-                              f"per class) because {why}.")
-        self.counts: Optional[np.ndarray] = None if class_counts is None else as_class_counts(class_counts)
+            why = (
+                "it is computed from them"
+                if self.needs_class_counts
+                else "DRW (loss.drw_epoch) needs them"
+            )
+            raise ConfigError(
+                f"loss {name!r} needs 'loss.class_counts' (the number of training images "
+                f"per class) because {why}."
+            )
+        self.counts: Optional[np.ndarray] = (
+            None if class_counts is None else as_class_counts(class_counts)
+        )
         self.num_classes: Optional[int] = None if self.counts is None else int(self.counts.size)
-        self.drw_epoch: Optional[int] = None if drw_epoch is None else check_epoch(drw_epoch, "loss.drw_epoch")
+        self.drw_epoch: Optional[int] = (
+            None if drw_epoch is None else check_epoch(drw_epoch, "loss.drw_epoch")
+        )
         self.drw_beta: float = check_beta(drw_beta, "loss.drw_beta")
 
         if self.drw_epoch is None:
             static, deferred = own_weight, None
         else:
             static = None
-            assert self.counts is not None    # DRW without class_counts was refused above
-            deferred = own_weight if own_weight is not None else class_balanced_weights(self.counts, self.drw_beta)
+            assert self.counts is not None  # DRW without class_counts was refused above
+            deferred = (
+                own_weight
+                if own_weight is not None
+                else class_balanced_weights(self.counts, self.drw_beta)
+            )
         self.register_buffer("weight", None, persistent=False)
         self.register_buffer("static_weight", _as_f32(static), persistent=False)
         self.register_buffer("drw_weight", _as_f32(deferred), persistent=False)
@@ -189,14 +231,20 @@ class LongtailLoss(nn.Module):
         if logits.dim() != 2:
             raise ValueError(f"logits must have shape [B, C], got {tuple(logits.shape)}")
         if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
-            raise ValueError(f"targets must have shape [B] = [{logits.shape[0]}], got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have shape [B] = [{logits.shape[0]}], got {tuple(targets.shape)}"
+            )
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
-            raise ConfigError(f"The model outputs {logits.shape[1]} classes but 'loss.class_counts' has "
-                              f"{self.num_classes} entries; they must match.")
+            raise ConfigError(
+                f"The model outputs {logits.shape[1]} classes but 'loss.class_counts' has "
+                f"{self.num_classes} entries; they must match."
+            )
         with _fp32_context(logits.device.type):
             return self._loss(logits.float(), targets.long())
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def _loss(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -210,12 +258,24 @@ def _as_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else torch.as_tensor(t, dtype=torch.float32).clone()
 
 
-def resolve_beta(beta: Optional[float], drw_beta: Optional[float], default: float, drw_epoch: Optional[int],
-                 name: str) -> float:
+def resolve_beta(
+    beta: Optional[float],
+    drw_beta: Optional[float],
+    default: float,
+    drw_epoch: Optional[int],
+    name: str,
+) -> float:
     """For losses with their own ``beta`` (cb, gcl): ``drw_beta`` may repeat it but not contradict it."""
-    if beta is not None and drw_beta is not None and drw_epoch is not None and float(beta) != float(drw_beta):
-        raise ConfigError(f"loss {name!r} uses 'loss.beta' for its class weights (also under DRW); "
-                          f"'loss.drw_beta'={drw_beta!r} contradicts 'loss.beta'={beta!r}. Set only 'loss.beta'.")
+    if (
+        beta is not None
+        and drw_beta is not None
+        and drw_epoch is not None
+        and float(beta) != float(drw_beta)
+    ):
+        raise ConfigError(
+            f"loss {name!r} uses 'loss.beta' for its class weights (also under DRW); "
+            f"'loss.drw_beta'={drw_beta!r} contradicts 'loss.beta'={beta!r}. Set only 'loss.beta'."
+        )
     chosen = beta if beta is not None else (drw_beta if drw_beta is not None else default)
     return check_beta(chosen, "loss.beta")
 

@@ -22,8 +22,12 @@ class CrossEntropyLoss(LongtailLoss):
 
     registry_name = "ce"
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, drw_epoch: Optional[int] = None,
-                 drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

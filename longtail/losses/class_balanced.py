@@ -30,28 +30,44 @@ class ClassBalancedLoss(nn.Module):
 
     registry_name = "cb"
     needs_class_counts = True
-    requires_normalized_head = False        # per instance: the base loss's
+    requires_normalized_head = False  # per instance: the base loss's
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, beta: float = 0.9999,
-                 base: str = "ce", drw_epoch: Optional[int] = None,
-                 drw_beta: Optional[float] = None, **base_options: Any):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        beta: float = 0.9999,
+        base: str = "ce",
+        drw_epoch: Optional[int] = None,
+        drw_beta: Optional[float] = None,
+        **base_options: Any,
+    ):
         super().__init__()
         if base == self.registry_name:
-            raise ConfigError("'loss.base' cannot be 'cb' itself: name the loss to re-weight "
-                              "(e.g. ce or focal).")
+            raise ConfigError(
+                "'loss.base' cannot be 'cb' itself: name the loss to re-weight (e.g. ce or focal)."
+            )
         if class_counts is None:
-            raise ConfigError("'loss.class_counts' is missing: the class-balanced weights are "
-                              "computed from the number of training images per class.")
+            raise ConfigError(
+                "'loss.class_counts' is missing: the class-balanced weights are "
+                "computed from the number of training images per class."
+            )
         if base not in LOSSES:
-            raise ConfigError(f"'loss.base' = {base!r} is not a registered loss; use one of "
-                              f"{', '.join(n for n in LOSSES.names() if n != self.registry_name)}.")
+            raise ConfigError(
+                f"'loss.base' = {base!r} is not a registered loss; use one of "
+                f"{', '.join(n for n in LOSSES.names() if n != self.registry_name)}."
+            )
         beta = resolve_beta(beta, drw_beta, 0.9999, drw_epoch, "cb")
         # the base's own DRW switch carries the weights: from epoch 0, or from drw_epoch
-        self.base_loss = LOSSES.build(base, class_counts=class_counts, key_prefix="loss.",
-                                      drw_epoch=0 if drw_epoch is None else drw_epoch,
-                                      drw_beta=beta, **base_options)
+        self.base_loss = LOSSES.build(
+            base,
+            class_counts=class_counts,
+            key_prefix="loss.",
+            drw_epoch=0 if drw_epoch is None else drw_epoch,
+            drw_beta=beta,
+            **base_options,
+        )
         self.beta, self.base = beta, base
-        self.drw_epoch = drw_epoch            # the run's re-weighting epoch (None: from the start)
+        self.drw_epoch = drw_epoch  # the run's re-weighting epoch (None: from the start)
         self.requires_normalized_head = getattr(self.base_loss, "requires_normalized_head", False)
 
     def __getattr__(self, name: str) -> Any:

@@ -20,7 +20,7 @@ def focal_from_ce(ce: torch.Tensor, gamma: float) -> torch.Tensor:
     if gamma == 0:
         return ce.mean()
     one_minus_p = (-torch.expm1(-ce)).clamp_min(torch.finfo(ce.dtype).tiny)
-    return (one_minus_p ** gamma * ce).mean()
+    return (one_minus_p**gamma * ce).mean()
 
 
 @LOSSES.register("focal")
@@ -36,8 +36,13 @@ class FocalLoss(LongtailLoss):
 
     registry_name = "focal"
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, gamma: float = 1.0,
-                 drw_epoch: Optional[int] = None, drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        gamma: float = 1.0,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.gamma = check_number(gamma, "loss.gamma", minimum=0.0)
 

@@ -37,9 +37,17 @@ class GCLLoss(LongtailLoss):
 
     cloud: torch.Tensor
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, scale: float = 25.0, margin: float = 0.1,
-                 noise_mul: float = 1.0, beta: Optional[float] = None, drw_epoch: Optional[int] = None,
-                 drw_beta: Optional[float] = None, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        scale: float = 25.0,
+        margin: float = 0.1,
+        noise_mul: float = 1.0,
+        beta: Optional[float] = None,
+        drw_epoch: Optional[int] = None,
+        drw_beta: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
         beta = resolve_beta(beta, drw_beta, 0.9998, drw_epoch, "gcl")
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=beta)
         self.scale = check_number(scale, "loss.scale", minimum=0.0, strict=True)
@@ -47,7 +55,9 @@ class GCLLoss(LongtailLoss):
         self.noise_mul = check_number(noise_mul, "loss.noise_mul", minimum=0.0)
         self.beta = beta
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         self.generator: Optional[torch.Generator] = generator
         m = torch.log(torch.tensor(self.counts, dtype=torch.float64))
         m = m.max() - m
@@ -70,5 +80,7 @@ class GCLLoss(LongtailLoss):
         return F.cross_entropy(self.scale * cos, targets, weight=self.weight)
 
     def extra_repr(self) -> str:
-        return (f"scale={self.scale}, margin={self.margin}, noise_mul={self.noise_mul}, beta={self.beta}, "
-                + super().extra_repr())
+        return (
+            f"scale={self.scale}, margin={self.margin}, noise_mul={self.noise_mul}, beta={self.beta}, "
+            + super().extra_repr()
+        )

@@ -28,13 +28,19 @@ class LDAMLoss(LongtailLoss):
 
     margins: torch.Tensor
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, max_margin: float = 0.5,
-                 scale: float = 30.0, drw_epoch: Optional[int] = None, drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        max_margin: float = 0.5,
+        scale: float = 30.0,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.max_margin = check_number(max_margin, "loss.max_margin", minimum=0.0)
         self.scale = check_number(scale, "loss.scale", minimum=0.0, strict=True)
-        assert self.counts is not None    # needs_class_counts: the base refused None
-        m = self.counts ** -0.25
+        assert self.counts is not None  # needs_class_counts: the base refused None
+        m = self.counts**-0.25
         m = m * (self.max_margin / m.max())
         self.register_buffer("margins", torch.tensor(m, dtype=torch.float32), persistent=False)
 

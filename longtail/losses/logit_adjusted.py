@@ -35,13 +35,19 @@ class LogitAdjustedLoss(LongtailLoss):
 
     log_prior: torch.Tensor
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, tau: float = 1.0,
-                 drw_epoch: Optional[int] = None, drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        tau: float = 1.0,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.tau = check_number(tau, "loss.tau")
-        assert self.counts is not None    # needs_class_counts: the base refused None
-        self.register_buffer("log_prior", torch.tensor(log_prior(self.counts), dtype=torch.float32),
-                             persistent=False)
+        assert self.counts is not None  # needs_class_counts: the base refused None
+        self.register_buffer(
+            "log_prior", torch.tensor(log_prior(self.counts), dtype=torch.float32), persistent=False
+        )
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits + self.tau * self.log_prior, targets, weight=self.weight)
@@ -63,23 +69,30 @@ class BalancedSoftmaxLoss(LongtailLoss):
 
     log_counts: torch.Tensor
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, drw_epoch: Optional[int] = None,
-                 drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
-        assert self.counts is not None    # needs_class_counts: the base refused None
-        self.register_buffer("log_counts", torch.tensor(np.log(self.counts), dtype=torch.float32),
-                             persistent=False)
+        assert self.counts is not None  # needs_class_counts: the base refused None
+        self.register_buffer(
+            "log_counts", torch.tensor(np.log(self.counts), dtype=torch.float32), persistent=False
+        )
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits + self.log_counts, targets, weight=self.weight)
 
 
 @overload
-def posthoc_adjust(logits: torch.Tensor, class_counts: Sequence[float],
-                   tau: float = ...) -> torch.Tensor: ...
+def posthoc_adjust(
+    logits: torch.Tensor, class_counts: Sequence[float], tau: float = ...
+) -> torch.Tensor: ...
 @overload
-def posthoc_adjust(logits: np.ndarray, class_counts: Sequence[float],
-                   tau: float = ...) -> np.ndarray: ...
+def posthoc_adjust(
+    logits: np.ndarray, class_counts: Sequence[float], tau: float = ...
+) -> np.ndarray: ...
 
 
 def posthoc_adjust(logits: ArrayLike, class_counts: Sequence[float], tau: float = 1.0) -> ArrayLike:
@@ -91,14 +104,20 @@ def posthoc_adjust(logits: ArrayLike, class_counts: Sequence[float], tau: float 
     lp = log_prior(class_counts)
     tau = check_number(tau, "tau")
     if logits.shape[-1] != lp.size:
-        raise ConfigError(f"logits have {logits.shape[-1]} classes but class_counts has {lp.size} entries.")
+        raise ConfigError(
+            f"logits have {logits.shape[-1]} classes but class_counts has {lp.size} entries."
+        )
     if isinstance(logits, torch.Tensor):
         return logits.float() - tau * torch.as_tensor(lp, dtype=torch.float32, device=logits.device)
     return np.asarray(logits, dtype=np.float64) - tau * lp
 
 
-def select_tau(logits_val: ArrayLike, labels_val: ArrayLike, class_counts: Sequence[float],
-               taus: Optional[Iterable[float]] = None) -> Tuple[float, List[Tuple[float, float]]]:
+def select_tau(
+    logits_val: ArrayLike,
+    labels_val: ArrayLike,
+    class_counts: Sequence[float],
+    taus: Optional[Iterable[float]] = None,
+) -> Tuple[float, List[Tuple[float, float]]]:
     """Pick the post-hoc ``tau`` by top-1 accuracy on a validation split (never on the test set).
 
     ``logits_val`` [N, C], ``labels_val`` [N] (torch or numpy); ``taus`` defaults to
@@ -114,8 +133,10 @@ def select_tau(logits_val: ArrayLike, labels_val: ArrayLike, class_counts: Seque
     logits = torch.as_tensor(logits_val).detach().float().cpu()
     labels = torch.as_tensor(labels_val).detach().long().cpu()
     if logits.dim() != 2 or labels.shape != (logits.shape[0],) or logits.shape[0] == 0:
-        raise ValueError(f"expected logits [N, C] and labels [N] with N > 0, got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits [N, C] and labels [N] with N > 0, got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
     table: List[Tuple[float, float]] = []
     best_tau, best_acc = grid[0], -1.0
     for tau in grid:

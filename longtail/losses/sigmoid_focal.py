@@ -26,8 +26,13 @@ class SigmoidFocalLoss(LongtailLoss):
 
     registry_name = "sigmoid_focal"
 
-    def __init__(self, class_counts: Optional[Sequence[float]] = None, gamma: float = 1.0,
-                 drw_epoch: Optional[int] = None, drw_beta: float = 0.9999):
+    def __init__(
+        self,
+        class_counts: Optional[Sequence[float]] = None,
+        gamma: float = 1.0,
+        drw_epoch: Optional[int] = None,
+        drw_beta: float = 0.9999,
+    ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.gamma = check_number(gamma, "loss.gamma", minimum=0.0)
 

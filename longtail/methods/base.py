@@ -33,14 +33,14 @@ METHODS = Registry("method")
 class MethodContext:
     """What every method may use. ``model`` is the bare (unwrapped) model."""
 
-    cfg: Any                       # the validated Config
+    cfg: Any  # the validated Config
     model: nn.Module
     loss: nn.Module
     class_counts: List[int]
     device: torch.device
     dist: DistInfo = field(default_factory=DistInfo)
     train_labels: Optional[torch.Tensor] = None  # int64 [N] labels of the training set
-    data: Any = None               # the DataBundle (for methods that need val / meta sets)
+    data: Any = None  # the DataBundle (for methods that need val / meta sets)
     facts: RunFacts = field(default_factory=RunFacts)
 
 
@@ -58,8 +58,8 @@ class Method:
         self.device = ctx.device
         self.loss = ctx.loss.to(ctx.device)
         self.setup_model(ctx.model)
-        self.model: nn.Module = ctx.model             # bare model: eval, checkpoints
-        self.train_model: nn.Module = ctx.model        # what the step runs (DDP / compiled)
+        self.model: nn.Module = ctx.model  # bare model: eval, checkpoints
+        self.train_model: nn.Module = ctx.model  # what the step runs (DDP / compiled)
         self._optim: Optional[OptimWrapper] = None
 
     def attach(self, optim: OptimWrapper, train_model: nn.Module) -> None:
@@ -102,8 +102,10 @@ class Method:
     def optim(self) -> OptimWrapper:
         """The step wrapper (optimiser, AMP, clipping, closure protocol)."""
         if self._optim is None:
-            raise RuntimeError(f"{type(self).__name__} has no optimiser yet: the engine attaches "
-                               f"one (Method.attach) after building the method.")
+            raise RuntimeError(
+                f"{type(self).__name__} has no optimiser yet: the engine attaches "
+                f"one (Method.attach) after building the method."
+            )
         return self._optim
 
     def autocast(self):

@@ -40,22 +40,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from longtail.data.loader import eval_batches
 from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.run_folder import RunFolder
+from longtail.data.loader import eval_batches
 from longtail.methods.base import METHODS, Method, MethodContext
 from longtail.models.heads import LinearHead, LWSHead, NCMHead
 from longtail.models.registry import HEADS
-
 
 # data options that decide the training set: stage 2 must train on stage 1's images.
 # data.exclude_classes is left out on purpose: it only removes whole classes from that same
 # subset (val and test unchanged), so a residual stage may follow or precede a full one (the
 # three-stage pipeline, longtail.engine.pipeline)
-DATA_KEYS = ("dataset", "imbalance_factor", "profile", "subset_seed", "max_per_class",
-             "meta_per_class", "meta_from")
+DATA_KEYS = (
+    "dataset",
+    "imbalance_factor",
+    "profile",
+    "subset_seed",
+    "max_per_class",
+    "meta_per_class",
+    "meta_from",
+)
 MODEL_KEYS = ("backbone", "backbone_params", "neck", "neck_params", "head", "head_params")
-DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))   # 0.0, 0.1, ..., 2.0 (tau_norm.py)
+DEFAULT_TAUS = tuple(round(0.1 * i, 10) for i in range(21))  # 0.0, 0.1, ..., 2.0 (tau_norm.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,48 +87,64 @@ def recipe_name(method: str) -> str:
 
 
 def _how_to(cfg, method: str) -> str:
-    data = str(cfg.data.dataset).replace("-", "_")     # cifar10-lt -> configs/datasets/cifar10_lt.yaml
-    return (f"Train stage 1 first and pass its run folder, e.g. `longtail train "
-            f"configs/methods/ce.yaml data={data} --out runs/ce` then `longtail train "
-            f"configs/methods/{recipe_name(method)}.yaml data={data} stage1=runs/ce`.")
+    data = str(cfg.data.dataset).replace("-", "_")  # cifar10-lt -> configs/datasets/cifar10_lt.yaml
+    return (
+        f"Train stage 1 first and pass its run folder, e.g. `longtail train "
+        f"configs/methods/ce.yaml data={data} --out runs/ce` then `longtail train "
+        f"configs/methods/{recipe_name(method)}.yaml data={data} stage1=runs/ce`."
+    )
 
 
 def load_stage1(cfg, method: str) -> Stage1:
     """Read the stage-1 run named by ``cfg.stage1``; LongtailError if it is unset, unfinished or
     trained on other data (the message names the key and how to produce a matching run)."""
     if not cfg.stage1:
-        raise LongtailError(f"method.name={method} builds on a stage-1 run, but the top-level key "
-                            f"`stage1` is not set. {_how_to(cfg, method)}")
+        raise LongtailError(
+            f"method.name={method} builds on a stage-1 run, but the top-level key "
+            f"`stage1` is not set. {_how_to(cfg, method)}"
+        )
     folder = RunFolder(Path(str(cfg.stage1)).expanduser())
     if not folder.path.is_dir():
         raise LongtailError(f"stage1={cfg.stage1}: no such folder. {_how_to(cfg, method)}")
     if not folder.is_run():
-        raise LongtailError(f"stage1={cfg.stage1} is not a run folder (no {folder.CONFIG}). "
-                            f"{_how_to(cfg, method)}")
+        raise LongtailError(
+            f"stage1={cfg.stage1} is not a run folder (no {folder.CONFIG}). {_how_to(cfg, method)}"
+        )
     if not folder.has_weights():
         if folder.has_checkpoint():
-            raise LongtailError(f"stage1={cfg.stage1} has not finished (no {folder.WEIGHTS}, only "
-                                f"{folder.CHECKPOINT}). Finish it with `longtail train --resume "
-                                f"{cfg.stage1}`, then run stage 2 again.")
-        raise LongtailError(f"stage1={cfg.stage1} has no weights ({folder.WEIGHTS}). "
-                            f"{_how_to(cfg, method)}")
+            raise LongtailError(
+                f"stage1={cfg.stage1} has not finished (no {folder.WEIGHTS}, only "
+                f"{folder.CHECKPOINT}). Finish it with `longtail train --resume "
+                f"{cfg.stage1}`, then run stage 2 again."
+            )
+        raise LongtailError(
+            f"stage1={cfg.stage1} has no weights ({folder.WEIGHTS}). {_how_to(cfg, method)}"
+        )
     try:
         saved = yaml.safe_load(folder.config_path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise LongtailError(f"stage1={cfg.stage1}: its config.yaml is not valid YAML ({err}).") from None
+        raise LongtailError(
+            f"stage1={cfg.stage1}: its config.yaml is not valid YAML ({err})."
+        ) from None
     check_same_data(cfg, saved, method)
     try:
         weights = folder.load_weights()
     except Exception as err:  # truncated / not safetensors
-        raise LongtailError(f"stage1={cfg.stage1}: {folder.WEIGHTS} cannot be read ({err}). Re-run "
-                            f"stage 1 or pass another stage1 folder.") from None
+        raise LongtailError(
+            f"stage1={cfg.stage1}: {folder.WEIGHTS} cannot be read ({err}). Re-run "
+            f"stage 1 or pass another stage1 folder."
+        ) from None
     run_dir = folder.path
     return Stage1(run_dir, weights, saved)
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
-            and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
     return a == b
 
@@ -143,7 +165,8 @@ def check_same_data(cfg, saved: Dict[str, Any], method: str) -> None:
         raise LongtailError(
             f"stage1={cfg.stage1} was trained on another training set than this {method} run "
             f"({listed}). Stage 2 must reuse stage 1's images: train stage 1 with the same data "
-            f"options (add `{fix}` to its command) or pass a matching stage1 folder.")
+            f"options (add `{fix}` to its command) or pass a matching stage1 folder."
+        )
 
 
 def _model_diffs(cfg, saved: Dict[str, Any], keys: Sequence[str]) -> List[str]:
@@ -157,8 +180,14 @@ def _model_diffs(cfg, saved: Dict[str, Any], keys: Sequence[str]) -> List[str]:
     return out
 
 
-def load_stage1_weights(cfg, model: nn.Module, stage1: Stage1, *, skip_head: bool = False,
-                        allow_missing: Iterable[str] = ()) -> None:
+def load_stage1_weights(
+    cfg,
+    model: nn.Module,
+    stage1: Stage1,
+    *,
+    skip_head: bool = False,
+    allow_missing: Iterable[str] = (),
+) -> None:
     """Copy stage 1's tensors into ``model`` after checking keys and shapes.
 
     ``skip_head``: load everything but ``head.*`` (the head is replaced or refilled);
@@ -169,24 +198,29 @@ def load_stage1_weights(cfg, model: nn.Module, stage1: Stage1, *, skip_head: boo
     theirs = {k: v for k, v in stage1.weights.items() if keep(k)}
     missing = sorted(set(own) - set(theirs) - set(allow_missing))
     unexpected = sorted(set(theirs) - set(own))
-    shapes = sorted(k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape))
+    shapes = sorted(
+        k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape)
+    )
     if missing or unexpected or shapes:
         parts = []
         if shapes:
             k = shapes[0]
-            parts.append(f"{len(shapes)} tensor(s) differ in shape (e.g. '{k}': stage 1 "
-                         f"{list(theirs[k].shape)}, this run {list(own[k].shape)})")
+            parts.append(
+                f"{len(shapes)} tensor(s) differ in shape (e.g. '{k}': stage 1 "
+                f"{list(theirs[k].shape)}, this run {list(own[k].shape)})"
+            )
         if missing:
             parts.append(f"{len(missing)} missing in stage 1 (e.g. '{missing[0]}')")
         if unexpected:
             parts.append(f"{len(unexpected)} not in this run's model (e.g. '{unexpected[0]}')")
         keys = [k for k in MODEL_KEYS if not (skip_head and k.startswith("head"))]
         diffs = _model_diffs(cfg, stage1.config, keys)
-        why = (f" The configs differ in: {'; '.join(diffs)}." if diffs else "")
+        why = f" The configs differ in: {'; '.join(diffs)}." if diffs else ""
         raise LongtailError(
             f"The weights of stage1={cfg.stage1} do not fit this run's model: {', '.join(parts)}."
             f"{why} Use stage 1's model settings (model.*) for stage 2, or pass a stage1 folder "
-            f"trained with this model.")
+            f"trained with this model."
+        )
     model.load_state_dict(theirs, strict=False)
 
 
@@ -206,8 +240,9 @@ def feature_dim(model: nn.Module) -> int:
 # evaluation-path helpers (same batching, autocast and memory format as engine.evaluate)
 
 
-def eval_forward(method: Method, images: torch.Tensor, labels: torch.Tensor
-                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def eval_forward(
+    method: Method, images: torch.Tensor, labels: torch.Tensor
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(features, logits, labels) per evaluation batch of the whole image set, on this process.
 
     Batches, normalisation and autocast are those of :func:`longtail.engine.evaluate.evaluate`
@@ -217,8 +252,15 @@ def eval_forward(method: Method, images: torch.Tensor, labels: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        for b in eval_batches(images, labels, cfg.train.eval_batch_size, data.mean, data.std,
-                              method.device, channels_last=cfg.train.channels_last):
+        for b in eval_batches(
+            images,
+            labels,
+            cfg.train.eval_batch_size,
+            data.mean,
+            data.std,
+            method.device,
+            channels_last=cfg.train.channels_last,
+        ):
             with torch.no_grad(), method.autocast():
                 o = model(b.images)
             yield o.features, o.logits.float(), b.labels
@@ -231,9 +273,11 @@ def pct(correct: float, total: float) -> float:
     return 100.0 * float(correct) / float(total)
 
 
-def check_taus(taus: Optional[Sequence[float]], tau: Optional[float], method: str
-               ) -> Tuple[List[float], Optional[float]]:
+def check_taus(
+    taus: Optional[Sequence[float]], tau: Optional[float], method: str
+) -> Tuple[List[float], Optional[float]]:
     """Validate the ``method.taus`` grid and the fixed ``method.tau`` (None: pick on val)."""
+
     def number(v, key):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             raise ConfigError(f"'method.{key}' of {method} must be a finite number, got {v!r}.")
@@ -243,8 +287,9 @@ def check_taus(taus: Optional[Sequence[float]], tau: Optional[float], method: st
         grid = list(DEFAULT_TAUS)
     else:
         if not isinstance(taus, (list, tuple)) or not taus:
-            raise ConfigError(f"'method.taus' of {method} must be a non-empty list of numbers, "
-                              f"got {taus!r}.")
+            raise ConfigError(
+                f"'method.taus' of {method} must be a non-empty list of numbers, got {taus!r}."
+            )
         grid = sorted({round(number(t, "taus"), 10) for t in taus})
     return grid, (None if tau is None else number(tau, "tau"))
 
@@ -252,9 +297,11 @@ def check_taus(taus: Optional[Sequence[float]], tau: Optional[float], method: st
 def require_val(method: Method, name: str):
     val = method.ctx.data.val if method.ctx.data is not None else None
     if val is None or len(val) == 0:
-        raise LongtailError(f"method.name={name} picks tau on the val split, but this run has none "
-                            f"(data.val_per_class={method.cfg.data.val_per_class}). Set "
-                            f"data.val_per_class > 0, or fix tau with method.tau=VALUE.")
+        raise LongtailError(
+            f"method.name={name} picks tau on the val split, but this run has none "
+            f"(data.val_per_class={method.cfg.data.val_per_class}). Set "
+            f"data.val_per_class > 0, or fix tau with method.tau=VALUE."
+        )
     return val
 
 
@@ -273,9 +320,11 @@ class Stage2Method(Method):
 
     def __init__(self, ctx: MethodContext):
         if not self.trains and ctx.cfg.train.epochs != 0:
-            raise ConfigError(f"method.name={self.name} trains nothing: set train.epochs=0 "
-                              f"(configs/methods/{recipe_name(self.name)}.yaml does), got train.epochs="
-                              f"{ctx.cfg.train.epochs}.")
+            raise ConfigError(
+                f"method.name={self.name} trains nothing: set train.epochs=0 "
+                f"(configs/methods/{recipe_name(self.name)}.yaml does), got train.epochs="
+                f"{ctx.cfg.train.epochs}."
+            )
         super().__init__(ctx)
 
     def stage1(self) -> Stage1:
@@ -287,7 +336,7 @@ class FrozenFeatureMethod(Stage2Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
-        self.model.neck.eval()   # the trainer's .train() switched it back; the backbone stays eval
+        self.model.neck.eval()  # the trainer's .train() switched it back; the backbone stays eval
 
     def head_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.ctx.dist.enabled:
@@ -319,8 +368,13 @@ class ClassifierRetraining(FrozenFeatureMethod):
         load_stage1_weights(self.cfg, model, self.stage1(), skip_head=True)
         freeze_features(model)
         m = self.cfg.model
-        head = HEADS.build(m.head, feature_dim(model), len(self.ctx.class_counts),
-                           key_prefix="model.head_params.", **m.head_params)
+        head = HEADS.build(
+            m.head,
+            feature_dim(model),
+            len(self.ctx.class_counts),
+            key_prefix="model.head_params.",
+            **m.head_params,
+        )
         if isinstance(head, nn.Linear):
             # the reference's fresh nn.Linear init, U(+-1/sqrt(D)) (LinearHead's kaiming-normal
             # start gives logits ~2.5x larger: a far higher initial loss on stage-1 features)
@@ -342,9 +396,11 @@ class LearnableWeightScaling(FrozenFeatureMethod):
 
     def setup_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, LWSHead):
-            raise ConfigError(f"method.name=lws learns per-class scales of an LWS head: set "
-                              f"model.head=lws (configs/methods/lws.yaml does), got "
-                              f"model.head={self.cfg.model.head}.")
+            raise ConfigError(
+                f"method.name=lws learns per-class scales of an LWS head: set "
+                f"model.head=lws (configs/methods/lws.yaml does), got "
+                f"model.head={self.cfg.model.head}."
+            )
         load_stage1_weights(self.cfg, model, self.stage1(), allow_missing={"head.scales"})
         freeze_features(model)
         for p in model.head.parameters():
@@ -385,8 +441,9 @@ class TauNormalization(Stage2Method):
     name = "tau_norm"
     trains = False
 
-    def __init__(self, ctx: MethodContext, tau: Optional[float] = None,
-                 taus: Optional[List[float]] = None):
+    def __init__(
+        self, ctx: MethodContext, tau: Optional[float] = None, taus: Optional[List[float]] = None
+    ):
         self.grid, self.fixed_tau = check_taus(taus, tau, "tau_norm")
         self.tau: Optional[float] = None
         self.table: List[Dict[str, float]] = []
@@ -395,8 +452,10 @@ class TauNormalization(Stage2Method):
     def setup_model(self, model: nn.Module) -> None:
         head = model.head
         if not isinstance(head, LinearHead) or isinstance(head, LWSHead):
-            raise ConfigError(f"method.name=tau_norm rescales the rows of a linear head: set "
-                              f"model.head=linear (as stage 1), got model.head={self.cfg.model.head}.")
+            raise ConfigError(
+                f"method.name=tau_norm rescales the rows of a linear head: set "
+                f"model.head=linear (as stage 1), got model.head={self.cfg.model.head}."
+            )
         load_stage1_weights(self.cfg, model, self.stage1())
         self.stage1_weight = head.weight.detach().clone()
 
@@ -427,13 +486,16 @@ class TauNormalization(Stage2Method):
         if self.fixed_tau is not None:
             self.tau = self.fixed_tau
         else:
-            best = max(self.table, key=lambda r: r["val_top1"])   # first maximum: smaller tau
+            best = max(self.table, key=lambda r: r["val_top1"])  # first maximum: smaller tau
             self.tau = best["tau"]
         self._set_tau(self.tau)
 
     def extra_metrics(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "tau_source": "val" if self.fixed_tau is None else "method.tau",
-                "tau_table": self.table}
+        return {
+            "tau": self.tau,
+            "tau_source": "val" if self.fixed_tau is None else "method.tau",
+            "tau_table": self.table,
+        }
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
@@ -460,8 +522,10 @@ class NearestClassMean(Stage2Method):
 
     def setup_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, NCMHead):
-            raise ConfigError(f"method.name=ncm needs model.head=ncm (configs/methods/ncm.yaml sets it), "
-                              f"got model.head={self.cfg.model.head}.")
+            raise ConfigError(
+                f"method.name=ncm needs model.head=ncm (configs/methods/ncm.yaml sets it), "
+                f"got model.head={self.cfg.model.head}."
+            )
         load_stage1_weights(self.cfg, model, self.stage1(), skip_head=True)
 
     def on_train_end(self) -> None:

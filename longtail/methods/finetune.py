@@ -61,7 +61,8 @@ class FineTune(Stage2Method):
                 f"method.name={self.name} fine-tunes a previous run, but the top-level key `stage1` "
                 f"is not set. Run it as a stage of a pipeline (e.g. `longtail train "
                 f"configs/methods/three_stage.yaml data=cifar10_lt`), or pass stage1=RUN_DIR of a "
-                f"finished run.")
+                f"finished run."
+            )
         return load_stage1(self.cfg, self.name)
 
     def setup_model(self, model: nn.Module) -> None:
@@ -78,9 +79,11 @@ class ResidualFineTune(FineTune):
     def __init__(self, ctx: MethodContext):
         excluded = list(getattr(ctx.data, "excluded_classes", ()) or ())
         if not excluded:
-            raise ConfigError("method.name=residual trains on the residual set and masks the removed "
-                              "classes' logits, but no class is removed: set data.exclude_classes "
-                              "('largest' or a list of class ids).")
+            raise ConfigError(
+                "method.name=residual trains on the residual set and masks the removed "
+                "classes' logits, but no class is removed: set data.exclude_classes "
+                "('largest' or a list of class ids)."
+            )
         self.excluded: List[int] = excluded
         masked = torch.zeros(len(ctx.class_counts), dtype=torch.bool)
         masked[excluded] = True

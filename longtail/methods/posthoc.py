@@ -17,8 +17,13 @@ import torch
 from longtail.core.metrics import MetricAccumulator
 from longtail.losses import posthoc_adjust, select_tau
 from longtail.methods.base import METHODS, MethodContext
-from longtail.methods.decoupled import (Stage2Method, check_taus, eval_forward, load_stage1_weights,
-                                        require_val)
+from longtail.methods.decoupled import (
+    Stage2Method,
+    check_taus,
+    eval_forward,
+    load_stage1_weights,
+    require_val,
+)
 
 SUMMARY_KEYS = ("top1", "many", "medium", "few", "mean_class_acc")
 
@@ -33,11 +38,12 @@ class PosthocLogitAdjustment(Stage2Method):
     """
 
     name = "posthoc_la"
-    recipe = "la_posthoc"          # configs/methods/la_posthoc.yaml
+    recipe = "la_posthoc"  # configs/methods/la_posthoc.yaml
     trains = False
 
-    def __init__(self, ctx: MethodContext, tau: Optional[float] = None,
-                 taus: Optional[List[float]] = None):
+    def __init__(
+        self, ctx: MethodContext, tau: Optional[float] = None, taus: Optional[List[float]] = None
+    ):
         self.grid, self.fixed_tau = check_taus(taus, tau, "posthoc_la")
         self.tau: Optional[float] = None
         self.info: Dict[str, Any] = {}
@@ -63,8 +69,9 @@ class PosthocLogitAdjustment(Stage2Method):
         for split in ("test", "val"):
             subset = getattr(data, split)
             if subset is not None and len(subset):
-                split_logits[split] = [(z, y) for _, z, y in eval_forward(self, subset.images,
-                                                                          subset.labels)]
+                split_logits[split] = [
+                    (z, y) for _, z, y in eval_forward(self, subset.images, subset.labels)
+                ]
         tuned, table = None, []
         if "val" in split_logits:
             logits = torch.cat([z for z, _ in split_logits["val"]])

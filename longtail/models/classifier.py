@@ -65,5 +65,7 @@ def build_model(cfg, num_classes: int, in_chans: int) -> Classifier:
     dim = backbone.num_features
     neck = NECKS.build(cfg.neck, dim, key_prefix="model.neck_params.", **cfg.neck_params)
     dim = getattr(neck, "out_features", dim)
-    head = HEADS.build(cfg.head, dim, num_classes, key_prefix="model.head_params.", **cfg.head_params)
+    head = HEADS.build(
+        cfg.head, dim, num_classes, key_prefix="model.head_params.", **cfg.head_params
+    )
     return Classifier(backbone, neck, head)

@@ -37,7 +37,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from safetensors import safe_open
 
 from longtail.core.errors import ConfigError, LongtailError
@@ -95,8 +94,13 @@ class FeatureModulator(nn.Module):
     the output ``h`` of the i-th modulated stage.
     """
 
-    def __init__(self, channels: Sequence[int], stages: Sequence[int], variant: str = "network",
-                 hidden_ratio: int = 4):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        stages: Sequence[int],
+        variant: str = "network",
+        hidden_ratio: int = 4,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ConfigError(f"method.variant={variant!r}: use one of {', '.join(VARIANTS)}.")
@@ -115,8 +119,13 @@ class FeatureModulator(nn.Module):
         return self.mods[i](h)
 
     def metadata(self) -> Dict[str, str]:
-        return {"format": FORMAT, "variant": self.variant, "stages": json.dumps(self.stages),
-                "channels": json.dumps(self.channels), "hidden_ratio": str(self.hidden_ratio)}
+        return {
+            "format": FORMAT,
+            "variant": self.variant,
+            "stages": json.dumps(self.stages),
+            "channels": json.dumps(self.channels),
+            "hidden_ratio": str(self.hidden_ratio),
+        }
 
 
 def backbone_stages(backbone: nn.Module) -> tuple[List[nn.Module], List[int]]:
@@ -124,9 +133,11 @@ def backbone_stages(backbone: nn.Module) -> tuple[List[nn.Module], List[int]]:
     stages = getattr(backbone, "stages", None)
     channels = getattr(backbone, "stage_channels", None)
     if stages is None or channels is None or len(list(stages)) != len(list(channels)):
-        raise ConfigError(f"Feature modulation needs a backbone that exposes `stages` and "
-                          f"`stage_channels` (the CIFAR ResNets do); {type(backbone).__name__} does "
-                          f"not. Use model.backbone=resnet32 (or resnet20 / resnet8).")
+        raise ConfigError(
+            f"Feature modulation needs a backbone that exposes `stages` and "
+            f"`stage_channels` (the CIFAR ResNets do); {type(backbone).__name__} does "
+            f"not. Use model.backbone=resnet32 (or resnet20 / resnet8)."
+        )
     return list(stages), [int(c) for c in channels]
 
 
@@ -137,8 +148,10 @@ def resolve_stages(requested: Optional[Sequence[int]], num_stages: int) -> List[
     out = []
     for s in requested:
         if not isinstance(s, int) or isinstance(s, bool) or not -num_stages <= s < num_stages:
-            raise ConfigError(f"method.stages has {s!r}; the backbone has {num_stages} stages "
-                              f"(indices 0..{num_stages - 1}).")
+            raise ConfigError(
+                f"method.stages has {s!r}; the backbone has {num_stages} stages "
+                f"(indices 0..{num_stages - 1})."
+            )
         out.append(s % num_stages)
     if not out or len(set(out)) != len(out):
         raise ConfigError(f"method.stages={list(requested)} must list distinct stage indices.")
@@ -157,13 +170,15 @@ class StageModulation:
         self.modulator = modulator
         self.default = bool(default)
         self._flag: Optional[bool] = None
-        self._handles = [stages[s].register_forward_hook(self._hook(i))
-                         for i, s in enumerate(modulator.stages)]
+        self._handles = [
+            stages[s].register_forward_hook(self._hook(i)) for i, s in enumerate(modulator.stages)
+        ]
 
     def _hook(self, i: int):
         def hook(module: nn.Module, inputs, output: torch.Tensor):
             on = self.default if self._flag is None else self._flag
             return self.modulator(i, output) if on else None
+
         return hook
 
     @contextlib.contextmanager
@@ -180,8 +195,12 @@ class StageModulation:
         self._handles = []
 
 
-def build_modulator(backbone: nn.Module, variant: str = "network",
-                    stages: Optional[Sequence[int]] = None, hidden_ratio: int = 4) -> FeatureModulator:
+def build_modulator(
+    backbone: nn.Module,
+    variant: str = "network",
+    stages: Optional[Sequence[int]] = None,
+    hidden_ratio: int = 4,
+) -> FeatureModulator:
     """A :class:`FeatureModulator` fitting ``backbone`` (all stages by default)."""
     all_stages, channels = backbone_stages(backbone)
     chosen = resolve_stages(stages, len(all_stages))
@@ -192,15 +211,19 @@ def save_modulator(path: Path, modulator: FeatureModulator) -> None:
     save_weights(Path(path), modulator.state_dict(), modulator.metadata())
 
 
-def load_modulator(path: Path, backbone: nn.Module, key: str = "method.modulator") -> FeatureModulator:
+def load_modulator(
+    path: Path, backbone: nn.Module, key: str = "method.modulator"
+) -> FeatureModulator:
     """Rebuild a saved modulator and check that it fits ``backbone``'s stages (LongtailError
     naming ``key`` otherwise)."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
         path = path / "modulator.safetensors"
     if not path.is_file():
-        raise LongtailError(f"{key}={path}: no such file. Pass the modulator.safetensors of a finished "
-                            f"MFM run (or its run folder).")
+        raise LongtailError(
+            f"{key}={path}: no such file. Pass the modulator.safetensors of a finished "
+            f"MFM run (or its run folder)."
+        )
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -208,16 +231,20 @@ def load_modulator(path: Path, backbone: nn.Module, key: str = "method.modulator
     except Exception as err:
         raise LongtailError(f"{key}={path} cannot be read ({err}).") from None
     if meta.get("format") != FORMAT:
-        raise LongtailError(f"{key}={path} is not a modulator written by MFM (format "
-                            f"{meta.get('format')!r}). Pass RUN_DIR/modulator.safetensors.")
+        raise LongtailError(
+            f"{key}={path} is not a modulator written by MFM (format "
+            f"{meta.get('format')!r}). Pass RUN_DIR/modulator.safetensors."
+        )
     variant, stages = meta["variant"], json.loads(meta["stages"])
     channels, hidden_ratio = json.loads(meta["channels"]), int(meta["hidden_ratio"])
     all_stages, mine = backbone_stages(backbone)
     fits = all(0 <= s < len(mine) and mine[s] == c for s, c in zip(stages, channels))
     if not fits:
-        raise LongtailError(f"{key}={path} modulates stages {stages} with {channels} channels, but "
-                            f"this model's stages have {mine} channels. Use a backbone with the "
-                            f"same stage widths.")
+        raise LongtailError(
+            f"{key}={path} modulates stages {stages} with {channels} channels, but "
+            f"this model's stages have {mine} channels. Use a backbone with the "
+            f"same stage widths."
+        )
     modulator = FeatureModulator(channels, stages, variant, hidden_ratio)
     modulator.load_state_dict(tensors)
     return modulator

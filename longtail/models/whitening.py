@@ -173,8 +173,9 @@ def _float_option(value, key: str, low: float, high: float, low_open: bool = Tru
         raise ConfigError(f"'{_KEY}{key}' must be a number, got {value!r}.")
     value = float(value)
     if (value <= low if low_open else value < low) or value > high:
-        raise ConfigError(f"'{_KEY}{key}' must lie in {'(' if low_open else '['}{low}, {high}], "
-                          f"got {value!r}.")
+        raise ConfigError(
+            f"'{_KEY}{key}' must lie in {'(' if low_open else '['}{low}, {high}], got {value!r}."
+        )
     return value
 
 
@@ -204,21 +205,31 @@ class ChannelWhitening(nn.Module):
     running_mean: torch.Tensor
     running_whiten: torch.Tensor
     running_cov: torch.Tensor
-    weight: Optional[nn.Parameter]       # None unless affine
+    weight: Optional[nn.Parameter]  # None unless affine
     bias: Optional[nn.Parameter]
-    queue_count: torch.Tensor            # the queue_* buffers exist only with bet: queue
+    queue_count: torch.Tensor  # the queue_* buffers exist only with bet: queue
     queue_mean: torch.Tensor
     queue_scatter: torch.Tensor
     queue_next: torch.Tensor
 
-    def __init__(self, in_features: int, method: str = "eig", group_size: Optional[int] = None,
-                 eps: float = 1e-5, momentum: float = 0.1, iterations: int = 5,
-                 affine: bool = False, bet: str = "none", bet_queue: int = 4,
-                 running: str = "cov"):
+    def __init__(
+        self,
+        in_features: int,
+        method: str = "eig",
+        group_size: Optional[int] = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        iterations: int = 5,
+        affine: bool = False,
+        bet: str = "none",
+        bet_queue: int = 4,
+        running: str = "cov",
+    ):
         super().__init__()
         if method not in METHODS:
-            raise ConfigError(f"'{_KEY}method' must be one of {', '.join(METHODS)}, "
-                              f"got {method!r}.")
+            raise ConfigError(
+                f"'{_KEY}method' must be one of {', '.join(METHODS)}, got {method!r}."
+            )
         if bet not in BET_MODES:
             raise ConfigError(f"'{_KEY}bet' must be one of {', '.join(BET_MODES)}, got {bet!r}.")
         if bet == "subbatch":
@@ -227,10 +238,12 @@ class ChannelWhitening(nn.Module):
                 f"sub-batches with the whole batch's statistics equals whole-batch whitening, and "
                 f"several SGD steps per batch are a training method, not a neck. Use "
                 f"{_KEY}bet=queue (statistics over the batch and the last {_KEY}bet_queue "
-                f"batches) or none.")
+                f"batches) or none."
+            )
         if running not in RUNNING:
-            raise ConfigError(f"'{_KEY}running' must be one of {', '.join(RUNNING)}, "
-                              f"got {running!r}.")
+            raise ConfigError(
+                f"'{_KEY}running' must be one of {', '.join(RUNNING)}, got {running!r}."
+            )
         if not isinstance(affine, bool):
             raise ConfigError(f"'{_KEY}affine' must be true or false, got {affine!r}.")
         d = int(in_features)
@@ -238,8 +251,10 @@ class ChannelWhitening(nn.Module):
             group_size = d if d <= 128 else 64
         g = _int_option(group_size, "group_size", 1)
         if d % g:
-            raise ConfigError(f"'{_KEY}group_size' = {g} does not divide the {d} feature channels; "
-                              f"choose a divisor of {d}.")
+            raise ConfigError(
+                f"'{_KEY}group_size' = {g} does not divide the {d} feature channels; "
+                f"choose a divisor of {d}."
+            )
         self.in_features = self.out_features = d
         self.method = method
         self.group_size = g
@@ -271,8 +286,10 @@ class ChannelWhitening(nn.Module):
             self.register_buffer("queue_next", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_features}, method={self.method}, group_size={self.group_size}, "
-             f"eps={self.eps}, momentum={self.momentum}")
+        s = (
+            f"{self.in_features}, method={self.method}, group_size={self.group_size}, "
+            f"eps={self.eps}, momentum={self.momentum}"
+        )
         if self.method == "newton_schulz":
             s += f", iterations={self.iterations}"
         s += f", affine={self.affine}, bet={self.bet}"
@@ -291,8 +308,9 @@ class ChannelWhitening(nn.Module):
         xc = self._blocks(x - mean)
         return mean, xc.transpose(1, 2) @ xc
 
-    def statistics(self, x: torch.Tensor, use_queue: bool = True
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def statistics(
+        self, x: torch.Tensor, use_queue: bool = True
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean [D], covariance blocks [D/G, G, G] without eps, and the current batch's own mean
         and scatter) of x [B, D] united with the queued batches (when ``bet: queue``).
 
@@ -305,16 +323,20 @@ class ChannelWhitening(nn.Module):
             return mean_b, scatter_b / n_b, mean_b, scatter_b
         # every slot takes part: an empty one has count, mean and scatter 0 and adds nothing
         # (no host synchronisation); clones, because the queue is updated in place afterwards
-        counts = self.queue_count.to(x.dtype).clone()                  # [Q]
-        means = self.queue_mean.to(x.dtype).clone()                    # [Q, D]
+        counts = self.queue_count.to(x.dtype).clone()  # [Q]
+        means = self.queue_mean.to(x.dtype).clone()  # [Q, D]
         scatters = self.queue_scatter.to(x.dtype).clone()
         scatters = scatters.reshape(-1, self.num_groups, self.group_size, self.group_size)
         total = n_b + counts.sum()
         mean = (n_b * mean_b + (counts[:, None] * means).sum(0)) / total
-        db = self._blocks((mean_b - mean)[None])                       # [D/G, 1, G]
-        dq = self._blocks(means - mean)                                # [D/G, Q, G]
-        scatter = (scatter_b + n_b * db.transpose(1, 2) @ db + scatters.sum(0)
-                   + dq.transpose(1, 2) @ (counts[None, :, None] * dq))
+        db = self._blocks((mean_b - mean)[None])  # [D/G, 1, G]
+        dq = self._blocks(means - mean)  # [D/G, Q, G]
+        scatter = (
+            scatter_b
+            + n_b * db.transpose(1, 2) @ db
+            + scatters.sum(0)
+            + dq.transpose(1, 2) @ (counts[None, :, None] * dq)
+        )
         return mean, scatter / total, mean_b, scatter_b
 
     def whitening_matrix(self, cov: torch.Tensor) -> torch.Tensor:
@@ -354,29 +376,35 @@ class ChannelWhitening(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"whitening neck expects [B, {self.in_features}] features, got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"whitening neck expects [B, {self.in_features}] features, got {tuple(x.shape)}"
+            )
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             x64 = x.double()
             if self.training:
                 if x.shape[0] < 2 and not self.bet_queue:
-                    raise ValueError("whitening neck needs at least 2 samples per batch in "
-                                     "training mode (as BatchNorm), or model.neck_params.bet=queue")
+                    raise ValueError(
+                        "whitening neck needs at least 2 samples per batch in "
+                        "training mode (as BatchNorm), or model.neck_params.bet=queue"
+                    )
                 mean, cov, mean_b, scatter_b = self.statistics(x64)
                 whiten = self.whitening_matrix(cov)
                 with torch.no_grad():
                     m = self.momentum
-                    for buf, new in ((self.running_mean, mean), (self.running_cov, cov),
-                                     (self.running_whiten, whiten)):
+                    for buf, new in (
+                        (self.running_mean, mean),
+                        (self.running_cov, cov),
+                        (self.running_whiten, whiten),
+                    ):
                         buf.mul_(1 - m).add_(new.detach().to(buf.dtype), alpha=m)
                     if self.bet_queue:
                         self._push(mean_b, scatter_b, x.shape[0])
             else:
                 mean, whiten = self.running_mean.double(), self.eval_whitening_matrix()
-            xc = self._blocks(x64 - mean)                               # [D/G, B, G]
+            xc = self._blocks(x64 - mean)  # [D/G, B, G]
             out = (xc @ whiten.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
             if self.affine:
-                assert self.weight is not None and self.bias is not None   # set when affine
+                assert self.weight is not None and self.bias is not None  # set when affine
                 out = out * self.weight.double() + self.bias.double()
         return out.to(dtype)

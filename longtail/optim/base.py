@@ -30,15 +30,18 @@ class OptimInfo:
     name: str
     build: Callable[..., torch.optim.Optimizer]
     options_model: Type[Options]
-    needs_closure: bool = False     # step(closure, base_step) evaluates the closure itself
+    needs_closure: bool = False  # step(closure, base_step) evaluates the closure itself
     base_key: Optional[str] = None  # the option naming a wrapped optimiser: the keys this one does
     #                                 not know are that optimiser's options (sam, rsam: "base")
 
     def _split(self, options: Dict[str, Any]):
         own = {k: v for k, v in options.items() if k in self.options_model.model_fields}
         rest = {k: v for k, v in options.items() if k not in own}
-        base = options.get(self.base_key, self.options_model.model_fields[self.base_key].default) \
-            if self.base_key else None
+        base = (
+            options.get(self.base_key, self.options_model.model_fields[self.base_key].default)
+            if self.base_key
+            else None
+        )
         return own, rest, base
 
     def option_names(self, options: Dict[str, Any]) -> Set[str]:
@@ -56,8 +59,10 @@ class OptimInfo:
         parse_options(self.options_model, own, where)
         info = optim_info(base)
         if info.needs_closure:
-            raise ConfigError(f"{where}.{self.base_key}={base} cannot be wrapped by {self.name}: "
-                              f"the base must be a plain optimiser such as sgd.")
+            raise ConfigError(
+                f"{where}.{self.base_key}={base} cannot be wrapped by {self.name}: "
+                f"the base must be a plain optimiser such as sgd."
+            )
         info.check_options(rest, where)
 
 
@@ -83,16 +88,18 @@ def parse_options(model: Type[Options], values: Dict[str, Any], where: str) -> O
                 lines.append(f"unknown option '{where}.{key}' (its options: {allowed})")
             else:
                 lines.append(f"'{where}.{key}': {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError("; ".join(lines) + ". Fix the key in the YAML file or the override.") \
-            from None
+        raise ConfigError(
+            "; ".join(lines) + ". Fix the key in the YAML file or the override."
+        ) from None
 
 
 def optim_info(name: str) -> OptimInfo:
-    return cast(OptimInfo, OPTIMIZERS.get(name))   # only register_optimizer adds entries
+    return cast(OptimInfo, OPTIMIZERS.get(name))  # only register_optimizer adds entries
 
 
-def build_optimizer(cfg, params: Iterable[torch.nn.Parameter], facts: RunFacts = RunFacts(),
-                    **fact_values: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg, params: Iterable[torch.nn.Parameter], facts: RunFacts = RunFacts(), **fact_values: Any
+) -> torch.optim.Optimizer:
     """The optimizer named by ``optim.name`` for a run described by ``facts`` (``fact_values``
     replace single facts, e.g. ``seed=3``); every param group remembers its lr as ``base_lr``."""
     if fact_values:

@@ -68,8 +68,14 @@ def trainable_params(model: nn.Module) -> Params:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def functional_forward(model: nn.Module, params: Params, *args, keep_buffers: bool = True,
-                       amp_dtype: Optional[torch.dtype] = None, **kwargs):
+def functional_forward(
+    model: nn.Module,
+    params: Params,
+    *args,
+    keep_buffers: bool = True,
+    amp_dtype: Optional[torch.dtype] = None,
+    **kwargs,
+):
     """``model(*args, **kwargs)`` with the tensors of ``params`` in place of the named parameters.
 
     Parameters not in ``params`` (frozen ones) keep their values. ``keep_buffers`` (default) runs
@@ -86,8 +92,14 @@ def functional_forward(model: nn.Module, params: Params, *args, keep_buffers: bo
         return functional_call(model, tensors, args, kwargs)
 
 
-def virtual_sgd_step(params: Params, loss: torch.Tensor, lr: Union[float, torch.Tensor], *,
-                     weight_decay: float = 0.0, differentiable: bool = True) -> Params:
+def virtual_sgd_step(
+    params: Params,
+    loss: torch.Tensor,
+    lr: Union[float, torch.Tensor],
+    *,
+    weight_decay: float = 0.0,
+    differentiable: bool = True,
+) -> Params:
     """θ̂ = θ − lr (∇θ loss + weight_decay θ), for every entry of ``params``.
 
     ``differentiable=True`` builds the graph of the gradient (``create_graph``), so θ̂ is a
@@ -96,8 +108,9 @@ def virtual_sgd_step(params: Params, loss: torch.Tensor, lr: Union[float, torch.
     zero gradient. ``lr`` may be a tensor (e.g. produced by a meta-learned schedule).
     """
     names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=differentiable,
-                                allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, [params[n] for n in names], create_graph=differentiable, allow_unused=True
+    )
     out: Params = {}
     for name, g in zip(names, grads):
         p = params[name]
@@ -111,10 +124,17 @@ def virtual_sgd_step(params: Params, loss: torch.Tensor, lr: Union[float, torch.
     return out
 
 
-def hypergradient(model: nn.Module, meta_params: Sequence[torch.Tensor], train_loss_fn: LossFn,
-                  meta_loss_fn: LossFn, lr: Union[float, torch.Tensor], *,
-                  weight_decay: float = 0.0, differentiable: bool = True,
-                  params: Optional[Params] = None):
+def hypergradient(
+    model: nn.Module,
+    meta_params: Sequence[torch.Tensor],
+    train_loss_fn: LossFn,
+    meta_loss_fn: LossFn,
+    lr: Union[float, torch.Tensor],
+    *,
+    weight_decay: float = 0.0,
+    differentiable: bool = True,
+    params: Optional[Params] = None,
+):
     """∇φ L_meta(θ̂(φ)) with θ̂(φ) = θ − lr (∇θ L_train(θ, φ) + weight_decay θ).
 
     Args:
@@ -131,19 +151,25 @@ def hypergradient(model: nn.Module, meta_params: Sequence[torch.Tensor], train_l
     """
     theta = trainable_params(model) if params is None else params
     train_loss = train_loss_fn(theta)
-    theta_hat = virtual_sgd_step(theta, train_loss, lr, weight_decay=weight_decay,
-                                 differentiable=differentiable)
+    theta_hat = virtual_sgd_step(
+        theta, train_loss, lr, weight_decay=weight_decay, differentiable=differentiable
+    )
     meta_loss = meta_loss_fn(theta_hat)
     meta_params = list(meta_params)
     raw_grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g.detach()
-             for p, g in zip(meta_params, raw_grads)]
+    grads = [
+        torch.zeros_like(p) if g is None else g.detach() for p, g in zip(meta_params, raw_grads)
+    ]
     return grads, train_loss.detach(), meta_loss.detach()
 
 
-def apply_meta_gradients(meta_params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                         optimizer: torch.optim.Optimizer, info: DistInfo = DistInfo(),
-                         max_norm: Optional[float] = None) -> torch.Tensor:
+def apply_meta_gradients(
+    meta_params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    info: DistInfo = DistInfo(),
+    max_norm: Optional[float] = None,
+) -> torch.Tensor:
     """Average ``grads`` over DDP ranks, optionally clip their global norm, set them as ``.grad``
     of ``meta_params`` and step ``optimizer``. Returns the (pre-clip) global gradient norm."""
     meta_params, grads = list(meta_params), list(grads)
@@ -151,9 +177,14 @@ def apply_meta_gradients(meta_params: Sequence[torch.Tensor], grads: Sequence[to
         flat = torch.cat([g.reshape(-1) for g in grads])
         all_reduce_sum(flat, info)
         flat /= info.world_size
-        grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
-    norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            if grads else torch.zeros(()))
+        grads = [
+            chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)
+        ]
+    norm = (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grads
+        else torch.zeros(())
+    )
     if max_norm is not None and grads:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         grads = [g * scale for g in grads]
@@ -167,57 +198,86 @@ def apply_meta_gradients(meta_params: Sequence[torch.Tensor], grads: Sequence[to
 
 @dataclass
 class MetaStepStats:
-    train_loss: torch.Tensor      # L_train(θ, φ_old) of the virtual step (detached)
-    meta_loss: torch.Tensor       # L_meta(θ̂(φ_old)) (detached)
-    grad_norm: torch.Tensor       # global norm of the (rank-averaged) hyper-gradient
+    train_loss: torch.Tensor  # L_train(θ, φ_old) of the virtual step (detached)
+    meta_loss: torch.Tensor  # L_meta(θ̂(φ_old)) (detached)
+    grad_norm: torch.Tensor  # global norm of the (rank-averaged) hyper-gradient
 
 
-def bilevel_meta_step(model: nn.Module, meta_params: Sequence[torch.Tensor],
-                      meta_optimizer: torch.optim.Optimizer, train_loss_fn: LossFn,
-                      meta_loss_fn: LossFn, lr: Union[float, torch.Tensor], *,
-                      weight_decay: float = 0.0, differentiable: bool = True,
-                      info: DistInfo = DistInfo(), max_norm: Optional[float] = None) -> MetaStepStats:
+def bilevel_meta_step(
+    model: nn.Module,
+    meta_params: Sequence[torch.Tensor],
+    meta_optimizer: torch.optim.Optimizer,
+    train_loss_fn: LossFn,
+    meta_loss_fn: LossFn,
+    lr: Union[float, torch.Tensor],
+    *,
+    weight_decay: float = 0.0,
+    differentiable: bool = True,
+    info: DistInfo = DistInfo(),
+    max_norm: Optional[float] = None,
+) -> MetaStepStats:
     """One meta update of ``meta_params``: :func:`hypergradient` then :func:`apply_meta_gradients`.
 
     The caller then takes its real step of θ with the updated φ. ``lr`` is the virtual step's α
     (MFM: the current lr of the model optimiser, so α follows warm-up and decays).
     """
-    grads, train_loss, meta_loss = hypergradient(model, meta_params, train_loss_fn, meta_loss_fn,
-                                                 lr, weight_decay=weight_decay,
-                                                 differentiable=differentiable)
+    grads, train_loss, meta_loss = hypergradient(
+        model,
+        meta_params,
+        train_loss_fn,
+        meta_loss_fn,
+        lr,
+        weight_decay=weight_decay,
+        differentiable=differentiable,
+    )
     norm = apply_meta_gradients(meta_params, grads, meta_optimizer, info, max_norm)
     return MetaStepStats(train_loss, meta_loss, norm)
 
 
-def loss_closure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, *,
-                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 amp_dtype: Optional[torch.dtype] = None, keep_buffers: bool = True) -> LossFn:
+def loss_closure(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    *,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    amp_dtype: Optional[torch.dtype] = None,
+    keep_buffers: bool = True,
+) -> LossFn:
     """θ-dict -> ``loss_fn(functional_forward(model, θ, images).logits, labels)``.
 
     ``context()`` is entered around the forward (e.g. MFM's ``modulation.active(True)``); logits
     are cast to float32 (or kept in float64) before the loss.
     """
+
     def fn(params: Params) -> torch.Tensor:
         with context():
-            out = functional_forward(model, params, images, keep_buffers=keep_buffers,
-                                     amp_dtype=amp_dtype)
+            out = functional_forward(
+                model, params, images, keep_buffers=keep_buffers, amp_dtype=amp_dtype
+            )
         logits = out.logits if hasattr(out, "logits") else out
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         return loss_fn(logits, labels)
+
     return fn
 
 
 META_OPTIMIZERS = {
     "adam": lambda params, lr, wd, momentum: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-    "sgd": lambda params, lr, wd, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum,
-                                                           weight_decay=wd),
+    "sgd": lambda params, lr, wd, momentum: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=wd
+    ),
 }
 
 
-def make_meta_optimizer(params: Sequence[torch.Tensor], name: str = "adam", lr: float = 1e-3,
-                        weight_decay: float = 1e-4, momentum: float = 0.9) -> torch.optim.Optimizer:
+def make_meta_optimizer(
+    params: Sequence[torch.Tensor],
+    name: str = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
     """The meta optimiser: ``adam`` (default, lr 1e-3, wd 1e-4: MLR-SNet's choice) or ``sgd``
     (momentum, the Meta-Weight-Net choice: lr 1e-5, nesterov off here)."""
     if name not in META_OPTIMIZERS:
@@ -225,6 +285,15 @@ def make_meta_optimizer(params: Sequence[torch.Tensor], name: str = "adam", lr: 
     return META_OPTIMIZERS[name](list(params), lr, weight_decay, momentum)
 
 
-__all__ = ["META_OPTIMIZERS", "MetaStepStats", "apply_meta_gradients", "bilevel_meta_step", "functional_forward",
-           "hypergradient", "loss_closure", "make_meta_optimizer", "trainable_params",
-           "virtual_sgd_step"]
+__all__ = [
+    "META_OPTIMIZERS",
+    "MetaStepStats",
+    "apply_meta_gradients",
+    "bilevel_meta_step",
+    "functional_forward",
+    "hypergradient",
+    "loss_closure",
+    "make_meta_optimizer",
+    "trainable_params",
+    "virtual_sgd_step",
+]

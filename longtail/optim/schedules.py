@@ -46,8 +46,9 @@ class StepSchedule(Schedule):
     Defaults give lr x1 up to epoch 160, x0.01 for 161-180, x1e-4 after 180 (1-based epochs).
     """
 
-    def __init__(self, epochs: int, warmup_epochs: float = 5, milestones=(160, 180),
-                 gamma: float = 0.01):
+    def __init__(
+        self, epochs: int, warmup_epochs: float = 5, milestones=(160, 180), gamma: float = 0.01
+    ):
         self.warmup = warmup_epochs
         self.milestones = sorted(milestones)
         self.gamma = gamma
@@ -85,11 +86,11 @@ class ConstantSchedule(Schedule):
 
 class StepOptions(Options):
     milestones: List[int] = Field(default_factory=lambda: [160, 180])
-    gamma: float = Field(0.01, gt=0.0)     # factor at each milestone (0.01, then 1e-4)
+    gamma: float = Field(0.01, gt=0.0)  # factor at each milestone (0.01, then 1e-4)
 
 
 class CosineOptions(Options):
-    min_lr: float = Field(0.0, ge=0.0)     # the floor (absolute lr)
+    min_lr: float = Field(0.0, ge=0.0)  # the floor (absolute lr)
 
 
 class NoOptions(Options):
@@ -111,14 +112,17 @@ def _constant(epochs, warmup, o: NoOptions, base_lr) -> Schedule:
     return ConstantSchedule(epochs, warmup)
 
 
-for _info in (ScheduleInfo("step", _step, StepOptions), ScheduleInfo("cosine", _cosine, CosineOptions),
-              ScheduleInfo("constant", _constant, NoOptions)):
+for _info in (
+    ScheduleInfo("step", _step, StepOptions),
+    ScheduleInfo("cosine", _cosine, CosineOptions),
+    ScheduleInfo("constant", _constant, NoOptions),
+):
     # Registry types entries as callables (core/registry.py); SCHEDULES holds ScheduleInfo records
     SCHEDULES.register(_info.name)(_info)  # type: ignore[arg-type]
 
 
 def build_schedule(cfg, epochs: int, base_lr: float) -> Schedule:
     """The schedule of a ``schedule`` section for a run of ``epochs`` epochs."""
-    info = cast(ScheduleInfo, SCHEDULES.get(cfg.name))   # only ScheduleInfo records are registered
+    info = cast(ScheduleInfo, SCHEDULES.get(cfg.name))  # only ScheduleInfo records are registered
     options = parse_options(info.options_model, cfg.params(), "schedule")
     return info.build(epochs, cfg.warmup_epochs, options, base_lr)

@@ -15,8 +15,13 @@ class SGDOptions(Options):
 
 def build_sgd(params, cfg, options: SGDOptions, facts) -> torch.optim.Optimizer:
     """SGD with momentum (Nesterov optional), weight decay on every trainable parameter."""
-    return torch.optim.SGD(list(params), lr=cfg.lr, momentum=options.momentum,
-                           nesterov=options.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        list(params),
+        lr=cfg.lr,
+        momentum=options.momentum,
+        nesterov=options.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 SGD_INFO = register_optimizer(OptimInfo("sgd", build_sgd, SGDOptions))

@@ -32,8 +32,9 @@ class _ClosureStepOptimizer(Protocol):
     """What ``needs_closure`` promises of an optimiser (sam, rsam): ``step`` evaluates the
     closure itself and makes the final update with ``base_step(base_optimizer)``."""
 
-    def step(self, closure: Callable[[], torch.Tensor],
-             base_step: Callable[[torch.optim.Optimizer], Any]) -> torch.Tensor: ...
+    def step(
+        self, closure: Callable[[], torch.Tensor], base_step: Callable[[torch.optim.Optimizer], Any]
+    ) -> torch.Tensor: ...
 
 
 class OptimWrapper:
@@ -48,9 +49,16 @@ class OptimWrapper:
         model: the bare model, whose BatchNorm statistics repeated closure calls must not move.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, needs_closure: bool = False,
-                 device_type: str = "cpu", amp: Optional[str] = None,
-                 grad_clip: Optional[float] = None, model: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        needs_closure: bool = False,
+        device_type: str = "cpu",
+        amp: Optional[str] = None,
+        grad_clip: Optional[float] = None,
+        model: Optional[nn.Module] = None,
+    ):
         self.optimizer = optimizer
         self.needs_closure = bool(needs_closure)
         self.device_type = device_type
@@ -58,7 +66,7 @@ class OptimWrapper:
         self.scaler = torch.amp.GradScaler(device_type, enabled=(amp == "fp16"))
         self.grad_clip = grad_clip
         self.model = model
-        self.grad_scale = 1.0       # this rank's share of the global batch x world size (DDP)
+        self.grad_scale = 1.0  # this rank's share of the global batch x world size (DDP)
         self.after_first_backward: List[Callable[[Any, torch.Tensor], None]] = []
 
     # -- settings ----------------------------------------------------------------------------
@@ -90,8 +98,9 @@ class OptimWrapper:
         self.grad_scale = float(weight)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device_type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     # -- the step ----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -106,8 +115,9 @@ class OptimWrapper:
             scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
             torch.nn.utils.clip_grad_norm_(self.params(), self.grad_clip * scale)
 
-    def closure(self, loss_fn: Callable[[], torch.Tensor], context: Any = None
-                ) -> Callable[[], torch.Tensor]:
+    def closure(
+        self, loss_fn: Callable[[], torch.Tensor], context: Any = None
+    ) -> Callable[[], torch.Tensor]:
         """PyTorch's closure: zero the gradients, ``loss_fn()``, backward; returns the detached
         loss. Later calls within the step keep BatchNorm statistics; the first one reports the
         loss to ``after_first_backward``."""
@@ -117,8 +127,11 @@ class OptimWrapper:
             nonlocal calls
             again = calls > 0
             calls += 1
-            with (frozen_running_stats(self.model) if again and self.model is not None
-                  else contextlib.nullcontext()):
+            with (
+                frozen_running_stats(self.model)
+                if again and self.model is not None
+                else contextlib.nullcontext()
+            ):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn()
                 self.backward(loss)
@@ -134,7 +147,7 @@ class OptimWrapper:
         returns the closure's (first) loss."""
         if self.scaler.is_enabled():
             if self.needs_closure:
-                optimizer = cast(_ClosureStepOptimizer, self.optimizer)   # needs_closure: sam, rsam
+                optimizer = cast(_ClosureStepOptimizer, self.optimizer)  # needs_closure: sam, rsam
                 loss = optimizer.step(closure, base_step=self.scaler.step)
             else:
                 loss = closure()
@@ -152,9 +165,11 @@ class OptimWrapper:
         """Backward + step for a loss computed outside a closure (one gradient at the current
         weights); optimisers that evaluate the closure themselves cannot take this."""
         if self.needs_closure:
-            raise ConfigError("This method computes its loss outside the step closure, which the "
-                              "chosen optim.name needs. Use optim.name=sgd, or step through "
-                              "OptimWrapper.update(loss_fn).")
+            raise ConfigError(
+                "This method computes its loss outside the step closure, which the "
+                "chosen optim.name needs. Use optim.name=sgd, or step through "
+                "OptimWrapper.update(loss_fn)."
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
         self.scaler.step(self.optimizer)
