@@ -68,6 +68,8 @@ class Arm:
 
     def __init__(self, optim_name: str, overrides: List[str], counts: List[int], in_channels: int):
         from longtail.core.config import load_config
+        from longtail.core.facts import RunFacts
+        from longtail.engine.trainer import attach_step
         from longtail.losses import create as create_loss
         from longtail.methods import MethodContext, build_method
         from longtail.models import build_model
@@ -82,8 +84,17 @@ class Arm:
             cfg=cfg, model=model, loss=loss, class_counts=counts, device=torch.device("cpu")
         )
         self.method = build_method(cfg.method.name, ctx, cfg.method.params())
+        facts = RunFacts(
+            seed=cfg.seed,
+            epochs=cfg.train.epochs,
+            batch_size=cfg.train.batch_size,
+            class_counts=counts,
+            loss=loss,
+        )
+        optim = attach_step(self.method, cfg, facts, torch.device("cpu"))
         self.method.train_model.train()
-        self.method.on_epoch_start(1)  # (RSAM: decay factor 1, not epoch 0's 2)
+        self.method.on_epoch_start(1)
+        optim.set_epoch(1)  # (RSAM: decay factor 1, not epoch 0's 2)
         self.forwards = 0
         self.backwards = 0
         self.method.model.register_forward_hook(self._count_forward)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,6 +88,7 @@ class ScheduleConfig(_Open):
 class TrainConfig(_Strict):
     epochs: int = 200
     batch_size: int = 128  # global batch, split over DDP ranks
+    accumulate_steps: Annotated[int, Field(ge=1)] = 1  # micro-batches a step (accumulated)
     drop_last: bool = False
     eval_every: int = 0  # evaluate every N epochs (0: only at the end)
     eval_batch_size: int = 512

@@ -5,7 +5,7 @@ cuts it into global batches and gives each rank its share, so DDP and single-pro
 the same samples and the same class proportions. Nothing is carried from one epoch to the next,
 so resuming at epoch ``e`` reproduces the uninterrupted run exactly.
 
-Registered samplers (``data.sampler`` in a config, options under ``data.sampler_params``):
+Registered samplers (``sampler.name`` in a config, their options as keys of ``sampler``):
 
 ========================  ============================================================  ============
 name                      class distribution of an epoch                                 items/epoch

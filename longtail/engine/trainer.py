@@ -121,6 +121,32 @@ def setup_process(cfg: Config) -> Tuple[torch.device, DistInfo]:
     return device, init_distributed(device)
 
 
+def attach_step(
+    method: Method, cfg: Config, facts: RunFacts, device: torch.device, info: DistInfo = DistInfo()
+) -> OptimWrapper:
+    """Place the method's model (device, memory format), wrap it for DDP / compile, build the
+    optimiser over its trainable parameters and the step wrapper, and attach both to it."""
+    model = method.model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = wrap_ddp(model, info, device)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
+    optim = OptimWrapper(
+        optimizer,
+        needs_closure=optim_info(cfg.optim.name).needs_closure,
+        device_type=device.type,
+        amp=cfg.train.amp,
+        grad_clip=cfg.optim.grad_clip,
+        model=model,
+        accumulate_steps=cfg.train.accumulate_steps,
+        train_model=train_model,
+    )
+    method.attach(optim, train_model)
+    return optim
+
+
 def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     """Build data, model, loss, method and loader for ``cfg`` (no training yet)."""
     device, info = setup_process(cfg)
@@ -184,22 +210,7 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
         facts=facts,
     )
     method = build_method(cfg.method.name, ctx, cfg.method.params())
-    model = method.model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train_model = wrap_ddp(model, info, device)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
-    optim = OptimWrapper(
-        optimizer,
-        needs_closure=optim_info(cfg.optim.name).needs_closure,
-        device_type=device.type,
-        amp=cfg.train.amp,
-        grad_clip=cfg.optim.grad_clip,
-        model=model,
-    )
-    method.attach(optim, train_model)
+    optim = attach_step(method, cfg, facts, device, info)
     schedule = build_schedule(cfg.schedule, cfg.train.epochs, cfg.optim.lr)
     hooks = build_hooks(cfg.hooks, facts)
     sampler = build_sampler(

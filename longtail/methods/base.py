@@ -123,7 +123,7 @@ class Method:
     def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """One optimisation step; returns detached statistics (at least ``loss``: the loss at the
         current weights, or at the perturbed ones for rsam)."""
-        return {"loss": self.optim.update(lambda: self.compute_loss(batch), context=batch)}
+        return {"loss": self.optim.update(self.compute_loss, batch)}
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -254,7 +254,7 @@ class MFM(Method):
             out["meta_loss"] = meta_loss
         # step 3, the real step (the base class's closure protocol: also works with sam / rsam)
         with self.modulation.active(True), self._modulator_constant():
-            loss = self.optim.update(lambda: self.compute_loss(batch), context=batch)
+            loss = self.optim.update(self.compute_loss, batch)
         self.steps += 1
         out["loss"] = loss.detach()
         return out

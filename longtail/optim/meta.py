@@ -9,7 +9,7 @@ batch, one meta update is (Meta-Weight-Net, Shu et al. 2019; MFM; MLR-SNet)::
     φ   ← meta_optimizer(φ, g_φ)                     (Adam / SGD ...)
 
 after which the *method* takes its real step with the updated φ (θ ← θ − α ∇θ L_train(θ, φ_new)
-with its own optimiser, momentum, AMP and DDP: ``Method.backward_and_step``).
+with its own optimiser, momentum, AMP and DDP: ``OptimWrapper.update``).
 
 Pieces, usable one by one:
 
