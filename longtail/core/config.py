@@ -31,15 +31,15 @@ class _Open(BaseModel):
 
 class DataConfig(_Strict):
     dataset: str = "cifar10-lt"
-    imbalance_factor: float = 100.0
+    imbalance_factor: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 100.0
     profile: Literal["exp", "step"] = "exp"
-    subset_seed: int = 0  # 0 = the LDAM-DRW subset every paper uses
-    max_per_class: Optional[int] = None  # debugging cap on training images per class
-    max_test_per_class: Optional[int] = None
-    val_per_class: int = 200  # balanced held-out split from unused training images
-    meta_per_class: int = 0  # balanced meta set (meta-learning methods); 0 = none
+    subset_seed: Annotated[int, Field(ge=0)] = 0  # 0 = the LDAM-DRW subset every paper uses
+    max_per_class: Optional[Annotated[int, Field(ge=1)]] = None  # debugging cap a class
+    max_test_per_class: Optional[Annotated[int, Field(ge=1)]] = None
+    val_per_class: Annotated[int, Field(ge=0)] = 200  # balanced held-out split (unused images)
+    meta_per_class: Annotated[int, Field(ge=0)] = 0  # balanced meta set (meta methods); 0: none
     meta_from: Literal["unused", "before_subset"] = "unused"  # longtail/data/meta.py
-    crop_padding: int = 4  # random crop with zero padding; 0 disables
+    crop_padding: Annotated[int, Field(ge=0, le=64)] = 4  # random crop, zero padding; 0: off
     flip: bool = True  # random horizontal flip
     # residual set: drop these classes' images from the TRAINING set only ("largest": argmax n_c;
     # a list of class ids); val / test and the class counts (losses, shot groups) stay whole
@@ -72,9 +72,9 @@ class OptimConfig(_Open):
     ``momentum`` for sgd, ``rho`` for sam / rsam), validated by the optimiser (longtail/optim/)."""
 
     name: str = "sgd"
-    lr: float = 0.1
-    weight_decay: float = 2e-4
-    grad_clip: Optional[float] = None  # max global grad norm
+    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 2e-4
+    grad_clip: Optional[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = None  # max norm
 
 
 class ScheduleConfig(_Open):
@@ -82,23 +82,23 @@ class ScheduleConfig(_Open):
     ``milestones`` / ``gamma`` for step, ``min_lr`` for cosine): longtail/optim/schedules.py."""
 
     name: str = "step"
-    warmup_epochs: float = 5.0
+    warmup_epochs: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 5.0
 
 
 class TrainConfig(_Strict):
-    epochs: int = 200
-    batch_size: int = 128  # global batch, split over DDP ranks
+    epochs: Annotated[int, Field(ge=0)] = 200
+    batch_size: Annotated[int, Field(ge=1)] = 128  # global batch, split over DDP ranks
     accumulate_steps: Annotated[int, Field(ge=1)] = 1  # micro-batches a step (accumulated)
     drop_last: bool = False
-    eval_every: int = 0  # evaluate every N epochs (0: only at the end)
-    eval_batch_size: int = 512
+    eval_every: Annotated[int, Field(ge=0)] = 0  # evaluate every N epochs (0: only at the end)
+    eval_batch_size: Annotated[int, Field(ge=1)] = 512
     amp: Literal["none", "bf16", "fp16"] = "none"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"  # cuda:N
     channels_last: bool = True  # NHWC: ~1.3x faster ResNet-32 training on CPU (benchmarks)
     compile: bool = False
-    num_threads: Optional[int] = None  # torch intra-op threads (None: torch default)
+    num_threads: Optional[Annotated[int, Field(ge=1)]] = None  # torch threads (None: default)
     progress: bool = True
-    checkpoint_every: int = 1  # epochs between resumable checkpoints
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints
 
 
 class MethodConfig(_Open):
@@ -118,7 +118,7 @@ class StageConfig(_Strict):
 
 
 class Config(_Strict):
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     stage1: Optional[str] = None  # run folder of a previous stage (decoupled, ...)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

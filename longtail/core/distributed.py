@@ -110,6 +110,16 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise minimum over ranks (in place; returned for chaining)."""
+    if info.enabled:
+        work = _on_backend(tensor)
+        dist.all_reduce(work, op=dist.ReduceOp.MIN)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensor
+
+
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
     """Copy rank 0's buffers (BN running statistics) to every rank, in place.
 

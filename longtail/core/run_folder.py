@@ -119,7 +119,7 @@ class RunFolder:
         return rows if upto_epoch is None else [r for r in rows if r["epoch"] <= upto_epoch]
 
     def write_history(self, rows: List[Dict[str, Any]]) -> None:
-        io.atomic_write_text(self.history_path, "".join(json.dumps(r) + "\n" for r in rows))
+        io.atomic_write_text(self.history_path, "".join(io.to_json(r) + "\n" for r in rows))
 
     # -- checkpoint, weights, metrics --------------------------------------------------------
     def save_checkpoint(self, state: Dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from longtail.core.config import Config
 from longtail.core.distributed import (
     DistInfo,
     all_ok,
+    all_reduce_min,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
@@ -280,6 +281,28 @@ def restore(run: Run) -> int:
 # loop
 
 
+def check_finite(run: Run, epoch: int, steps: int, first_bad: torch.Tensor) -> None:
+    """Stop a diverged run: a LongtailError naming the first step with a non-finite loss (every
+    rank takes the same decision). Nothing of this epoch is written; the last checkpoint stays."""
+    # the first bad step of any rank (steps: none), so every rank stops at the same check
+    flag = first_bad.detach().double().cpu().reshape(1)
+    flag = torch.where(flag < 0, torch.full_like(flag, float(steps)), flag)
+    step = int(all_reduce_min(flag, run.dist).item())
+    if step >= steps:
+        return
+    kept = (
+        f"its last checkpoint ({run.folder.checkpoint_path}, after epoch {epoch}) is kept"
+        if epoch > 0 and run.folder.has_checkpoint()
+        else "no epoch had finished"
+    )
+    raise LongtailError(
+        f"Training diverged: the loss is not finite (NaN or inf) at epoch {epoch + 1}, step "
+        f"{step + 1} of {steps} (optim.lr={run.cfg.optim.lr}). The run stopped and {kept}. "
+        f"Train again in a new folder with a smaller optim.lr, optim.grad_clip set, or "
+        f"train.amp=none; check the data if it persists."
+    )
+
+
 def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, float]:
     method, loader, optim = run.method, run.loader, run.optim
     method.train_model.train()
@@ -292,6 +315,7 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
     seen = 0
     start = time.perf_counter()
     lr = 0.0
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # no sync per step
     world, global_batch, total = run.dist.world_size, loader.batch_size, len(loader.sampler)
     for step, batch in enumerate(loader.epoch(epoch)):
         lr = optim.set_lr(run.schedule.factor(epoch, step, steps))
@@ -304,6 +328,10 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
         lr = optim.lr  # a hook may set the step's lr from its loss (mlrsnet)
         loss_sum += stats["loss"].double() * n
         seen += n
+        bad = (first_bad < 0) & ~torch.isfinite(stats["loss"].detach())
+        first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+        if step % 10 == 0 or step == steps - 1:
+            check_finite(run, epoch, steps, first_bad)
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == steps - 1:

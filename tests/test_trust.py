@@ -1,0 +1,110 @@
+"""Nothing silently wrong: a diverging run stops with the epoch and step and keeps its last good
+checkpoint, JSON files are always valid JSON, and config values are range-checked by the schema."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from longtail.cli import main
+from longtail.core.config import load_config
+from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.io import load_checkpoint, to_json
+from longtail.engine.trainer import fit
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
+TINY = [
+    "data=cifar10_lt",
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+]
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_huge_lr_stops_the_run_instead_of_finishing(tiny_cifar_root, tmp_path, capsys):
+    cfg = load_config(CONFIG, [*TINY, "train.epochs=2", "optim.lr=1e6"])
+    with pytest.raises(
+        LongtailError, match=r"diverged.*at epoch \d, step \d+ of 4 \(optim\.lr=1000000"
+    ):
+        fit(cfg, tmp_path / "r", tiny_cifar_root)
+    assert not (tmp_path / "r" / "metrics.json").exists()  # never reported as finished
+    rc = main(
+        [
+            "train",
+            str(CONFIG),
+            *TINY,
+            "train.epochs=2",
+            "optim.lr=1e6",
+            "--out",
+            str(tmp_path / "cli"),
+            "--data-root",
+            str(tiny_cifar_root),
+        ]
+    )
+    assert rc == 2 and "Training diverged" in capsys.readouterr().err
+
+
+def test_divergence_later_keeps_the_last_good_checkpoint(tiny_cifar_root, tmp_path):
+    # lr 0.01 in epoch 1, then x1e9 from epoch 2 on: the loss explodes in epoch 2
+    cfg = load_config(
+        CONFIG,
+        [
+            *TINY,
+            "train.epochs=3",
+            "optim.lr=0.01",
+            "schedule.warmup_epochs=0",
+            "schedule.milestones=[1]",
+            "schedule.gamma=1e9",
+        ],
+    )
+    with pytest.raises(LongtailError, match=r"epoch 2, step .*after epoch 1\) is kept"):
+        fit(cfg, tmp_path / "r", tiny_cifar_root)
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert state["epoch"] == 1
+    rows = (tmp_path / "r" / "history.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and math.isfinite(_strict(rows[0])["loss"])
+
+
+def test_json_never_holds_nan_or_infinity():
+    text = to_json({"top1": float("nan"), "few": [1.0, float("inf"), -float("inf")], "n": 3})
+    assert _strict(text) == {"top1": None, "few": [1.0, None, None], "n": 3}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.weight_decay=-1", "optim.weight_decay"),
+        ("optim.grad_clip=0", "optim.grad_clip"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.epochs=-1", "train.epochs"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.eval_every=-2", "train.eval_every"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.device=gpu", "train.device"),
+        ("train.num_threads=0", "train.num_threads"),
+        ("data.crop_padding=-4", "data.crop_padding"),
+        ("data.imbalance_factor=0.5", "data.imbalance_factor"),
+        ("data.val_per_class=-1", "data.val_per_class"),
+        ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_config_values_are_range_checked(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        load_config(CONFIG, ["data=cifar10_lt", override])
