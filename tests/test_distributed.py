@@ -237,6 +237,7 @@ RUN_FILES = {
     "metrics.json",
     "model.safetensors",
     "per_class_accuracy.png",
+    ".lock",  # the folder's lock (released: its pid file is gone)
 }
 
 

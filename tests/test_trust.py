@@ -108,3 +108,141 @@ def test_json_never_holds_nan_or_infinity():
 def test_config_values_are_range_checked(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         load_config(CONFIG, ["data=cifar10_lt", override])
+
+
+# ------------------------------------------------------------------ one process, one run folder
+
+
+def test_a_second_process_on_the_same_folder_is_refused_with_the_holders_pid(
+    tiny_cifar_root, tmp_path, capsys
+):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom longtail.core.run_folder import RunFolder\n"
+            f"with RunFolder({str(run_dir)!r}).lock():\n    print('held', flush=True)\n"
+            "    sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(
+            [
+                "train",
+                str(CONFIG),
+                *TINY,
+                "train.epochs=1",
+                "--out",
+                str(run_dir),
+                "--data-root",
+                str(tiny_cifar_root),
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and f"in use by another longtail process (pid {holder.pid})" in err
+        assert not (run_dir / "config.yaml").exists()  # nothing written
+    finally:
+        holder.communicate("\n", timeout=30)
+    # released (the holder ended): the folder trains
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIG),
+                *TINY,
+                "train.epochs=1",
+                "--out",
+                str(run_dir),
+                "--data-root",
+                str(tiny_cifar_root),
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_folder_holding_other_files_is_not_overwritten(tiny_cifar_root, tmp_path, capsys):
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"mine": 1}\n')
+    rc = main(
+        [
+            "train",
+            str(CONFIG),
+            *TINY,
+            "train.epochs=1",
+            "--out",
+            str(mine),
+            "--data-root",
+            str(tiny_cifar_root),
+        ]
+    )
+    assert (
+        rc == 2
+        and "is not empty (metrics.json) and is not a longtail run" in capsys.readouterr().err
+    )
+    assert (mine / "metrics.json").read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.json"]
+
+
+def test_files_follow_the_umask_and_stale_temporaries_are_removed(tiny_cifar_root, tmp_path):
+    import os
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(CONFIG, [*TINY, "train.epochs=2"])
+    old = os.umask(0o022)
+    try:
+        assert fit(cfg, run_dir, tiny_cifar_root, stop_after_epoch=1) is None  # "killed"
+        (run_dir / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a killed write
+        fit(cfg, run_dir, tiny_cifar_root, resume=True)
+    finally:
+        os.umask(old)
+    assert not list(run_dir.glob(".*.tmp"))
+    for name in ("config.yaml", "history.jsonl", "last.pt", "model.safetensors", "metrics.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from longtail.core.io import save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", full)
+    with pytest.raises(
+        LongtailError,
+        match=rf"No space left on {tmp_path} while writing last.pt; "
+        r"the previous last.pt is kept",
+    ):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1} and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_epoch_0(tiny_cifar_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = load_config(CONFIG, [*TINY, "train.epochs=1", "optim.lr=1e30"])
+    with pytest.raises(LongtailError, match="diverged"):  # stops in epoch 1: no checkpoint
+        fit(cfg, run_dir, tiny_cifar_root)
+    assert (run_dir / "config.yaml").exists() and not (run_dir / "last.pt").exists()
+    capsys.readouterr()
+    with pytest.raises(LongtailError, match="diverged"):
+        fit(cfg, run_dir, tiny_cifar_root, resume=True)
+    assert (
+        "has no checkpoint yet (no epoch had finished): the run starts from epoch 0"
+        in capsys.readouterr().out
+    )

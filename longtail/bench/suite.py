@@ -1,40 +1,11 @@
 """Benchmark suites: a YAML list of runs, each a config plus overrides, resolved into a plan.
 
-A suite file (``configs/bench/<name>.yaml``)::
-
-    description: what the suite measures              # optional
-    epochs: 4               # optional: every run shortened to 4 epochs (longtail.core.scale)
-    overrides: [train.channels_last=true]             # optional: applied to every run
-    data: cifar10_lt        # optional: the dataset of every run that names none (data=NAME)
-    runs:
-      - name: c10-ce                                  # folder name, unique in the suite
-        config: configs/methods/ce.yaml               # a recipe (configs/methods/)
-      - name: c10-ce-if50
-        config: configs/methods/ce.yaml
-        imbalance_factor: 50                          # sugar for data.imbalance_factor=50
-      - name: c10-crt
-        config: configs/methods/crt.yaml
-        stage1: c10-ce                                # an earlier run: stage1=<its folder>
-        epochs: 1                                     # this run's own length (null: the config's)
-        overrides: [optim.lr=0.02]                    # key=value list or {key: value} mapping
-        method: crt                                   # table label (default: the config's name)
-      - name: fm-mlrsnet-from-c10
-        data: fashion_mnist_lt                        # this run's dataset (null: none, for a
-        config: configs/methods/mlrsnet_transfer.yaml #   config that fixes its own dataset)
-        overrides: ["hooks.mlrsnet.checkpoint={run:c10-mlrsnet}"]   # {run:NAME}: that run's folder
-
-A run's config is: the dataset file its ``data`` (else the suite's) selects
-(``longtail train CONFIG data=NAME``, :func:`longtail.core.config.compose`) under the config file,
-then the suite ``overrides``, then ``imbalance_factor``, then
-the run's ``overrides``; then, when the suite (or the run) sets ``epochs``, every epoch-valued
-setting is scaled from that config's ``train.epochs`` (:func:`longtail.core.scale.scale_epochs`);
-last ``stage1=<folder of the named run>``. In a run's overrides, ``{run:NAME}`` stands for the
-folder of the earlier run NAME (e.g. a checkpoint to transfer from); like ``stage1``, the run waits
-for (and is blocked by) the runs it names. A multi-stage config (top-level ``stages``,
-:mod:`longtail.engine.pipeline`) is one run: its folder holds a folder per stage, the overrides
-(scaled settings included) are its pipeline settings, so stages with ``epochs_scale`` shrink with
-it, and ``metrics.json`` is its last stage's. Relative config paths are looked up next to the suite
-file, then in the project root (the folder holding ``configs/``), then in the working directory.
+A suite file (``configs/bench/<name>.yaml``) has the keys ``description``, ``epochs``,
+``overrides``, ``data``, ``baseline``, ``runs`` (each: ``name``, ``config``, ``data``,
+``overrides``, ``stage1``, ``imbalance_factor``, ``epochs``, ``method``) and ``checks``. A run's
+config: dataset file <- config <- suite overrides <- imbalance_factor <- run overrides <- epochs
+scaling <- ``stage1``; ``{run:NAME}`` in overrides is an earlier run's folder.
+The format, the lookup of paths and the checks: docs/index.md ("Benchmark suites").
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class OptimConfig(_Open):
     ``momentum`` for sgd, ``rho`` for sam / rsam), validated by the optimiser (longtail/optim/)."""
 
     name: str = "sgd"
-    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 0.1
+    lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1
     weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 2e-4
     grad_clip: Optional[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = None  # max norm
 

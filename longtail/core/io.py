@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,9 +20,17 @@ from safetensors.torch import load_file, save_file
 from longtail.core.errors import LongtailError
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename over ``path``
-    (whatever ``write`` returns is ignored)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], exclusive: bool = False) -> None:
+    """Call ``write(tmp)`` on a temp file in the same folder, fsync it, then rename it over
+    ``path`` (``exclusive``: create ``path``, FileExistsError if it exists). The file gets the
+    permissions of the user's umask, as any normal output. A full disk leaves the previous file
+    in place and raises a LongtailError naming the path (whatever ``write`` returns is ignored)."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
@@ -34,15 +42,38 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if exclusive:
+            os.link(tmp, path)  # atomic and refuses an existing path
+        else:
+            os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"; the previous {path.name} is kept" if path.exists() else ""
+            raise LongtailError(
+                f"No space left on {path.parent} while writing {path.name}{kept}. "
+                f"Free some space, then resume the run."
+            ) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Delete the temp files that writes killed before their rename left in ``folder``
+    (``.NAME.*.tmp``); only safe while holding the folder's lock. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,16 +7,20 @@
 ``model.safetensors``      the final weights
 ``metrics.json``           the final metrics (written last; marks the run as finished)
 ``per_class_accuracy.png`` accuracy against class frequency
+``.lock``                  held (exclusively) by the process training into the folder
 anything else              artifacts of methods and hooks (``artifact(name)``)
 =========================  ==========================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
+import filelock
 import yaml
 
 from longtail.core import io
@@ -31,6 +35,8 @@ class RunFolder:
     WEIGHTS = "model.safetensors"
     METRICS = "metrics.json"
     PER_CLASS_PLOT = "per_class_accuracy.png"
+    LOCK = ".lock"
+    LOCK_PID = ".lock.pid"
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
@@ -89,9 +95,56 @@ class RunFolder:
         except OSError:
             return 0
 
+    def user_files(self) -> List[str]:
+        """What the folder holds besides the lock (sorted names)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.path.iterdir() if p.name not in (self.LOCK, self.LOCK_PID)
+        )
+
+    def remove_if_unused(self) -> bool:
+        """Delete the folder if it holds nothing but its lock files (a run that never started)."""
+        if not self.path.is_dir() or self.user_files():
+            return False
+        for name in (self.LOCK, self.LOCK_PID):
+            (self.path / name).unlink(missing_ok=True)
+        self.path.rmdir()
+        return True
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder exclusively (a second process is refused at once, naming the holder's
+        pid); released when the block ends or the process dies, kill -9 included. Stale temp
+        files of killed writes are removed once the lock is held."""
+        lock_path = self.path / self.LOCK
+        lock = filelock.FileLock(str(lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            try:
+                holder = (self.path / self.LOCK_PID).read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise LongtailError(
+                f"{self.path} is in use by another longtail process (pid {holder}). Wait for it "
+                f"to finish, or train into another folder with --out DIR."
+            ) from None
+        try:
+            (self.path / self.LOCK_PID).write_text(f"{os.getpid()}\n")
+            io.remove_stale_temporaries(self.path)
+            yield
+        finally:
+            (self.path / self.LOCK_PID).unlink(missing_ok=True)
+            lock.release()
+
     # -- config ------------------------------------------------------------------------------
-    def write_config(self, cfg: Config) -> None:
-        io.atomic_write_text(self.config_path, cfg.to_yaml())
+    def write_config(self, cfg: Config, exclusive: bool = False) -> None:
+        """The run's identity; ``exclusive``: create it (FileExistsError if the folder already
+        holds a run)."""
+        io.atomic_write(
+            self.config_path, lambda tmp: tmp.write_text(cfg.to_yaml()), exclusive=exclusive
+        )
 
     def config_tree(self) -> Dict[str, Any]:
         """The saved config as a YAML tree; LongtailError when missing or unreadable."""

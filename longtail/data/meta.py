@@ -1,40 +1,11 @@
 """A small balanced *meta set* carved from the training split, and a loader that cycles through it.
 
-Meta-learning methods (MFM, MLR-SNet, Meta-Weight-Net) learn their meta-parameters on a few
-class-balanced images that the network never trains on. ``build_data(..., meta_per_class=k)``
-(``data.meta_per_class`` in a config) puts ``k`` images of every class in ``DataBundle.meta``,
-always from the official *training* split (so never the test set) and never one of the training
-subset or of ``val`` (asserted on indices in ``tests/test_meta.py``). Two ways, ``data.meta_from``:
-
-``unused`` (default)
-    The long-tailed training subset and ``val`` are built exactly as without a meta set (the
-    LDAM-DRW subset every paper uses; the same ``val``); the meta set is then carved from the
-    training images neither uses, with :func:`longtail.data.longtail.heldout_indices` and
-    ``exclude = subset ∪ val`` (seed ``data.subset_seed + 2``). A class with fewer than ``k``
-    such spare images (CIFAR-10-LT / CIFAR-100-LT / Fashion-MNIST-LT class 0 has none: the
-    subset keeps all its images) **borrows** the missing ones from the training subset: the last
-    images of that class in the subset's (shuffled) order move from the training set to the meta
-    set, the class counts shrink accordingly (CIFAR-10-LT IF100: class 0 trains on 4,990 images,
-    12,396 in all) and ``build_data`` warns, naming the classes. Rationale: a meta set that
-    lacks a class teaches the meta-parameters to never predict it, which is worse than 10 fewer
-    images of a 5,000-image head class.
-``before_subset``
-    The Meta-Weight-Net protocol: ``k`` images per class are removed from the *full* training
-    split first (seed ``subset_seed + 2``), then the long-tailed subset is drawn from what is
-    left with ``n_max`` = the smallest remaining class (CIFAR-10: 4,990, counts
-    ``int(4990 * (1/IF) ** (c / 9))``) and the usual per-class shuffle (seed ``subset_seed``)
-    over the remaining positions; ``val`` comes from the images neither uses. The training set
-    is then *not* the LDAM-DRW subset: compare such runs only with runs built the same way.
-
-``DataBundle.meta_borrowed`` holds, per class, how many meta images came out of the subset
-(all zero for ``before_subset``).
-
-:class:`MetaLoader` serves meta batches (100 images by default, the MW-Net / MFM protocol) with
-the training normalisation and, by default, no augmentation. The stream is a concatenation of
-independent random permutations of the meta set ("meta epochs"), and ``batch(step)`` is a pure
-function of ``(seed, step)``: a resumed run gets the same meta batches as an uninterrupted one
-if it resumes its step counter. Under DDP each rank takes its contiguous share of the global
-meta batch, as the training loader does.
+``data.meta_per_class: k`` puts k images of every class in ``DataBundle.meta``, from the official
+training split, disjoint from the training subset and ``val``. ``data.meta_from``: ``unused``
+(default, our choice: the LDAM-DRW subset is kept and a class short of spare images borrows from
+it, ``DataBundle.meta_borrowed``) or ``before_subset`` (the Meta-Weight-Net protocol).
+:class:`MetaLoader` serves meta batches that are a pure function of ``(seed, step)``.
+Details, seeds and reasons: docs/methods/meta.md.
 """
 
 from __future__ import annotations

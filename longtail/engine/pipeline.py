@@ -1,61 +1,14 @@
 """Multi-stage runs: one config describes a sequence of stages that ``longtail train`` runs in order.
 
-A config with a top-level ``stages`` list is a *pipeline*. Its own settings (everything but
-``stages``: the file, its ``_base_`` files and the command-line overrides) are the base of every
-stage; each stage is a normal run folder ``RUN_DIR/<name>/`` whose next stage reads it through
-``stage1``::
+A config with a top-level ``stages`` list is a *pipeline* (the three-stage strategy: Li, Tan, Pan,
+arXiv 2104.09830, 2021). Its own settings are the base of every stage; each stage is a run folder
+``RUN_DIR/<name>/`` whose next stage reads it through ``stage1``. Stage keys: ``name``,
+``config``, ``overrides``, ``lr_scale``, ``epochs_scale``. A stage's config::
 
-    _base_: ce.yaml                    # the pipeline's own settings (stage 1 trains exactly these)
-    stages:
-      - name: stage1
-      - name: stage2
-        lr_scale: 0.1                  # optim.lr = 0.1 x the pipeline's optim.lr
-        epochs_scale: 0.25             # 1/4 of the pipeline's train.epochs (schedule rescaled)
-        overrides:                     # dotted keys or nested sections, merged on top
-          data.exclude_classes: largest
-          method.name: residual
-      - name: stage3b
-        config: crt.yaml               # a YAML file (with its _base_) merged on top of the
-        epochs_scale: 0.05             #   pipeline's settings, before `overrides`
+    pipeline settings <- stage config <- stage overrides <- command line <- scales <- stage1
 
-Stage keys (unknown ones are refused by name, like any config key):
-
-==================  =============================================================================
-``name``            the stage's folder, ``RUN_DIR/<name>/`` (letters, digits, ``_``, ``-``; unique)
-``config``          optional YAML file merged (with its own ``_base_`` chain, composed with the
-                    pipeline's ``data=NAME`` / ``model=NAME`` selectors like the pipeline's own
-                    file) on top of the pipeline's settings; relative to the pipeline's config
-                    file, else to the working directory, else to the project root, else a recipe
-                    of the ``methods/`` folder (``crt.yaml``: configs/methods/crt.yaml)
-``overrides``       optional mapping merged on top of that: ``{optim.lr: 0.01}`` or
-                    ``{optim: {lr: 0.01}}``
-``lr_scale``        optional: ``optim.lr`` = lr_scale x the pipeline's ``optim.lr`` (the stage may
-                    not also set ``optim.lr`` in its config or overrides)
-``epochs_scale``    optional: the stage runs ``max(1, round(epochs_scale x E))`` epochs, E the
-                    pipeline's ``train.epochs``; its other epoch-valued settings (milestones,
-                    warm-up, eval_every, DRW epoch, ...) are rescaled from its own
-                    ``train.epochs`` (:func:`longtail.core.scale.scale_epochs`)
-==================  =============================================================================
-
-A stage's config is built in this order: the pipeline's settings, the stage's ``config`` file, its
-``overrides``, then the command-line overrides again (``key=value`` after the config file applies
-to every stage: ``train.epochs=1`` or a bench suite's ``data.imbalance_factor=50`` reach the stages
-whose config file sets them too), then ``epochs_scale`` / ``lr_scale`` (relative to the pipeline's
-settings, so a shorter pipeline -- ``train.epochs=N``, a bench suite's ``epochs:`` -- shortens
-every stage alike), then ``stage1`` = the previous stage's folder (the first stage keeps the
-pipeline's ``stage1``, normally none). Every stage must train on the pipeline's training set
-(``data.dataset``, ``imbalance_factor``, ``profile``, ``subset_seed``, ``max_per_class``; a
-stage may remove classes with ``data.exclude_classes``). Everything is resolved and validated
-before the first stage starts.
-
-``RUN_DIR/config.yaml`` records the pipeline with every stage resolved into plain ``overrides``
-(the keys where the stage differs from the pipeline's settings; no ``config``/scales left), so a
-resume does not depend on other files. ``longtail train --resume RUN_DIR`` continues the
-sequence: a stage whose folder has ``metrics.json`` is skipped, an interrupted one resumes from
-its own ``config.yaml`` and ``last.pt`` (as ``--resume RUN_DIR/<stage>`` would), the rest start.
-At the end ``RUN_DIR/metrics.json`` holds the last stage's metrics (every test/val number, all
-classes) with ``epochs`` / ``train_seconds`` / ``images_per_s`` summed over the stages, plus
-``final_stage`` and ``stages`` (one summary row each); a table of the stages is printed.
+``RUN_DIR/config.yaml`` records every stage resolved; ``--resume RUN_DIR`` skips finished stages.
+Details (lookup, scaling, checks, resume, metrics): docs/methods/three_stage.md.
 """
 
 from __future__ import annotations

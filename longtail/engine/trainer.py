@@ -6,13 +6,14 @@ evaluates, writes ``history.jsonl`` / checkpoints / ``metrics.json`` atomically,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -90,6 +91,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
             f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
             f"choose another folder with --out DIR."
         )
+    others = folder.user_files()
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise LongtailError(
+            f"{run_dir} is not empty ({shown}) and is not a longtail run: nothing is written "
+            f"into it. Train into a new or empty folder with --out DIR."
+        )
     error, created = None, False
     if info.is_main:
         created = not run_dir.exists()
@@ -109,6 +117,21 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
             f"message). Choose a writable folder with --out DIR."
         )
     return created
+
+
+@contextlib.contextmanager
+def hold_run_folder(folder: RunFolder, info: DistInfo = DistInfo()) -> Iterator[None]:
+    """Rank 0 holds the folder's lock for the block; every rank fails together if it cannot."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                stack.enter_context(folder.lock())
+            except LongtailError as err:
+                error = err
+        if not all_ok(error is None, info):
+            raise error or LongtailError(f"{folder} is in use by another process (see rank 0).")
+        yield
 
 
 def setup_process(cfg: Config) -> Tuple[torch.device, DistInfo]:
@@ -403,19 +426,41 @@ def fit(
     check_config(cfg)
     _, info = setup_process(cfg)
     created = prepare_run_dir(run_dir, resume, info)
+    folder = RunFolder(run_dir)
     try:
-        run = build_run(cfg, run_dir, data_root)
-    except Exception:
-        if created and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that never started leaves no folder behind
-        raise
+        with hold_run_folder(folder, info):
+            return _fit(cfg, folder, data_root, resume, stop_after_epoch, info)
+    finally:
+        if created and info.is_main:
+            folder.remove_if_unused()  # a run that never started leaves no folder behind
+
+
+def _fit(
+    cfg: Config,
+    folder: RunFolder,
+    data_root: Path,
+    resume: bool,
+    stop_after_epoch: Optional[int],
+    info: DistInfo,
+) -> Optional[Dict[str, Any]]:
+    run_dir = folder.path
+    if not resume and folder.is_run():  # created while this process waited for the lock
+        raise LongtailError(
+            f"{run_dir} already holds a run. Continue it with --resume "
+            f"{run_dir}, or choose another folder with --out DIR."
+        )
+    run = build_run(cfg, run_dir, data_root)
     info = run.dist
     barrier(info)
-    folder = run.folder
+    if resume and not folder.has_checkpoint() and info.is_main:
+        print(
+            f"note: {run_dir} has no checkpoint yet (no epoch had finished): the run starts "
+            f"from epoch 0 with its saved config."
+        )
     start_epoch = restore(run) if resume and folder.has_checkpoint() else 0
     history = folder.read_history(start_epoch) if resume else []
     if info.is_main and not resume:
-        folder.write_config(cfg)
+        folder.write_config(cfg, exclusive=True)
     if info.is_main:
         counts = run.data.class_counts
         print(

@@ -1,56 +1,13 @@
 """MLR-SNet — a meta-learned learning-rate schedule (Shu, Zhu, Zhao, Meng, Xu; arXiv 2007.14546).
 
-lr_t = γ · σ(w·h_t + b), (h_t, c_t) = LSTM-style cell(L_t, h_{t−1}, c_{t−1}); γ = |√L0 ln(L0 C) / C^¼| / 4.
+lr_t = γ · σ(w·h_t + b), (h_t, c_t) = LSTM-style cell(L_t, h_{t−1}, c_{t−1});
+γ = |√L0 ln(L0 C) / C^¼| / 4, L0 the initial mean training CE.
 
-The training hook ``hooks: {mlrsnet: {...}}`` replaces the schedule's lr by a small recurrent network that reads the
-mean training loss L_t of every step and writes the learning rate of the base optimiser for that
-step. Two modes (``hooks.mlrsnet.mode``, default: ``transfer`` when a checkpoint is given):
-
-``meta_train``
-    Every ``meta_every`` steps (T, 300 in the paper) the net's weights ω take one Adam step
-    (lr 1e-3, wd 1e-4) on the one-step look-ahead of :mod:`longtail.optim.meta`::
-
-        θ̂(ω) = θ − γ lr_ω(L_t) (g + λ θ)       g = ∇θ L_train(θ) taken as a constant
-        ω    ← Adam(ω, ∇ω CE(f(x_meta; θ̂(ω)), y_meta))
-
-    on the next batch of the balanced meta set (``data.meta_per_class``, e.g. 10 per class).
-    ω is saved after every epoch (``RUN_DIR/mlrsnet/epoch_NNN.safetensors``); at the end
-    ``RUN_DIR/mlrsnet.safetensors`` bundles the snapshots of the first, middle and last epoch
-    (the paper's "epoch 1 / 100 / 200" of 200), ready for transfer.
-``transfer``
-    ω is frozen, loaded from ``hooks.mlrsnet.checkpoint`` (a ``mlrsnet.safetensors`` or the run
-    folder holding it). With n snapshots (3 from a meta-training run), epoch e of E uses snapshot
-    ⌊n e / E⌋, i.e. they are switched at thirds of training, and γ is recomputed from the current
-    network's loss on the training set at each switch (meta_test.py). No meta set is needed.
-
-The net (``MLRSNet``, hidden 50): i2h = Linear(1,50)-ReLU-Linear(50,200), h2h =
-Linear(50,50)-ReLU-Linear(50,200), g = i2h(L_t) + h2h(h_{t−1}) split in four, i = σ(g0),
-f = σ(g1 − 1), o = σ(g2), c̃ = tanh(g3), c_t = f c_{t−1} + i c̃, h_t = o tanh(c_t), output
-σ(Linear(50,1)(h_t)) ∈ (0, 1); the cell's linear weights start U(−0.1, 0.1). The state (h, c) is
-carried across all steps and epochs (and snapshot switches) and detached every step (truncated
-back-propagation of length 1). γ uses L0 = mean cross-entropy of the network at the start
-(un-augmented training images, BatchNorm on batch statistics: see :meth:`MLRSNetHook.training_loss`;
-``gamma_images`` caps how many, ``gamma`` fixes it), so every lr lies in (0, γ).
-
-Choices where the reference code (xjtushujun/MLR-SNet, meta_train.py) and this file differ,
-each for a stated reason:
-
-* the look-ahead evaluates the net from the current state without advancing it, so the state
-  moves exactly once per step (the reference also advances it inside the look-ahead, so on meta
-  steps it moves twice: an artefact of its stateful module, not part of the method);
-* the look-ahead is taken after the step's own forward/backward (θ has not moved yet, so it is
-  the same look-ahead) and reuses the step's loss as the net's input, instead of a second
-  forward before it;
-* the virtual step ignores the base optimiser's momentum (the reference recipe uses momentum 0,
-  ``configs/methods/mlrsnet.yaml`` too; with momentum > 0 the look-ahead is the plain-SGD one);
-* under DDP the input loss is the mean over ranks (so every rank gets the same lr) and the
-  hyper-gradient is averaged over ranks (:func:`longtail.optim.meta.apply_meta_gradients`);
-* the training loss of the look-ahead is the run's loss (``loss.name``; CE in the recipe).
-
-Integration: a training hook (:mod:`longtail.hooks.base`). After each step's first backward and
-before the optimiser's update (``after_backward``), it meta-trains (when due) and sets every
-param group's lr, overriding the schedule's. Any method that steps through
-``OptimWrapper.update`` gets it, with sgd / sam / rsam alike.
+A training hook (``hooks: {mlrsnet: {...}}``, :mod:`longtail.hooks.base`): after each step's first
+backward it reads the step's mean loss L_t and sets every param group's lr. ``mode``:
+``meta_train`` (every ``meta_every`` steps one Adam step on a one-step look-ahead scored on the
+meta set, :mod:`longtail.optim.meta`) or ``transfer`` (frozen snapshots from ``checkpoint``).
+Details, defaults and where we differ from the reference code: docs/methods/meta.md.
 """
 
 from __future__ import annotations
@@ -190,7 +147,7 @@ def bundle_epochs(epochs: int) -> List[int]:
 
 
 class MLRSNetOptions(Options):
-    """``hooks.mlrsnet.*`` (see the module docstring)."""
+    """``hooks.mlrsnet.*`` (see docs/methods/meta.md)."""
 
     mode: Optional[str] = Field(
         None, pattern="^(meta_train|transfer)$"
@@ -207,7 +164,7 @@ class MLRSNetOptions(Options):
 
 @HOOKS.register("mlrsnet")
 class MLRSNetHook(Hook):
-    """The MLR-SNet learned lr: every step's lr from the net (see the module docstring)."""
+    """The MLR-SNet learned lr: every step's lr from the net (see docs/methods/meta.md)."""
 
     options_model = MLRSNetOptions
 

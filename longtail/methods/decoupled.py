@@ -1,31 +1,14 @@
 """Decoupled classifier learning on a frozen stage-1 representation (Kang et al., ICLR 2020,
 facebookresearch/classifier-balancing): cRT, LWS, tau-normalisation and NCM.
 
-A stage-2 run names its stage-1 run folder with the top-level key ``stage1``::
+A stage-2 run names its stage-1 run folder with the top-level key ``stage1`` (checked by
+:func:`load_stage1`: same training set, fitting tensors); backbone and neck stay frozen::
 
-    longtail train configs/methods/ce.yaml data=cifar10_lt --out runs/ce     # stage 1 (instance sampling)
-    longtail train configs/methods/crt.yaml data=cifar10_lt stage1=runs/ce   # stage 2
+    crt: fresh head, CE;  lws: z_c = f_c (w_c^T x + b_c);  tau_norm: w_c / |w_c|^tau (tau on val)
+    ncm: z_c = cos(f(x), m_c), m_c the class mean of L2-normalised training features
 
-``load_stage1`` reads ``stage1/model.safetensors`` and checks that stage 1 trained on the same
-training set (dataset, imbalance factor, profile, subset seed, cap) and that its tensors fit this
-run's model. Registered methods (``method.name``):
-
-=============  =====================================================================  =========
-name           what it does                                                           trains
-=============  =====================================================================  =========
-``crt``        re-initialise the head, train it with CE on frozen features            head
-``lws``        z_c = f_c (w_c^T x + b_c) with stage-1 W, b frozen (``model.head: lws``)  f only
-``tau_norm``   w_c <- w_c / |w_c|^tau, bias dropped; tau picked on ``val`` by top-1    nothing
-``ncm``        cosine to the class means of L2-normalised training features            nothing
-=============  =====================================================================  =========
-
-cRT and LWS are meant for class-balanced sampling (``sampler.name: class_balanced``); the
-backbone (and neck) stay bit-identical to stage 1: no gradients, BatchNorm in eval mode, and the
-feature forward of a step runs under ``torch.no_grad()``. The methods that train nothing need
-``train.epochs: 0``: their work happens in ``on_train_end``, before the final evaluation, and the
-result is either in the weights (tau_norm, ncm) or in the method state (the chosen tau), so
-``longtail eval RUN_DIR`` reproduces ``metrics.json``. A stage-2 run keeps needing its stage-1
-folder (``longtail eval`` rebuilds the model through the same ``setup_model``).
+``method.name``: crt | lws | tau_norm | ncm (the last two train nothing: ``train.epochs: 0``).
+Details, defaults and our choices: docs/methods/decoupled.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,14 @@
-"""Fine-tuning a previous run: the later stages of a multi-stage recipe (the three-stage strategy,
-Li, Tan, Pan, arXiv 2104.09830; docs/methods/three_stage.md) that train the WHOLE model from another run.
+"""Fine-tuning a previous run: the later stages of the three-stage strategy (Li, Tan, Pan, arXiv
+2104.09830, 2021) that train the WHOLE model from the run folder ``stage1`` (checked as
+:func:`longtail.methods.decoupled.load_stage1` does), with a fresh optimiser.
 
-Both methods start from the run folder named by the top-level key ``stage1`` (every tensor,
-head included, checked as the decoupled methods check it: same training subset, same model
-shapes; :func:`longtail.methods.decoupled.load_stage1`), with a fresh optimiser and the run's own
-schedule, sampler and loss. A pipeline (:mod:`longtail.engine.pipeline`) sets ``stage1`` to the
-previous stage's folder itself.
+``finetune``: train the whole model from ``stage1`` (stage 3a, with a balanced sampler).
+``residual``: the same on the residual set (``data.exclude_classes``): the removed classes' logits
+are -inf in the training loss only (a (C - k)-way loss, head still C-way; stage 2)::
 
-=============  ==========================================================================
-name           what it does
-=============  ==========================================================================
-``finetune``   train the whole model from the ``stage1`` weights (stage 3a: balanced
-               fine-tuning, with a balanced sampler such as ``undersample``)
-``residual``   ``finetune`` on the residual set (``data.exclude_classes``): the removed
-               classes' logits are set to -inf before the loss, so the softmax spreads no
-               probability over them and their logits get no gradient (equivalently a
-               (C - k)-way loss on the other logits); the head stays C-way (stage 2)
-=============  ==========================================================================
+    z_c <- -inf for c in excluded;  L = loss(z, y)   (evaluation: all C logits, raw head)
 
-The mask applies to the training loss only: the run's evaluation scores all C classes with the
-raw head. The loss keeps the full class counts (``DataBundle.class_counts``): for prior-based
-losses (logit adjustment, Balanced Softmax) the residual prior differs from the full one by a
-constant over the remaining logits only, which the softmax ignores, and a masked class needs no
-prior (its count is never divided by). A loss that spreads target mass over every class (label
-smoothing) would meet the -inf logits: none of the registered losses does.
+Details, and why the loss keeps the full class counts: docs/methods/three_stage.md.
 """
 
 from __future__ import annotations

@@ -1,62 +1,14 @@
 """MFM — Meta Feature Modulator (Wang, Hu, Zhu, Shu, Zhao, Meng, arXiv 2008.03428, 2020).
 
-Per-channel scale/shift modulation of intermediate features (``longtail.models.modulator``),
-meta-learned on a small balanced meta set with the bi-level step of ``longtail.optim.meta``.
-The paper's body and code are not public: everything beyond the abstract is [PROPOSED]
-(docs/methods/meta.md). Per training step t, with α_t the current lr of the model optimiser::
+Per-channel scale/shift of intermediate features (:mod:`longtail.models.modulator`), meta-learned
+on a small balanced meta set with the bi-level step of :mod:`longtail.optim.meta`. Everything
+beyond the abstract is [PROPOSED] (our reading). Per step, α_t the optimiser's current lr::
 
-    1. θ̂(φ) = θ − α_t ∇θ L_train(θ, φ)                 virtual SGD step (second order in φ)
-    2. φ ← Adam(φ, ∇φ CE_meta(θ̂(φ)))                    meta batch from data.meta (balanced)
-    3. θ ← SGD(θ, ∇θ L_train(θ, φ_new))                 the real step (momentum, wd, AMP, DDP)
+    θ̂(φ) = θ − α_t ∇θ L_train(θ, φ);  φ ← Adam(φ, ∇φ CE_meta(θ̂(φ)));  θ ← SGD(θ, ∇θ L_train(θ, φ))
 
-L_train is the configured loss (``loss.name``) on the long-tailed batch, *modulated*; the meta
-loss is plain CE on the meta batch, *unmodulated* (``modulate_meta``); evaluation is unmodulated
-(``modulate_at_test``): the modulation models the long-tailed -> balanced shift during training
-only, and the deployed network is the plain f(·; θ).
-
-Measured (cifar-short, 8 epochs, CPU; ``benchmarks/mfm_eval_modes.py``): the deployed network
-is not the trained one. Every training forward is modulated, so BatchNorm running statistics and
-the weights adapt to modulated features, while the meta loss (batch statistics) never sees the
-unmodulated network with running statistics. On Fashion-MNIST-LT the unmodulated evaluation gave
-67.3 % where the same weights, modulated, gave 76.9 % (CE 77.6 %); re-estimating BN on unmodulated
-images did not close the gap. ``modulate_at_test: true`` deploys the modulated network instead;
-``modulate_at_test: auto`` picks the deployed one on the val split at the end of training (the
-higher val top-1; ties: unmodulated), never on test: on the four cifar-short MFM runs it would
-have picked the better one on test each time.
-
-Options (``method.*``)::
-
-    variant: network            direct | network (modulator MLP from pooled features)
-    stages: null                stage indices to modulate (null: after every stage)
-    hidden_ratio: 4             network: hidden width C_l / hidden_ratio
-    modulate_meta: false        modulate the meta forward too
-    modulate_at_test: false     modulate evaluation forwards (and `longtail eval`); auto: pick on val
-    meta_batch_size: 100        meta images per meta step (global, split over DDP ranks)
-    meta_augment: false         crop/flip the meta images like training images
-    meta_every: 1               one meta update every N training steps
-    meta_optimizer: adam        adam | sgd
-    meta_lr: 1.0e-3
-    meta_weight_decay: 1.0e-4
-    meta_momentum: 0.9          sgd only
-    meta_grad_clip: null        max global norm of the hyper-gradient
-    inner_lr: null              α of the virtual step (null: the optimiser's current lr)
-    inner_weight_decay: 0.0     λ of the virtual step (MW-Net: none)
-    second_order: true          false: first-order virtual step (then φ gets no hyper-gradient
-                                unless the meta forward is modulated)
-    meta_amp: false             run the virtual passes under train.amp's autocast
-    modulator: null             PATH (or run folder) of a saved modulator.safetensors to start from
-    freeze_modulator: false     keep it fixed: no meta step, no meta set needed (transfer)
-
-Transfer: ``longtail train configs/methods/ce.yaml data=fashion_mnist_lt method.name=mfm
-method.modulator=runs/c10-mfm/modulator.safetensors method.freeze_modulator=true`` trains a new
-network under the frozen modulator of another run (stage widths must match; the CIFAR ResNets
-have 16/32/64 for any input channel count) without a meta set. The loaded modulator's own
-variant / stages / hidden_ratio win over the options above; like ``stage1``, the path must still
-exist when ``longtail eval`` rebuilds the run (the trained modulator itself comes from last.pt).
-
-Files: ``RUN_DIR/modulator.safetensors`` at the end of a run; the modulator and the meta
-optimiser are also in ``last.pt`` (method state), with the step counters, so a resumed run is
-bit-identical on CPU (meta batches are a function of (seed, meta step)).
+L_train (``loss.name``) is modulated; the meta CE and evaluation are not (``modulate_meta``,
+``modulate_at_test``: false | true | auto). Options ``method.*``, transfer (``modulator``,
+``freeze_modulator``), files and measurements: docs/methods/meta.md.
 """
 
 from __future__ import annotations
@@ -94,7 +46,7 @@ MODULATOR_FILE = "modulator.safetensors"
 
 @METHODS.register("mfm")
 class MFM(Method):
-    """Meta feature modulation; see the module docstring for the algorithm and options."""
+    """Meta feature modulation; see docs/methods/meta.md for the algorithm and options."""
 
     def __init__(
         self,

@@ -1,30 +1,11 @@
-"""Feature modulation for MFM (Meta Feature Modulator, Wang et al., arXiv 2008.03428): per-channel
-scale and shift of intermediate feature maps, h̃_l = γ_l ⊙ h_l + β_l (FiLM-style, broadcast over
-H x W), applied to the output of backbone stages through forward hooks.
+"""Feature modulation for MFM (Meta Feature Modulator, Wang et al., arXiv 2008.03428, 2020).
 
-Two variants ([PROPOSED], docs/methods/meta.md; the paper's body and code are not public):
-
-``direct``
-    φ = {γ_l, β_l} free per-channel parameters, γ_l = 1, β_l = 0 at initialisation.
-``network``
-    a small modulator network per stage: u_l = GAP(h_l) ∈ R^{C_l} (per sample), MLP
-    C_l -> max(C_l // hidden_ratio, 1) -> 2 C_l with a ReLU, output (Δγ_l, β_l),
-    γ_l = 1 + tanh(Δγ_l). The last layer starts at zero, so training starts at the identity.
-    It sees only pooled features, so it transfers to any backbone with the same stage widths
-    (every CIFAR ResNet here has 16/32/64 channels, for 3-channel and 1-channel inputs alike).
-
-Both are exactly the identity at initialisation (γ = 1.0, β = 0.0 exactly, and 1 * h + 0 == h).
-
-Hooking is generic: a backbone that exposes ``stages`` (a sequence of modules, applied in order)
-and ``stage_channels`` (their output channels) can be modulated
-(:class:`longtail.models.resnet_cifar.ResNetCifar` does). :class:`StageModulation` registers a
-forward hook on each chosen stage; whether a forward is modulated is decided per call with
-:meth:`StageModulation.active`, so a method decides which passes are modulated (MFM: the
-long-tailed training batches only) and the model, the trainer and the evaluator know nothing of it.
-
-Saved as ``modulator.safetensors`` (:func:`save_modulator`): the tensors of
-:class:`FeatureModulator` plus metadata (format, variant, stages, channels, hidden_ratio), so a
-later run can load it (:func:`load_modulator`) and check that it fits.
+h̃_l = γ_l ⊙ h_l + β_l per channel (FiLM-style, broadcast over H x W) on the output of backbone
+stages, through forward hooks (:class:`StageModulation`, switched per call with ``active``).
+Variants ([PROPOSED], our reading): ``direct`` (free γ_l, β_l) and ``network`` (an MLP from
+GAP(h_l), γ_l = 1 + tanh(Δγ_l)); both exactly the identity at initialisation. Saved as
+``modulator.safetensors`` with its metadata (:func:`save_modulator`, :func:`load_modulator`).
+Details: docs/methods/meta.md.
 """
 
 from __future__ import annotations

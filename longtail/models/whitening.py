@@ -1,100 +1,16 @@
 """Channel whitening of the classifier input, with BET (batch embedded training).
 
-A neck ``[B, D] -> [B, D]`` for the [PROPOSED] reading of docs/methods/whitening.md (Zhang, "You Only
-Need End-to-End Training for Long-Tailed Recognition", arXiv 2112.05958, withdrawn; successor
-"Covariance-corrected Whitening ...", arXiv 2408.17197, "Whitening-Net"). No public code exists;
-every choice below is ours and is named by an option::
+Zhang, "You Only Need End-to-End Training for Long-Tailed Recognition", arXiv 2112.05958 (2021,
+withdrawn; successor arXiv 2408.17197). No public code: every choice here is [PROPOSED] (our
+reading), each behind an option of ``model.neck_params``. A neck ``[B, D] -> [B, D]``::
 
-    model:
-      neck: whitening
-      neck_params: {method: eig, group_size: null, eps: 1.0e-5, momentum: 0.1, iterations: 5,
-                    affine: false, bet: queue, bet_queue: 4, running: cov}
+    Sigma = (1/m) X_c^T X_c + eps I,  W = Sigma^(-1/2) (per group of G channels),
+    x_hat = (x - mu) W
 
-(the neck's own defaults; ``bet`` defaults to ``none`` in the neck and is set to ``queue`` by the
-``configs/methods/whitening_*.yaml`` recipes).
-
-ZCA whitening (training mode, batch statistics)
-    mu = mean(x),  Sigma = (1/m) X_c^T X_c + eps I  (biased, as BatchNorm),  W = Sigma^(-1/2),
-    x_hat = (x - mu) W  (W symmetric). With ``group_size`` G < D the channels are cut into D / G
-    contiguous groups whitened independently (block-diagonal W; group whitening, as IterNorm).
-
-``method: eig``
-    Eigendecomposition ``Sigma = U diag(lambda) U^T`` in float64, ``W = U diag(lambda^-1/2) U^T``.
-    The gradient is not torch's ``eigh`` gradient (whose 1 / (lambda_i - lambda_j) terms blow up
-    for near-equal eigenvalues, the known weak point of decorrelated batch norm, Huang et al.
-    CVPR 2018) but the Daleckii-Krein formula for the matrix function f(Sigma) = Sigma^(-1/2):
-    dW = U (L o (U^T dSigma U)) U^T with the divided differences
-    L_ij = (f(l_i) - f(l_j)) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(lambda),
-    whose limit for l_i = l_j is f'(l_i) = -1 / (2 s_i^3): the same closed form, with no
-    subtraction, so equal or near-equal eigenvalues are exact and stable (no clamping, no
-    approximation). Eigenvalues are floored at ``eps`` (they are >= eps up to round-off).
-
-``method: newton_schulz`` (IterNorm, Huang et al. CVPR 2019)
-    Sigma_N = Sigma / tr(Sigma), P_0 = I, P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2 for
-    k = 1..T (``iterations``, default 5), W = P_T / sqrt(tr(Sigma)); gradients by autograd through
-    the iterations, in float64. Evaluated in the equivalent coupled form (same P_k in exact
-    arithmetic), because the literal one amplifies rounding errors and diverges for large T
-    (see :func:`inv_sqrt_newton_schulz`). P_T is a polynomial p_T in Sigma_N, so the whitened
-    covariance has the eigenvalues a p_T(a)^2 (a: eigenvalues of Sigma_N): T = 5 whitens only
-    partially (IterNorm's "incomplete whitening": small-eigenvalue directions stay shrunk);
-    larger T converges to I.
-
-Running statistics (evaluation mode)
-    As BatchNorm: training uses the batch statistics and updates, with ``momentum`` m (0.1),
-    ``running_mean <- (1 - m) running_mean + m mu``,
-    ``running_cov <- (1 - m) running_cov + m Sigma`` (without eps) and
-    ``running_whiten <- (1 - m) running_whiten + m W`` (per group, both started at the identity;
-    the latter is IterNorm's ``running_wm``). Evaluation computes
-    ``x_hat = (x - running_mean) W_eval``, so an image's output does not depend on the rest of its
-    batch, with ``W_eval`` chosen by ``running``:
-    ``cov`` (default): the whitening matrix of ``running_cov`` (same ``method``, recomputed at each
-    evaluation forward; deterministic); ``whiten``: ``running_whiten``, the literal "running W" of
-    docs/methods/whitening.md. Both buffers are always kept, so a run can be re-evaluated either way. Why
-    ``cov`` by default: Sigma -> Sigma^(-1/2) is operator convex, so the average of batch
-    whitening matrices over-whitens (E[W_b] >= (E Sigma_b)^(-1/2)), and a batch with fewer
-    samples than channels has eps-sized eigenvalues, W_b ~ eps^(-1/2) = 316 in its null
-    directions, which the average keeps for tens of steps. Measured on a synthetic Gaussian
-    (D = 64, eigenvalues 1 .. 1e-3, 300 steps): the eigenvalues of the evaluation-whitened
-    population covariance, ideally 1, were 1.00 .. 2.73 (``whiten``) vs 0.74 .. 1.38 (``cov``,
-    the spread of a ~19-batch average) at B = 128, and 50 .. 2037 vs 0.61 .. 2.06 at B = 32;
-    with the BET queue both are close (0.79 .. 1.44 vs 0.75 .. 1.34).
-
-``affine`` (default false)
-    A learnable per-channel scale and shift after whitening (ones / zeros). Off by default: the
-    method whitens the *classifier input*; a following linear head absorbs a per-channel affine
-    map exactly (redundant), and under the cosine head of LDAM a learnt per-channel scale would
-    re-introduce the anisotropy whitening removes. The abstracts describe whitening only.
-
-BET (``bet``), the [PROPOSED] "batch embedded training"
-    ``none``: batch statistics of the current batch only.
-    ``queue`` (default in the configs): mu and Sigma are estimated over the current batch united
-    with the last ``bet_queue`` training batches (detached), so Sigma sees ~(Q+1) B samples. The
-    queue holds each batch's *sufficient statistics* (row count, mean, centred scatter of every
-    group), not its features: the union's mean and covariance are then exactly those of the
-    concatenated features (Chan et al.'s pairwise combination,
-    S = sum_i [C_i + n_i (m_i - mu)(m_i - mu)^T]), in fixed-size buffers independent of the batch
-    size (Q x D x G floats instead of Q x B x D), allocated at construction. Gradients flow only
-    through the current batch's mean and scatter; queued statistics are constants. The queue is
-    FIFO (``queue_next`` is the slot overwritten next; ``queue_count`` is 0 for empty slots, so
-    it fills over the first Q steps), is kept across epochs (the paper gives no reset rule, and
-    a stale entry leaves the queue within Q steps anyway) and is updated only by training-mode
-    forwards. It is made of persistent buffers, so it is in ``state_dict``, hence in the
-    checkpoint: resuming a run is bit-exact. ``longtail eval`` loads it too but never uses it.
-    ``subbatch``: the other reading (docs/methods/whitening.md) ("draw a large batch, compute Sigma on the whole,
-    take SGD steps on several sub-batches sharing that Sigma") is rejected with a ConfigError.
-    Inside one step, whitening sub-batches with the whole batch's statistics is exactly whole-batch
-    whitening (same outputs, same gradients), so the reading only differs through *several
-    optimiser steps* per drawn batch, which is a training-loop strategy (a Method), not something
-    a neck can do; ``queue`` gives the same "statistics from more samples than the step uses".
-
-Precision, devices, DDP
-    The statistics, whitening matrices and the product are computed in float64 with autocast
-    disabled (the matrices are D x G, tiny next to the backbone), the output is cast back to the
-    input's dtype (as BatchNorm under autocast). CPU and CUDA alike. Under DDP (no SyncBN) every
-    rank whitens its share of the batch with its own batch statistics, like BatchNorm; DDP
-    broadcasts rank 0's buffers at every forward, so the running statistics and the BET queue in
-    use are rank 0's (the queue on rank r is rank 0's last Q shares plus rank r's current share),
-    and that is also what the checkpoint holds, so DDP resumes stay consistent.
+``method``: eig (Daleckii-Krein backward) | newton_schulz (IterNorm, ``iterations``); ``running``:
+cov | whiten (evaluation matrix); ``bet``: none | queue (statistics of the last ``bet_queue``
+batches) | subbatch (refused); ``affine``; all in float64. Details, defaults and our reading where
+the paper is silent: docs/methods/whitening.md.
 """
 
 from __future__ import annotations
@@ -116,7 +32,7 @@ RUNNING = ("cov", "whiten")
 
 class _InvSqrtSPD(torch.autograd.Function):
     """Sigma^(-1/2) of a batch of symmetric positive definite matrices [..., G, G] (float64),
-    with the Daleckii-Krein gradient (stable for equal eigenvalues; see the module docstring)."""
+    with the Daleckii-Krein gradient (stable for equal eigenvalues: docs/methods/whitening.md)."""
 
     @staticmethod
     def forward(ctx, sigma: torch.Tensor, floor: float) -> torch.Tensor:
@@ -183,7 +99,7 @@ def _float_option(value, key: str, low: float, high: float, low_open: bool = Tru
 class ChannelWhitening(nn.Module):
     """ZCA channel whitening of the classifier input (+ BET). Shapes: [B, D] -> [B, D].
 
-    Args (``model.neck_params``; details in the module docstring):
+    Args (``model.neck_params``; details in docs/methods/whitening.md):
         method: ``eig`` (default; exact, float64 eigendecomposition) or ``newton_schulz``.
         group_size: channels per whitening group G (must divide D); default D if D <= 128 else 64.
         eps: ridge added to the covariance (1e-5).
@@ -191,7 +107,7 @@ class ChannelWhitening(nn.Module):
         iterations: Newton-Schulz iterations T (5); ignored by ``eig``.
         affine: learnable per-channel scale and shift after whitening (false).
         bet: ``none`` (default), ``queue`` (statistics over the batch + the last ``bet_queue``
-            batches, detached) or ``subbatch`` (rejected: a training-loop strategy, see above).
+            batches, detached) or ``subbatch`` (rejected: a training-loop strategy, see the docs).
         bet_queue: Q, the number of past batches in the queue (4).
         running: what evaluation whitens with: ``cov`` (default; W of the running covariance) or
             ``whiten`` (the running average of the batch whitening matrices).

@@ -1,52 +1,16 @@
 """Sharpness-aware minimisation (SAM) and random-neighbourhood SAM (RSAM / GNM) as optimiser
-wrappers driven by PyTorch's closure protocol.
+wrappers driven by PyTorch's closure protocol (a base optimiser, ``optim.base``, does the update).
 
-Both wrap a base optimiser built from the same ``optim`` section (``optim.base``, SGD by
-default; the base's own options, e.g. ``momentum``, are keys of the same section) and share its ``param_groups`` (so the trainer's learning-rate schedule, ``base_lr`` and
-gradient clipping see the base's groups). ``step(closure)`` needs the closure: it zeroes the
-gradients, runs forward + loss + backward and returns the loss (:meth:`longtail.optim.wrapper.OptimWrapper.update` builds it).
+SAM (Foret et al., ICLR 2021; ``optim.name: sam``, ``rho``, ``adaptive`` for ASAM), two passes::
 
-**SAM** (Foret et al., ICLR 2021; ``optim.name: sam``), two forward/backward passes per step::
+    e = rho g / (|g| + 1e-12);  g' = grad L(w + e);  w <- base_step(w, g')
 
-    g  = closure() at w                      # under DDP the backward all-reduces: g is global
-    e  = rho * g / (|g| + 1e-12)             # |.|: L2 norm over all parameters with a gradient
-         (adaptive: e = rho * w^2 g / (| |w| g | + 1e-12), ASAM without its eta, as davda54/sam)
-    w <- w + e ; g' = closure() at w + e ; w <- w (restored bit for bit from a copy)
-    base step with g'                        # returns the loss at w (comparable with SGD's)
+RSAM / GNM (Li et al., NeurIPS 2024, GNM-PT; ``optim.name: rsam``), one pass::
 
-**RSAM / GNM** (Li et al., NeurIPS 2024, Keke921/GNM-PT ``rsam.py``; ``optim.name: rsam``), one
-forward/backward pass per step::
+    w' = w + rho dis_mul decay(e) xi,  xi ~ N(0, (1/3)^2) clamped to [-1, 1];  g = grad L(w')
+    decay(e) = 0.5 ** floor((e - 1) / (D - 1)),  D = decay_epoch (default: the loss's drw_epoch)
 
-    xi ~ N(0, (1/3)^2) per element of every trainable parameter, clamped to [-1, 1]
-    w <- w + rho * dis_mul * decay(epoch) * xi ; g = closure() ; w <- w (restored) ; base step
-    decay(e) = 0.5 ** floor((e - 1) / (D - 1))  with D = decay_epoch (0-based, default the
-               loss's drw_epoch; GNM-PT's reweight_epoch is D - 1, its 59 of 70 is D = 60)
-
-At e = 0 GNM-PT's formula gives floor(-1 / 59) = -1, a factor 2 in the first epoch: kept by
-default (``fix_epoch0_quirk: false``), factor 1 with the flag. With no decay epoch (no DRW)
-the factor is 1 throughout. The period is clamped to at least one epoch (D = 1 behaves as D = 2).
-The noise comes from the optimiser's own ``torch.Generator`` on the parameters' device, seeded
-from the run's ``seed`` (the same on every DDP rank, so all ranks perturb identically) and saved
-in ``state_dict`` (resuming continues the exact noise sequence). The global RNG is not touched.
-
-Details shared by both:
-
-* Gradient clipping (``optim.grad_clip``) happens inside the closure, i.e. on every gradient. The
-  base step therefore uses the clipped gradient at the perturbed point. For SAM the first
-  gradient is clipped too; that changes nothing: clipping rescales all gradients by one factor
-  and ``e`` depends only on the direction of g (of |w| g when adaptive), up to float rounding.
-* DDP: the closure's backward runs without ``no_sync``, so the first SAM gradient is already the
-  all-reduced one and |g|, e are identical on every rank (not "m-sharpness" per rank).
-* BatchNorm running statistics are updated by the first closure evaluation of a step only
-  (:meth:`longtail.optim.wrapper.OptimWrapper.update` builds it): SAM's second pass does not count the batch twice.
-* AMP: bf16 autocast works as is. fp16: ``step(closure, base_step=...)`` lets the caller run the
-  base update itself: ``base_step(base_optimizer)``; the step wrapper passes ``scaler.step``, so GradScaler
-  unscales, checks for inf/NaN and skips the update once per step, after every closure. SAM's
-  e = rho g / |g| does not depend on the loss scale, so the scaled first gradient gives the same
-  ascent; an overflowing first gradient makes the second one non-finite and the step is skipped
-  (the weights are restored from their copy either way). Clipping inside the closure then acts on
-  the scaled gradients at ``grad_clip x scale`` (``OptimWrapper.backward``), the same cut.
-* ``set_epoch(e)`` is called by ``OptimWrapper.set_epoch`` at the start of each epoch (0-based).
+Details (epoch-0 quirk, noise generator, clipping, DDP, BatchNorm, AMP): docs/methods/sharpness.md.
 """
 
 from __future__ import annotations
