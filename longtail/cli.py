@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from longtail import __version__
 from longtail.core.errors import LongtailError
 
 
@@ -29,6 +30,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"longtail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset statistics and split export")
@@ -194,6 +196,7 @@ def cmd_train(args) -> int:
             if args.out
             else Path("runs") / (f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         )
+    args.run_dir = run_dir  # for the Ctrl-C message
     if args.print_config:
         from longtail.engine.config_check import check_config
 
@@ -215,6 +218,28 @@ def cmd_train(args) -> int:
         return 0
     fit(cfg, run_dir, resolve_data_root(args.data_root), resume=bool(args.resume))
     return 0
+
+
+def _interrupted(run_dir: Optional[Path]) -> str:
+    """What Ctrl-C left: the folder, and --resume only when there is something to resume."""
+    from longtail.core.run_folder import RunFolder
+
+    if run_dir is None:
+        return "interrupted."
+    folder = RunFolder(run_dir)
+    if folder.is_finished():
+        return f"interrupted after the run finished; its results are in {run_dir}."
+    if folder.has_checkpoint():
+        return (
+            f"interrupted; {run_dir} holds a checkpoint: continue with "
+            f"`longtail train --resume {run_dir}`."
+        )
+    if folder.is_run():
+        return (
+            f"interrupted before the first checkpoint of {run_dir}; "
+            f"`longtail train --resume {run_dir}` starts it again from epoch 0."
+        )
+    return "interrupted before the run started; nothing was written."
 
 
 def cmd_eval(args) -> int:
@@ -342,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        print(_interrupted(getattr(args, "run_dir", None)), file=sys.stderr)
         return 130
     finally:
         from longtail.core.distributed import shutdown_distributed

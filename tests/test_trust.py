@@ -246,3 +246,104 @@ def test_resume_without_a_checkpoint_says_it_starts_from_epoch_0(tiny_cifar_root
         "has no checkpoint yet (no epoch had finished): the run starts from epoch 0"
         in capsys.readouterr().out
     )
+
+
+# ------------------------------------------------------------------------- bad files, by name
+
+
+def _bad_config(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("latin1.yaml", "seed: 1  # caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+        ("base.yaml", b"_base_: 3\n", "_base_ must be a file path or a list"),
+        ("base_list.yaml", b"_base_: [ok.yaml, {a: 1}]\n", "_base_ must be a file path or a list"),
+        ("list.yaml", b"- 1\n- 2\n", "must hold a mapping"),
+        ("bad.yaml", b"seed: [1, 2\n", "is not valid YAML"),
+        ("huge.yaml", b"#" * (2 << 20), "is 2.1 MB"),
+        (
+            "bomb.yaml",
+            b"a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + b"".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n".encode()
+                for p, c in zip("abcdefgh", "bcdefghi")
+            ),
+            "more than 20 YAML aliases",
+        ),
+    ],
+)
+def test_bad_config_files_get_a_message_naming_the_file(tmp_path, name, data, message, capsys):
+    path = _bad_config(tmp_path, name, data)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, ["data=cifar10_lt"])
+    assert str(path) in str(err.value) and len(str(err.value)) < 600  # no megabytes echoed
+    assert main(["train", str(path), "data=cifar10_lt", "--out", str(tmp_path / "r")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_an_empty_config_warns(tmp_path):
+    path = _bad_config(tmp_path, "empty.yaml", b"")
+    with pytest.warns(UserWarning, match="is empty"):
+        cfg = load_config(path, ["data=cifar10_lt"])
+    assert cfg.data.dataset == "cifar10-lt"
+
+
+def test_a_long_bad_value_is_not_echoed_in_full():
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, ["data=cifar10_lt", f"train.epochs={list(range(100000))}"])
+    assert "'train.epochs'" in str(err.value) and len(str(err.value)) < 400
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_cifar_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "ce"
+    fit(load_config(CONFIG, [*TINY, "train.epochs=1"]), run_dir, tiny_cifar_root)
+    return run_dir
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    return out
+
+
+def test_corrupt_weights_are_named(finished, tmp_path, tiny_cifar_root, capsys):
+    run = _copy(finished, tmp_path)
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["eval", str(run), "--data-root", str(tiny_cifar_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'model.safetensors'} cannot be read" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_model_names_the_keys(finished, tmp_path, tiny_cifar_root, capsys):
+    run = _copy(finished, tmp_path)
+    state = load_checkpoint(run / "last.pt")
+    full = list(state["model"]["head.weight"].shape)
+    state["model"]["head.weight"] = state["model"]["head.weight"][:, :3]
+    del state["model"]["head.bias"]
+    import torch
+
+    torch.save(state, run / "last.pt")
+    (run / "metrics.json").unlink()  # "unfinished": resume it
+    rc = main(["train", "--resume", str(run), "--data-root", str(tiny_cifar_root)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "do not fit this run's model: 1 missing (e.g. head.bias)" in err
+    assert f"head.weight: saved [10, 3], this model {full}" in err
+
+
+def test_a_corrupt_history_line_is_named(finished, tmp_path, tiny_cifar_root, capsys):
+    run = _copy(finished, tmp_path)
+    (run / "history.jsonl").write_text('{"epoch": 1, "loss": 2.0}\n{"epo')
+    (run / "metrics.json").unlink()
+    rc = main(["train", "--resume", str(run), "--data-root", str(tiny_cifar_root)])
+    assert (
+        rc == 2
+        and f"{run / 'history.jsonl'} line 2 is not a history row" in capsys.readouterr().err
+    )

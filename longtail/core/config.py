@@ -7,6 +7,7 @@ parsed as YAML), validates the result with pydantic and rejects unknown keys by 
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Type, Union
 
@@ -204,16 +205,80 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any], _top: bool = True) 
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near a megabyte is not one
+MAX_ALIASES = 20  # YAML aliases (*name) a config may use: no "billion laughs" (expansion <~ 2000x)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses alias bombs: at most MAX_ALIASES alias references."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_ALIASES:
+                raise ConfigError(
+                    f"uses more than {MAX_ALIASES} YAML aliases (*name); a config "
+                    f"needs none. Write the values out."
+                )
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with the alias limit; ConfigError naming ``source`` on bad YAML."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"{source} {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{source} is not valid YAML: {_short(err, 300)}. Fix the syntax."
+        ) from None
+
+
+def override_value(raw: str, item: str) -> Any:
+    """The value of a ``key=value`` override, parsed as YAML (``1e-3``, ``[1, 2]``, ``null``);
+    text that is not valid YAML stays a string. An empty value is None."""
+    if raw == "":
+        return None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Override {item[:40]!r}... is {len(raw)} characters; pass a file.")
+    try:
+        return yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"Override {_short(item, 60)} {err}") from None
+    except yaml.YAMLError:
+        return raw
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (an error message never prints megabytes)."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"Config file {path} does not exist. Pass the path of a YAML file such as "
             f"configs/methods/ce.yaml."
         )
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"Config file {path} is {size / 1e6:.1f} MB; a config is a few KB of "
+            f"YAML. Pass the right file."
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"Config file {path} is not valid YAML: {err}. Fix the syntax.") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"Config file {path} is not UTF-8 text (byte {err.start} is "
+            f"{path.read_bytes()[err.start : err.start + 1]!r}). Save it as UTF-8."
+        ) from None
+    data = parse_yaml(text, f"Config file {path}")
+    if data is None:
+        warnings.warn(f"config file {path} is empty: it sets nothing", stacklevel=2)
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"Config file {path} must hold a mapping of keys, not {type(data).__name__}."
@@ -230,6 +295,11 @@ def load_yaml_tree(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"Config file {path}: _base_ must be a file path or a list of file "
+            f"paths (relative to the file), got {_short(bases)}."
+        )
     merged: Dict[str, Any] = {}
     for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
@@ -253,10 +323,7 @@ def selector_of(item: str) -> Optional[tuple]:
     key, raw = item.split("=", 1)
     if key.strip() not in SELECTORS:
         return None
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
+    value = override_value(raw, item)
     return (key.strip(), value) if isinstance(value, str) and value else None
 
 
@@ -411,10 +478,7 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
                 f"Override {item!r} is not of the form key=value (e.g. train.epochs=2)."
             )
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        value = override_value(raw, item)
         parts = key.strip().split(".")
         if selector_of(item) is not None:
             raise ConfigError(
@@ -474,7 +538,7 @@ def validate(tree: Dict[str, Any], source: str = "config") -> Config:
             elif e["type"] == "extra_forbidden":
                 lines.append(f"unknown key '{key}'.{_suggest(e['loc'])}")
             else:
-                lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r}).")
+                lines.append(f"'{key}': {e['msg']} (got {_short(e.get('input'))}).")
         raise ConfigError(
             f"Invalid {source}: "
             + "; ".join(lines)

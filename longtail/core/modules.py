@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from longtail.core.errors import LongtailError
+
 
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
@@ -27,3 +29,34 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, old in saved:
                 buf.copy_(old)
+
+
+def load_fitting_state(module: nn.Module, state: dict, source: str) -> None:
+    """``module.load_state_dict(state)`` after checking that the tensors fit: a LongtailError
+    that names the missing, unexpected and mis-shaped keys (a few of each) and ``source``."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        k
+        for k in set(own) & set(state)
+        if tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in this model (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"{len(shapes)} of another shape (e.g. {k}: saved "
+                f"{list(state[k].shape)}, this model {list(own[k].shape)})"
+            )
+        raise LongtailError(
+            f"The tensors of {source} do not fit this run's model: "
+            f"{'; '.join(parts)}. It was written for another model or config: "
+            f"use the config it was trained with."
+        )
+    module.load_state_dict(state)

@@ -166,9 +166,20 @@ class RunFolder:
         """History rows (of epochs <= upto_epoch: later ones belong to an interrupted epoch)."""
         if not self.history_path.exists():
             return []
-        rows = [
-            json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()
-        ]
+        rows = []
+        for number, line in enumerate(self.history_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                int(row["epoch"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise LongtailError(
+                    f"{self.history_path} line {number} is not a history row ({err}). Restore the "
+                    f"file, or delete that line and the ones after it and resume (the epochs after "
+                    f"the checkpoint are trained again)."
+                ) from None
+            rows.append(row)
         return rows if upto_epoch is None else [r for r in rows if r["epoch"] <= upto_epoch]
 
     def write_history(self, rows: List[Dict[str, Any]]) -> None:
@@ -185,7 +196,17 @@ class RunFolder:
         io.save_weights(self.weights_path, state_dict, metadata)
 
     def load_weights(self):
-        return io.load_weights(self.weights_path)
+        try:
+            return io.load_weights(self.weights_path)
+        except FileNotFoundError:
+            raise LongtailError(
+                f"{self.weights_path} does not exist: the run has not finished."
+            ) from None
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise LongtailError(
+                f"{self.weights_path} cannot be read ({err}); it is corrupt or not "
+                f"written by longtail. Train the run again."
+            ) from None
 
     def write_metrics(self, metrics: Dict[str, Any]) -> None:
         io.atomic_write_json(self.metrics_path, metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from longtail.core.errors import LongtailError
+from longtail.core.modules import load_fitting_state
 from longtail.core.run_folder import RunFolder
 from longtail.engine.trainer import Run, build_run, evaluate_splits
 
@@ -29,7 +30,8 @@ def load_finished_run(run_dir: Path, data_root: Path) -> Run:
             f"{run_dir} has no weights yet ({folder.WEIGHTS} or {folder.CHECKPOINT}). "
             f"Train it first or resume it with `longtail train --resume {run_dir}`."
         )
-    run.method.model.load_state_dict(weights)
+    source = folder.weights_path if folder.has_weights() else folder.checkpoint_path
+    load_fitting_state(run.method.model, weights, str(source))
     if folder.has_checkpoint():
         run.method.load_state_dict(folder.load_checkpoint()["method"])
     return run

@@ -33,6 +33,7 @@ from longtail.core.distributed import (
 from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.facts import RunFacts
 from longtail.core.metrics import shot_groups
+from longtail.core.modules import load_fitting_state
 from longtail.core.run_folder import RunFolder
 from longtail.data import DataBundle, build_data
 from longtail.data.loader import TrainLoader
@@ -291,9 +292,16 @@ def restore(run: Run) -> int:
             f"(checkpoint format {state.get('format')}); resume it with that "
             f"version, or start the run again in a new folder."
         )
-    run.method.model.load_state_dict(state["model"])
-    run.method.load_state_dict(state["method"])
-    run.optim.load_state_dict(state["optim"])
+    load_fitting_state(run.method.model, state["model"], str(run.folder.checkpoint_path))
+    try:
+        run.method.load_state_dict(state["method"])
+        run.optim.load_state_dict(state["optim"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise LongtailError(
+            f"{run.folder.checkpoint_path} does not fit this run's method or "
+            f"optimiser ({err}). It was written by another config: resume with "
+            f"the config it was trained with."
+        ) from None
     for name, hook in run.hooks.items():
         hook.load_state_dict(state["hooks"].get(name, {}))
     torch.set_rng_state(state["torch_rng"])
