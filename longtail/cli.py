@@ -168,6 +168,21 @@ def cmd_train(args) -> int:
     config, overrides = _split_overrides(args.config, args.overrides)
     selectors, _ = split_selectors(overrides)
     if args.resume:
+        if config is not None or args.out:
+            given = " and ".join(
+                x
+                for x in (
+                    f"the config {config}" if config else "",
+                    f"--out {args.out}" if args.out else "",
+                )
+                if x
+            )
+            raise LongtailError(
+                f"--resume {args.resume} continues the run in that folder with the config it "
+                f"saved; {given} would be ignored. Drop them (key=value overrides of "
+                f"train.epochs and the like may follow --resume), or start a new run without "
+                f"--resume."
+            )
         if selectors:
             raise LongtailError(
                 f"--resume {args.resume} continues the run with the config it "

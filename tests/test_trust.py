@@ -347,3 +347,71 @@ def test_a_corrupt_history_line_is_named(finished, tmp_path, tiny_cifar_root, ca
         rc == 2
         and f"{run / 'history.jsonl'} line 2 is not a history row" in capsys.readouterr().err
     )
+
+
+# ------------------------------------------------------------------ resume continues the recorded run
+
+
+@pytest.fixture
+def killed(tiny_cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert (
+        fit(
+            load_config(CONFIG, [*TINY, "train.epochs=2"]),
+            run_dir,
+            tiny_cifar_root,
+            stop_after_epoch=1,
+        )
+        is None
+    )
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=0.5",
+        "optim.momentum=0.5",
+        "optim.weight_decay=0",
+        "data.imbalance_factor=20",
+        "loss=focal",
+        "seed=3",
+        "sampler=class_balanced",
+        "train.batch_size=16",
+    ],
+)
+def test_resume_refuses_a_changed_setting(killed, tiny_cifar_root, override, capsys):
+    before = (killed / "config.yaml").read_text()
+    rc = main(["train", "--resume", str(killed), override, "--data-root", str(tiny_cifar_root)])
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert rc == 2 and "continues the recorded run, but these settings differ" in err
+    assert (key if "." in key else f"{key}") in err and "Only train.epochs" in err
+    assert (killed / "config.yaml").read_text() == before  # nothing changed
+    assert len((killed / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_may_extend_a_run_and_records_it(killed, tiny_cifar_root, capsys):
+    rc = main(
+        [
+            "train",
+            "--resume",
+            str(killed),
+            "train.epochs=3",
+            "train.progress=false",
+            "--data-root",
+            str(tiny_cifar_root),
+        ]
+    )
+    assert rc == 0
+    assert load_config(killed / "config.yaml").train.epochs == 3  # config.yaml says so
+    record = [json.loads(line) for line in (killed / "resumes.jsonl").read_text().splitlines()]
+    assert record[0]["changes"] == {"train.epochs": [2, 3]}
+    assert len((killed / "history.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_with_a_config_or_out_is_refused(killed, tiny_cifar_root, tmp_path, capsys):
+    assert main(["train", str(CONFIG), "--resume", str(killed)]) == 2
+    assert "would be ignored" in capsys.readouterr().err
+    assert main(["train", "--resume", str(killed), "--out", str(tmp_path / "other")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "other").exists()

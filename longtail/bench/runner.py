@@ -24,7 +24,7 @@ import numpy as np
 from longtail.bench import report
 from longtail.bench.machine import environment, git_info, machine_info, short_machine
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
-from longtail.core.config import split_selectors
+from longtail.core.config import diff_trees, split_selectors
 from longtail.core.errors import LongtailError
 from longtail.core.facts import RunFacts
 from longtail.core.io import atomic_write_json
@@ -179,17 +179,6 @@ def describe_plan(suite: Suite, plan: Sequence[PlannedRun], out_dir: Path) -> st
 # running
 
 
-def _diff(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 def _saved_config_note(p: PlannedRun) -> Optional[str]:
     """Which keys of the folder's config.yaml differ from the suite's plan (None if the same)."""
     try:
@@ -199,7 +188,7 @@ def _saved_config_note(p: PlannedRun) -> Optional[str]:
     planned = p.cfg
     if p.cfg is not None and p.stages:  # a pipeline's folder records its resolved stages
         planned = record(p.cfg, p.stages)
-    keys = _diff(saved, planned.to_dict()) if planned is not None else []
+    keys = list(diff_trees(saved, planned.to_dict())) if planned is not None else []
     return ", ".join(keys) if keys else None
 
 

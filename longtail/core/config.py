@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -179,6 +179,21 @@ def switch_component(tree: Dict[str, Any], section: str, name: Any) -> bool:
     kept = {k: v for k, v in old.items() if k in model.model_fields and k != "name"}
     tree[section] = {"name": name, **kept}
     return True
+
+
+def diff_trees(
+    old: Dict[str, Any], new: Dict[str, Any], prefix: str = ""
+) -> Dict[str, Tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` of every leaf where two config trees differ
+    (a key missing on one side has the value None there)."""
+    out: Dict[str, Tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(diff_trees(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 ``model.safetensors``      the final weights
 ``metrics.json``           the final metrics (written last; marks the run as finished)
 ``per_class_accuracy.png`` accuracy against class frequency
+``resumes.jsonl``          one line per resume that changed a setting (what, when)
 ``.lock``                  held (exclusively) by the process training into the folder
 anything else              artifacts of methods and hooks (``artifact(name)``)
 =========================  ==========================================================
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -35,6 +37,7 @@ class RunFolder:
     WEIGHTS = "model.safetensors"
     METRICS = "metrics.json"
     PER_CLASS_PLOT = "per_class_accuracy.png"
+    RESUMES = "resumes.jsonl"
     LOCK = ".lock"
     LOCK_PID = ".lock.pid"
 
@@ -184,6 +187,15 @@ class RunFolder:
 
     def write_history(self, rows: List[Dict[str, Any]]) -> None:
         io.atomic_write_text(self.history_path, "".join(io.to_json(r) + "\n" for r in rows))
+
+    def record_resume(self, changes: Dict[str, Any]) -> None:
+        """Append ``{utc, changes}`` to resumes.jsonl (the settings a resume changed)."""
+        path = self.path / self.RESUMES
+        old = path.read_text() if path.exists() else ""
+        line = io.to_json(
+            {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "changes": changes}
+        )
+        io.atomic_write_text(path, old + line + "\n")
 
     # -- checkpoint, weights, metrics --------------------------------------------------------
     def save_checkpoint(self, state: Dict[str, Any]) -> None:

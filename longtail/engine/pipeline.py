@@ -24,6 +24,7 @@ from longtail.core.config import (
     apply_overrides,
     compose,
     deep_merge,
+    diff_trees,
     has_dotted,
     split_selectors,
     validate,
@@ -219,18 +220,6 @@ def expand_stages(
     return out
 
 
-def _diff(base: Dict[str, Any], tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """``{dotted key: value}`` where ``tree`` differs from ``base`` (``tree`` has base's keys)."""
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        old = base.get(key) if isinstance(base, dict) else None
-        if isinstance(value, dict) and isinstance(old, dict):
-            out.update(_diff(old, value, f"{prefix}{key}."))
-        elif not isinstance(base, dict) or key not in base or old != value:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def record(cfg: Config, stages: Sequence[Stage]) -> Config:
     """The pipeline as ``RUN_DIR/config.yaml`` stores it: its settings, each stage as the plain
     overrides that turn them into the stage's config (``stage1`` chaining excluded)."""
@@ -240,7 +229,8 @@ def record(cfg: Config, stages: Sequence[Stage]) -> Config:
     for st in stages:
         tree = st.cfg.to_dict()
         tree["stage1"] = base["stage1"]
-        entries.append({"name": st.name, "overrides": _diff(base, tree)})
+        changed = {k: new for k, (_, new) in diff_trees(base, tree).items() if has_dotted(tree, k)}
+        entries.append({"name": st.name, "overrides": changed})
     rec = validate({**base, "stages": entries}, "pipeline record")
     for a, b in zip(expand_stages(rec), stages):  # the record must give the same stages back
         x, y = a.cfg.to_dict(), b.cfg.to_dict()
@@ -248,7 +238,7 @@ def record(cfg: Config, stages: Sequence[Stage]) -> Config:
         if x != y:
             raise LongtailError(
                 f"internal: the record of stage '{b.name}' does not reproduce it "
-                f"(differs in {sorted(k for k in _diff(x, y))})."
+                f"(differs in {sorted(diff_trees(x, y))})."
             )
     return rec
 

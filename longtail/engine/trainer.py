@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from longtail.core.config import Config
+from longtail.core.config import Config, diff_trees
 from longtail.core.distributed import (
     DistInfo,
     all_ok,
@@ -118,6 +118,43 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
             f"message). Choose a writable folder with --out DIR."
         )
     return created
+
+
+# what a resumed run may change: its length (to extend it) and how it reports and saves, nothing
+# that decides what it computes
+RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.progress",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.num_threads",
+)
+
+
+def check_resume_config(folder: RunFolder, cfg: Config, info: DistInfo = DistInfo()) -> Config:
+    """A resumed run continues the recorded one: any difference from its ``config.yaml`` outside
+    RESUME_MAY_CHANGE is refused with the list of keys; allowed changes are recorded (the new
+    config.yaml, a line in resumes.jsonl). Returns the config to continue with."""
+    saved = folder.load_config()
+    changes = diff_trees(saved.to_dict(), cfg.to_dict())
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise LongtailError(
+            f"--resume {folder} continues the recorded run, but these settings differ from its "
+            f"config.yaml: {listed}. Only {', '.join(RESUME_MAY_CHANGE)} may change on resume. "
+            f"Resume without them, or start a new run (in another folder) with the new settings."
+        )
+    done = len(folder.read_history())
+    if cfg.train.epochs < done:
+        raise LongtailError(
+            f"--resume {folder}: train.epochs={cfg.train.epochs} is fewer than the "
+            f"{done} epochs it has trained already."
+        )
+    if changes and info.is_main:
+        folder.write_config(cfg)
+        folder.record_resume({k: list(v) for k, v in changes.items()})
+    return cfg
 
 
 @contextlib.contextmanager
@@ -452,6 +489,8 @@ def _fit(
     info: DistInfo,
 ) -> Optional[Dict[str, Any]]:
     run_dir = folder.path
+    if resume:
+        cfg = check_resume_config(folder, cfg, info)
     if not resume and folder.is_run():  # created while this process waited for the lock
         raise LongtailError(
             f"{run_dir} already holds a run. Continue it with --resume "
