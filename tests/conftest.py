@@ -171,7 +171,8 @@ def tiny_cifar_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
-    """The real datasets: $LONGTAIL_DATA, else the default root (filled from the local mirror).
+    """The real datasets: $LONGTAIL_DATA, else the default root (filled from the mirror that
+    $LONGTAIL_MIRROR names, if any).
 
     Skipped where no real data can be had, except in CI, where that is a failure.
     """

@@ -96,7 +96,7 @@ def test_user_errors_are_one_paragraph(argv, needle, capsys):
 def test_missing_dataset_names_the_path(tmp_path, monkeypatch, capsys):
     import longtail.data.paths as paths
 
-    monkeypatch.setattr(paths, "mirror_candidates", lambda: [])
+    monkeypatch.delenv(paths.MIRROR_VAR, raising=False)
     monkeypatch.setattr(paths, "download_file", _refuse_download)
     assert (
         main(

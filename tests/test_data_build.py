@@ -32,7 +32,7 @@ CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 def no_mirror(request, monkeypatch, tmp_path):
     """Never find the real local mirror, except in the real-data test."""
     if request.node.get_closest_marker("realdata") is None:
-        monkeypatch.setattr(paths, "mirror_candidates", lambda: [tmp_path / "no-mirror"])
+        monkeypatch.delenv(paths.MIRROR_VAR, raising=False)
 
 
 def dump(path: Path, obj) -> None:

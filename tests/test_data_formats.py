@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import longtail
 from longtail.core.errors import DataError
 from longtail.data import cifar, idx, load_split, paths, resolve_data_root
 
@@ -37,7 +36,7 @@ CIFAR10_NAMES = [
 @pytest.fixture(autouse=True)
 def no_mirror(monkeypatch, tmp_path):
     """Never find the real local mirror (it would materialise real datasets)."""
-    monkeypatch.setattr(paths, "mirror_candidates", lambda: [tmp_path / "no-mirror"])
+    monkeypatch.delenv(paths.MIRROR_VAR, raising=False)
 
 
 # ------------------------------------------------------------------------------------- writers
@@ -455,7 +454,7 @@ def test_local_mirror_is_used(tmp_path, monkeypatch, capsys):
         shutil.copytree({str(tmp_path / "source")!r}, root / "MNIST" / "raw")
     """)
     )
-    monkeypatch.setattr(paths, "mirror_candidates", lambda: [tmp_path / "nothing", mirror])
+    monkeypatch.setenv(paths.MIRROR_VAR, str(mirror))  # named by the user
     root = tmp_path / "root"
     train = load_split("mnist", "train", root, download=False)
     np.testing.assert_array_equal(train.labels.numpy(), out["train"][1])
@@ -464,15 +463,19 @@ def test_local_mirror_is_used(tmp_path, monkeypatch, capsys):
     assert len(printed) == 1 and "local mirror" in printed[0] and str(mirror) in printed[0]
 
 
-def test_mirror_candidates_and_data_root(tmp_path, monkeypatch):
-    monkeypatch.undo()  # the real candidate list
-    checkout = Path(longtail.__file__).resolve().parent.parent
+def test_mirror_is_only_the_named_one_and_data_root(tmp_path, monkeypatch):
+    """A mirror folder is used only when $LONGTAIL_MIRROR names it; a wrong name is an error."""
+    monkeypatch.delenv(paths.MIRROR_VAR, raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "materialize.py").write_text("raise SystemExit(1)\n")
     monkeypatch.chdir(tmp_path)
-    assert paths.mirror_candidates() == [
-        checkout.parent / "shared" / "data",
-        tmp_path.parent / "shared" / "data",
-        tmp_path / "shared" / "data",
-    ]
+    assert paths.find_mirror() is None  # found on disk, never used
+    monkeypatch.setenv(paths.MIRROR_VAR, str(tmp_path / "shared" / "data"))
+    assert paths.find_mirror() == tmp_path / "shared" / "data"
+    monkeypatch.setenv(paths.MIRROR_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"LONGTAIL_MIRROR=.*nowhere names no dataset mirror"):
+        paths.find_mirror()
+    monkeypatch.delenv(paths.MIRROR_VAR)
     monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert resolve_data_root(tmp_path / "cli") == tmp_path / "cli"

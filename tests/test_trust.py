@@ -415,3 +415,39 @@ def test_resume_with_a_config_or_out_is_refused(killed, tiny_cifar_root, tmp_pat
     assert "would be ignored" in capsys.readouterr().err
     assert main(["train", "--resume", str(killed), "--out", str(tmp_path / "other")]) == 2
     assert "--out" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------------- no code runs by itself
+
+
+def test_a_planted_materialize_script_is_never_run(tmp_path, monkeypatch, capsys):
+    """A folder holding shared/data/materialize.py (in the working directory, its parent, beside
+    the checkout) is not a reason to run it: only a mirror named by $LONGTAIL_MIRROR is used."""
+    from longtail.data import paths
+
+    sentinel = tmp_path / "ran.txt"
+    script = f"open({str(sentinel)!r}, 'w').write('ran')\n"
+    for folder in (tmp_path / "work" / "shared" / "data", tmp_path / "shared" / "data"):
+        folder.mkdir(parents=True)
+        (folder / "materialize.py").write_text(script)
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv(paths.MIRROR_VAR, raising=False)
+    monkeypatch.setattr(
+        paths, "download_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
+    )
+    rc = main(
+        [
+            "train",
+            str(CONFIG),
+            "data=cifar10_lt",
+            "train.epochs=1",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-root",
+            str(tmp_path / "empty-root"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "LONGTAIL_MIRROR=DIR" in err and "Traceback" not in err
+    assert not sentinel.exists()  # the planted script never ran
+    assert not (tmp_path / "r").exists()

@@ -1,6 +1,7 @@
 """Data-root resolution (--data-root > $LONGTAIL_DATA > user cache), the local mirror, md5-checked downloads.
 
-Missing files: local mirror ``shared/data/materialize.py``, else the official URL (temp file + rename), else DataError.
+Missing files: the local mirror the user names with $LONGTAIL_MIRROR (a folder holding
+``materialize.py``; never searched for), else the official URL (temp file + rename), else DataError.
 """
 
 from __future__ import annotations
@@ -70,23 +71,23 @@ def check_md5(path: Path, expected: str, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- local mirror
-def mirror_candidates() -> list[Path]:
-    """Folders that may hold the local dataset mirror (``shared/data`` with ``materialize.py``)."""
-    checkout = Path(__file__).resolve().parents[2]  # parent of the ``longtail`` package directory
-    cwd = Path.cwd()
-    return [
-        checkout.parent / "shared" / "data",
-        cwd.parent / "shared" / "data",
-        cwd / "shared" / "data",
-    ]
+MIRROR_VAR = "LONGTAIL_MIRROR"
 
 
 def find_mirror() -> Path | None:
-    """The first mirror candidate that contains ``materialize.py``, or None."""
-    for candidate in mirror_candidates():
-        if (candidate / "materialize.py").is_file():
-            return candidate
-    return None
+    """The local dataset mirror named by ``$LONGTAIL_MIRROR`` (a folder with ``materialize.py``),
+    else None. It is never searched for: the library runs no script the user did not name."""
+    named = os.environ.get(MIRROR_VAR, "")
+    if not named:
+        return None
+    folder = Path(named).expanduser()
+    if not (folder / "materialize.py").is_file():
+        raise DataError(
+            f"{MIRROR_VAR}={named} names no dataset mirror: {folder / 'materialize.py'} does not "
+            f"exist. Point {MIRROR_VAR} at the mirror folder (the one holding materialize.py), or "
+            f"unset it to download the official files."
+        )
+    return folder
 
 
 def materialize_from_mirror(root: Path, key: str) -> str | None:
@@ -235,6 +236,7 @@ def _obtain_locked(
     raise DataError(
         f"{what} is not available: expected {expected}. {why[0].upper() + why[1:]}. "
         f"Provide it by pointing --data-root DIR (or the environment variable {ENV_VAR}) at a folder "
-        f"that holds it, by placing the official files at the path above, or by re-running with "
+        f"that holds it, by placing the official files at the path above, by naming a local "
+        f"mirror with {MIRROR_VAR}=DIR (a folder with materialize.py), or by re-running with "
         f"network access so it can be downloaded."
     )
