@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -93,11 +95,11 @@ def test_output_is_in_unit_interval_and_state_carries():
     assert a != b
     # gates as documented: with the forget bias -1 the fresh cell is f = sigmoid(g1 - 1)
     h, c = net.initial_state()
-    gates = net.i2h(torch.tensor([[2.3]])) + net.h2h(h)
+    gates = net.layer1.fc_i2h(torch.tensor([[2.3]])) + net.layer1.fc_h2h(h)
     g0, g1, g2, g3 = gates.chunk(4, 1)
     c1 = torch.sigmoid(g0) * torch.tanh(g3)
     h1 = torch.sigmoid(g2) * torch.tanh(c1)
-    expected = torch.sigmoid(net.out(h1))
+    expected = torch.sigmoid(net.layer3(h1))
     got, (h_new, c_new) = net(torch.tensor(2.3), (h, c))
     assert torch.allclose(got, expected) and torch.allclose(c_new, c1) and torch.allclose(h_new, h1)
 
@@ -116,12 +118,12 @@ def test_hypergradient_through_generated_lr_matches_finite_differences():
 
     def meta_loss_at(bias: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            net.out.bias.copy_(bias)
+            net.layer3.bias.copy_(bias)
         out, _ = net(L, state)
         lr = gamma * out.reshape(())
         grads, _, meta = hypergradient(
             model,
-            [net.out.bias],
+            [net.layer3.bias],
             loss_closure(model, x, y),
             loss_closure(model, xm, ym),
             lr,
@@ -131,7 +133,7 @@ def test_hypergradient_through_generated_lr_matches_finite_differences():
         )
         return meta, grads[0]
 
-    b0 = net.out.bias.detach().clone()
+    b0 = net.layer3.bias.detach().clone()
     _, analytic = meta_loss_at(b0)
     eps = 1e-6
     plus, _ = meta_loss_at(b0 + eps)
@@ -261,3 +263,120 @@ def test_method_that_bypasses_the_closure_is_refused(tiny_cifar_root, tmp_path):
             fit(cfg, tmp_path / "r", tiny_cifar_root)
     finally:
         METHODS._items.pop("_no_closure_for_test", None)
+
+
+# ------------------------------------------------------------- the officially released snapshots
+
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mlrsnet-official"
+LOSSES = [2.302585, 2.25, 2.1, 1.95, 1.8, 1.9, 1.7, 1.5, 1.45, 1.3, 0.9, 0.4]
+# net outputs (lr / gamma) for LOSSES, state carried from step to step, from running the reference
+# once: xjtushujun/MLR-SNet commit 5d1eec468eb35357808ac66bb16f7d52ec9466f0,
+# meta-train/image-classification/module.py MLRSNet(1, 50) with `mlr_snet N.pth` loaded,
+# reset_lstm(keep_states=i > 0) and mlr_snet(loss.unsqueeze(0)) per step, as meta-test/meta_test.py
+REFERENCE = {
+    "1": [
+        0.7182644009590149,
+        0.7149723768234253,
+        0.7145189046859741,
+        0.7149560451507568,
+        0.7157043814659119,
+        0.7156087756156921,
+        0.7163416147232056,
+        0.7175034880638123,
+        0.718144953250885,
+        0.7191816568374634,
+        0.7222183346748352,
+        0.7260112762451172,
+    ],
+    "100": [
+        0.6536884903907776,
+        0.6195617914199829,
+        0.6039438843727112,
+        0.5983990430831909,
+        0.5979447960853577,
+        0.5947443246841431,
+        0.5976588129997253,
+        0.6027582287788391,
+        0.6058534979820251,
+        0.6107727289199829,
+        0.6226298809051514,
+        0.6395220160484314,
+    ],
+    "200": [
+        0.6728641986846924,
+        0.6531546115875244,
+        0.6468021869659424,
+        0.6459310054779053,
+        0.6475057601928711,
+        0.6461548209190369,
+        0.6490727066993713,
+        0.6531936526298523,
+        0.6553518176078796,
+        0.6586821675300598,
+        0.6664052605628967,
+        0.6767030358314514,
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def official():
+    if not (OFFICIAL / "mlr_snet 1.pth").is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must have the released MLR-SNet snapshots in {OFFICIAL}")
+        pytest.skip(f"the released MLR-SNet snapshots are not in {OFFICIAL}")
+    return OFFICIAL
+
+
+def test_released_snapshots_load_with_no_missing_or_unexpected_keys(official):
+    nets, hidden, epochs = load_snapshots(official)
+    assert hidden == 50 and epochs == [1, 100, 200]
+    for state in nets:
+        result = MLRSNet(hidden).load_state_dict(state, strict=True)
+        assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+@pytest.mark.parametrize("snapshot", ["1", "100", "200"])
+def test_released_snapshots_give_the_reference_lr_sequence(official, snapshot):
+    nets, hidden, _ = load_snapshots(official / f"mlr_snet {snapshot}.pth")
+    net = MLRSNet(hidden)
+    net.load_state_dict(nets[0])
+    state, out = net.initial_state(), []
+    with torch.no_grad():
+        for loss in LOSSES:
+            value, state = net(torch.tensor(loss), state)
+            out.append(float(value))
+    np.testing.assert_allclose(out, REFERENCE[snapshot], rtol=1e-6, atol=0)
+
+
+def test_released_snapshots_drive_a_run(official, tiny_cifar_root, tmp_path):
+    cfg = load_config(
+        CONFIGS / "methods" / "mlrsnet_transfer.yaml",
+        [
+            "data=cifar10_lt",
+            *TINY,
+            "data.meta_per_class=0",
+            "train.epochs=3",
+            f"hooks.mlrsnet.checkpoint={official}",
+        ],
+    )
+    metrics = fit(cfg, tmp_path / "run", tiny_cifar_root)
+    info = metrics["mlrsnet"]
+    assert info["mode"] == "transfer" and info["snapshot_epochs"] == [1, 100, 200]
+    record = json.loads((tmp_path / "run" / "mlrsnet_lr.json").read_text())
+    per = record["steps_per_epoch"]
+    for e, g in enumerate(info["gammas"]):
+        assert all(0 < lr < g for lr in record["lr"][e * per : (e + 1) * per])
+
+
+def test_the_cell_has_the_reference_widths():
+    """Inner layers of width hidden // 2, as the reference's MLRSNetCell (1 -> 25 -> 200 and
+    50 -> 25 -> 200 for hidden 50, then 50 -> 1): 11,776 parameters."""
+    net = MLRSNet(50)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert shapes["layer1.fc_i2h.0.weight"] == (25, 1) and shapes["layer1.fc_i2h.2.weight"] == (
+        200,
+        25,
+    )
+    assert shapes["layer1.fc_h2h.0.weight"] == (25, 50) and shapes["layer3.weight"] == (1, 50)
+    assert sum(p.numel() for p in net.parameters()) == 11776

@@ -40,8 +40,34 @@ SNAPSHOT_DIR = "mlrsnet"
 LR_FILE = "mlrsnet_lr.json"
 
 
+class MLRSNetCell(nn.Module):
+    """The LSTM-style cell of the reference (``MLRSNetCell``): input and hidden transforms are
+    two-layer MLPs of width hidden // 2 into the four gates; forget gate biased by -1."""
+
+    def __init__(self, inputs: int, hidden: int):
+        super().__init__()
+        self.hidden = int(hidden)
+        width = self.hidden // 2
+        self.fc_i2h = nn.Sequential(
+            nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, 4 * hidden)
+        )
+        self.fc_h2h = nn.Sequential(
+            nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, 4 * hidden)
+        )
+
+    def forward(self, x: torch.Tensor, state: State) -> State:
+        h, c = state
+        gates = self.fc_i2h(x) + self.fc_h2h(h)
+        g_in, g_forget, g_out, g_cell = gates.chunk(4, dim=1)
+        c = torch.sigmoid(g_forget - 1.0) * c + torch.sigmoid(g_in) * torch.tanh(g_cell)
+        h = torch.sigmoid(g_out) * torch.tanh(c)
+        return h, c
+
+
 class MLRSNet(nn.Module):
-    """The LSTM-style schedule network.
+    """The schedule network, in the reference layout (``layer1`` the cell, ``layer3`` the output
+    layer: the keys of the released snapshots). Layers keep PyTorch's default initialisation, as
+    the reference's do (its uniform re-initialisation tests for a class its layers are not).
 
     ``forward(loss, state)``: loss a scalar (any shape with one element); state ``(h, c)``, each
     float32 [1, hidden]. Returns ``(out, (h', c'))`` with out float32 [1, 1] in (0, 1).
@@ -50,28 +76,17 @@ class MLRSNet(nn.Module):
     def __init__(self, hidden: int = 50):
         super().__init__()
         self.hidden = int(hidden)
-        self.i2h = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 4 * hidden))
-        self.h2h = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4 * hidden)
-        )
-        self.out = nn.Linear(hidden, 1)
-        for seq in (self.i2h, self.h2h):
-            for layer in seq:
-                if isinstance(layer, nn.Linear):
-                    nn.init.uniform_(layer.weight, -0.1, 0.1)
+        self.layer1 = MLRSNetCell(1, self.hidden)
+        self.layer3 = nn.Linear(self.hidden, 1)
 
     def initial_state(self, device: torch.device = torch.device("cpu")) -> State:
         zeros = torch.zeros(1, self.hidden, device=device)
         return zeros, zeros.clone()
 
     def forward(self, loss: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        x = loss.reshape(1, 1).to(self.out.weight.dtype)
-        h, c = state
-        gates = self.i2h(x) + self.h2h(h)
-        g_in, g_forget, g_out, g_cell = gates.chunk(4, dim=1)
-        c = torch.sigmoid(g_forget - 1.0) * c + torch.sigmoid(g_in) * torch.tanh(g_cell)
-        h = torch.sigmoid(g_out) * torch.tanh(c)
-        return torch.sigmoid(self.out(h)), (h, c)
+        x = loss.reshape(1, 1).to(self.layer3.weight.dtype)
+        h, c = self.layer1(x, state)
+        return torch.sigmoid(self.layer3(h)), (h, c)
 
 
 def gamma_rule(initial_loss: float, num_classes: int) -> float:
@@ -109,17 +124,59 @@ def save_snapshots(
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+OFFICIAL_GLOB = "mlr_snet *.pth"  # the released snapshots: "mlr_snet 1.pth", "... 100.pth", ...
+
+
+def load_official_snapshots(
+    paths: List[Path],
+) -> Tuple[List[Dict[str, torch.Tensor]], int, List[int]]:
+    """The snapshots released with the paper (xjtushujun/MLR-SNet ``meta-test/mlr_snet N.pth``,
+    plain state dicts in the reference layout), ordered by N; hidden from their shapes."""
+    nets, epochs = [], []
+    for path in sorted(paths, key=lambda p: int(p.stem.split()[-1])):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(
+                f"hooks.mlrsnet.checkpoint: {path} cannot be loaded safely ({err})."
+            ) from None
+        if not isinstance(state, dict) or "layer3.weight" not in state:
+            raise ConfigError(
+                f"hooks.mlrsnet.checkpoint: {path} is not an MLR-SNet state dict "
+                f"(no layer3.weight)."
+            )
+        nets.append({k: v for k, v in state.items()})
+        epochs.append(int(path.stem.split()[-1]))
+    hidden = int(nets[0]["layer3.weight"].shape[1])
+    reference = MLRSNet(hidden).state_dict()
+    for path, net in zip(paths, nets):
+        missing, unexpected = sorted(set(reference) - set(net)), sorted(set(net) - set(reference))
+        if missing or unexpected:
+            raise ConfigError(
+                f"hooks.mlrsnet.checkpoint: {path} does not fit the MLR-SNet "
+                f"architecture (missing {missing[:3]}, unexpected {unexpected[:3]})."
+            )
+    return nets, hidden, epochs
+
+
 def load_snapshots(path: str | Path) -> Tuple[List[Dict[str, torch.Tensor]], int, List[int]]:
     """(state dicts, hidden, epochs) from a ``mlrsnet.safetensors`` (or a run folder holding one,
-    or a single per-epoch snapshot file). ConfigError naming the path when it cannot be used."""
+    or a single per-epoch snapshot file), or from the officially released snapshots (a folder
+    holding ``mlr_snet N.pth`` files, or one such file). ConfigError naming the path when it
+    cannot be used."""
     p = Path(path)
+    if p.is_dir() and not (p / BUNDLE_FILE).is_file() and sorted(p.glob(OFFICIAL_GLOB)):
+        return load_official_snapshots(sorted(p.glob(OFFICIAL_GLOB)))
+    if p.is_file() and p.suffix == ".pth":
+        return load_official_snapshots([p])
     if p.is_dir():
         p = p / BUNDLE_FILE
     if not p.is_file():
         raise ConfigError(
-            f"hooks.mlrsnet.checkpoint={path}: no MLR-SNet snapshot file at {p}. Meta-train one first "
-            f"(longtail train configs/methods/mlrsnet.yaml data=cifar10_lt writes RUN_DIR/{BUNDLE_FILE}) and pass "
-            f"that file or its run folder."
+            f"hooks.mlrsnet.checkpoint={path}: no MLR-SNet snapshot file at {p}. Meta-train one "
+            f"first (longtail train configs/methods/mlrsnet.yaml data=cifar10_lt writes "
+            f"RUN_DIR/{BUNDLE_FILE}) and pass that file or its run folder, or pass the folder of "
+            f"the released snapshots ({OFFICIAL_GLOB})."
         )
     with safe_open(str(p), framework="pt") as fh:
         meta = fh.metadata() or {}
@@ -134,6 +191,11 @@ def load_snapshots(path: str | Path) -> Tuple[List[Dict[str, torch.Tensor]], int
         head, name = key.split(".", 1)
         groups.setdefault(int(head[len("snapshot") :]), {})[name] = t
     nets = [groups[k] for k in sorted(groups)]
+    if "layer3.weight" not in nets[0]:
+        raise ConfigError(
+            f"hooks.mlrsnet.checkpoint={path}: {p} holds an MLR-SNet of the layout before 0.2 "
+            f"(inner width = hidden, not hidden // 2 as the reference): meta-train it again."
+        )
     return nets, int(meta["hidden"]), list(json.loads(meta.get("epochs", "[]")))
 
 
@@ -435,8 +497,8 @@ class MLRSNetHook(Hook):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.state = (
-            state["h"].to(self.net.out.weight.device),
-            state["c"].to(self.net.out.weight.device),
+            state["h"].to(self.net.layer3.weight.device),
+            state["c"].to(self.net.layer3.weight.device),
         )
         self.gamma, self.gammas = state["gamma"], list(state["gammas"])
         self.active, self.steps, self.meta_steps = (
