@@ -435,3 +435,39 @@ def test_crt_lifts_tail_accuracy_on_real_cifar10_lt(real_data_root, tmp_path):
     assert b["val"]["mean_class_acc"] > a["val"]["mean_class_acc"] + 5
     assert b["medium"] > a["medium"]
     assert time.perf_counter() - start < 180
+
+
+def test_ncm_reference_variant_centres_and_uses_euclidean_distance(stage1, tiny_cifar_root, runs):
+    """The decoupling code's KNNClassifier default (cl2n + l2): x = (f - mu) / |f - mu|, class
+    means of x unnormalised, z_c = -|x - m_c|^2 (head options metric=euclidean, center=true)."""
+    run_dir = runs / "ncm-reference"
+    fit(
+        cfg("ncm", f"stage1={stage1}", "model.head_params={metric: euclidean, center: true}"),
+        run_dir,
+        tiny_cifar_root,
+    )
+    saved = weights_of(run_dir)
+    run = build_run(stage1_cfg(), runs / "unused", tiny_cifar_root)
+    model = run.method.model
+    model.load_state_dict(weights_of(stage1))
+    model.eval()
+    d = run.data
+
+    def features(images):
+        x = (images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) / torch.tensor(
+            d.std
+        ).view(1, -1, 1, 1)
+        with torch.no_grad():
+            return model(x).features.double()
+
+    f = features(d.train.images)
+    mu = f.mean(0)
+    x = F.normalize(f - mu, dim=1)
+    means = torch.stack([x[d.train.labels == c].mean(0) for c in range(10)])
+    assert torch.allclose(saved["head.feature_mean"].double(), mu, atol=1e-5)
+    assert torch.allclose(saved["head.means"].double(), means, atol=1e-5)
+    xt = F.normalize(features(d.test.images) - mu, dim=1)
+    pred = torch.cdist(xt, means).argmin(1)
+    top1 = 100.0 * float((pred == d.test.labels).sum()) / len(pred)
+    assert metrics_of(run_dir)["top1"] == pytest.approx(top1)
+    assert_eval_reproduces(run_dir, tiny_cifar_root)

@@ -536,3 +536,23 @@ def test_buffers_registered_and_moved():
     before = loss.state_dict()
     loss.set_epoch(1)
     assert before.keys() == loss.state_dict().keys()
+
+
+def test_ce_batch_mean_reduction_divides_by_the_batch_size():
+    """Cui et al.'s TF code divides the weighted sum by the batch size; PyTorch's weighted mean
+    (our default, LDAM-DRW's) by the sum of the weights."""
+    z, y = [[1.0, 0.5, -1.0], [0.2, 0.1, 0.9], [0.0, 2.0, 0.3]], [0, 2, 1]
+    ls = ce_by_hand(z, y)
+    ws = [CB3[c] for c in y]
+    weighted = create("cb", class_counts=COUNTS3)(t(z), t(y, torch.int64)).item()
+    batch = create("cb", class_counts=COUNTS3, reduction="batch_mean")(
+        t(z), t(y, torch.int64)
+    ).item()
+    assert weighted == approx(sum(w * v for w, v in zip(ws, ls)) / sum(ws))
+    assert batch == approx(sum(w * v for w, v in zip(ws, ls)) / 3)
+    # without weights the two are the same plain mean
+    assert create("ce", reduction="batch_mean")(t(z), t(y, torch.int64)).item() == approx(
+        sum(ls) / 3
+    )
+    with pytest.raises(ConfigError, match="loss.reduction"):
+        create("ce", reduction="sum")

@@ -351,3 +351,18 @@ def test_order_depends_only_on_seed_and_epoch(name):
             np.testing.assert_array_equal(x, y)
     assert len(a.global_order(0)) == len(a)
     assert a.global_order(0).dtype == np.int64
+
+
+def test_progressive_reference_schedule_is_balanced_in_the_last_epoch():
+    """The paper's t / T reaches class balance only at t = T; the decoupling code interpolates
+    over linspace(0, 1, T), balanced in the last epoch t = T - 1."""
+    counts = [40, 10, 5, 2]
+    labels = make_labels(counts)
+    paper = build_sampler("progressive", labels, counts, total_epochs=5)
+    reference = build_sampler("progressive", labels, counts, total_epochs=5, progress="reference")
+    ib = np.array(counts) / sum(counts)
+    for epoch, a_paper, a_ref in [(0, 0.0, 0.0), (2, 0.4, 0.5), (4, 0.8, 1.0)]:
+        np.testing.assert_allclose(paper.probabilities(epoch), (1 - a_paper) * ib + a_paper / 4)
+        np.testing.assert_allclose(reference.probabilities(epoch), (1 - a_ref) * ib + a_ref / 4)
+    with pytest.raises(ConfigError, match="progress"):
+        build_sampler("progressive", labels, counts, total_epochs=5, progress="linear")

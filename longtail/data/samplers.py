@@ -358,10 +358,25 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
 
     Args:
         total_epochs: T, required (normally the length of the training schedule).
+        progress: ``paper`` (default) t/T as eq. (2), balanced only from epoch T on; ``reference``
+            the decoupling code's ``linspace(0, 1, T)[t]`` = t / (T - 1), balanced in the last epoch.
     """
 
-    def __init__(self, labels, class_counts, seed: int = 0, total_epochs: Optional[int] = None):
+    def __init__(
+        self,
+        labels,
+        class_counts,
+        seed: int = 0,
+        total_epochs: Optional[int] = None,
+        progress: str = "paper",
+    ):
         super().__init__(labels, class_counts, seed)
+        if progress not in ("paper", "reference"):
+            raise ConfigError(
+                f"'{_KEY}progress' must be paper (t / T) or reference "
+                f"(t / (T - 1)), got {progress!r}."
+            )
+        self.progress = progress
         if total_epochs is None:
             raise ConfigError(
                 f"Sampler 'progressive' needs '{_KEY}total_epochs' (T in "
@@ -378,7 +393,8 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
         return cls(labels, class_counts, seed=facts.seed, **options)
 
     def probabilities(self, epoch: int) -> np.ndarray:
-        a = min(max(epoch / self.total_epochs, 0.0), 1.0)
+        span = self.total_epochs if self.progress == "paper" else max(self.total_epochs - 1, 1)
+        a = min(max(epoch / span, 0.0), 1.0)
         p = (1.0 - a) * self._p_ib + a * self._p_cb
         return p / p.sum()
 

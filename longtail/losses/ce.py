@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from longtail.core.errors import ConfigError
 from longtail.losses.base import LOSSES, LongtailLoss
 
 
@@ -15,9 +16,10 @@ from longtail.losses.base import LOSSES, LongtailLoss
 class CrossEntropyLoss(LongtailLoss):
     """Softmax cross-entropy on logits [B, C] float and targets [B] int64 -> scalar.
 
-    Reduction: plain batch mean without class weights; with class weights (only under DRW) the
-    PyTorch weighted-mean convention ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as the LDAM-DRW
-    reference does. ``class_counts`` is needed only when ``drw_epoch`` is set.
+    Reduction: plain batch mean without class weights; with class weights (DRW, ``cb``)
+    ``reduction: weighted_mean`` (default) is PyTorch's ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as
+    the LDAM-DRW reference, and ``reduction: batch_mean`` is ``sum_i w_{y_i} l_i / B``, as Cui et
+    al.'s class-balanced TF code. ``class_counts`` is needed only for weights.
     """
 
     registry_name = "ce"
@@ -27,8 +29,18 @@ class CrossEntropyLoss(LongtailLoss):
         class_counts: Optional[Sequence[float]] = None,
         drw_epoch: Optional[int] = None,
         drw_beta: float = 0.9999,
+        reduction: str = "weighted_mean",
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
+        if reduction not in ("weighted_mean", "batch_mean"):
+            raise ConfigError(
+                f"'loss.reduction' must be weighted_mean (PyTorch: divide by the sum of the "
+                f"weights) or batch_mean (divide by the batch size), got {reduction!r}."
+            )
+        self.reduction = reduction
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=self.weight)
+        if self.weight is None or self.reduction == "weighted_mean":
+            return F.cross_entropy(logits, targets, weight=self.weight)
+        per_sample = F.cross_entropy(logits, targets, reduction="none")
+        return (per_sample * self.weight.to(per_sample.dtype)[targets]).sum() / len(targets)

@@ -20,7 +20,6 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 from longtail.core.errors import ConfigError, LongtailError
@@ -493,9 +492,11 @@ class TauNormalization(Stage2Method):
 
 @METHODS.register("ncm")
 class NearestClassMean(Stage2Method):
-    """NCM: logits = cosine between a feature and each class mean of the L2-normalised stage-1
-    features of the (un-augmented) training images. Needs ``model.head: ncm``; the means are the
-    head's buffer, so ``model.safetensors`` holds them."""
+    """NCM: logits from the distance of a feature to each class mean of the stage-1 features of
+    the (un-augmented) training images, as ``model.head: ncm`` defines it (cosine to normalised
+    means by default; the decoupling code's centred Euclidean form with head options
+    ``metric: euclidean, center: true``). The means are the head's buffers, so
+    ``model.safetensors`` holds them."""
 
     name = "ncm"
     trains = False
@@ -514,10 +515,16 @@ class NearestClassMean(Stage2Method):
     def on_train_end(self) -> None:
         train = self.ctx.data.train
         head = self.model.head
+        if head.center:  # the decoupling code's cl2n: centre by the mean training feature first
+            total = torch.zeros(head.feature_mean.shape, dtype=torch.float64)
+            for features, _, _ in eval_forward(self, train.images, train.labels):
+                total += features.double().sum(0).cpu()
+            with torch.no_grad():
+                head.feature_mean.copy_((total / len(train)).to(head.feature_mean.dtype))
         sums = torch.zeros_like(head.means, dtype=torch.float64)
         counts = torch.zeros(head.means.shape[0], dtype=torch.float64, device=sums.device)
         for features, _, labels in eval_forward(self, train.images, train.labels):
-            f = F.normalize(features.float(), dim=1).double()
+            f = head.embed(features.float()).double()
             sums.index_add_(0, labels.to(sums.device), f.to(sums.device))
             counts += torch.bincount(labels, minlength=len(counts)).to(counts)
         with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.core.errors import ConfigError
 from longtail.models.registry import HEADS
 
 
@@ -64,22 +65,46 @@ class LWSHead(LinearHead):
 
 @HEADS.register("ncm")
 class NCMHead(nn.Module):
-    """Nearest class mean with cosine similarity: z_c = scale * <f/|f|, m_c/|m_c|>.
+    """Nearest class mean. ``metric: cosine`` (default): z_c = scale * <f/|f|, m_c/|m_c|>;
+    ``metric: euclidean`` with ``center: true`` is the decoupling code's default
+    (facebookresearch/classifier-balancing ``KNNClassifier``, cl2n + l2): x = (f - mu)/|f - mu|,
+    z_c = -scale * |x - m_c|^2 with m_c the (unnormalised) class means of those x.
 
-    ``means`` [C, D] is a (saved) buffer, zero until a method fills it (the ``ncm`` method writes
-    the means of the L2-normalised training features); a zero mean scores 0. No parameters.
-    Shapes: [B, D] -> [B, C].
+    ``means`` [C, D] and ``feature_mean`` [D] (mu, used when ``center``) are saved buffers, zero
+    until a method fills them (the ``ncm`` method); a zero mean scores 0 under cosine. No
+    parameters. Shapes: [B, D] -> [B, C].
     """
 
     normalized = True
 
     means: torch.Tensor
+    feature_mean: torch.Tensor
 
-    def __init__(self, in_features: int, num_classes: int, scale: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        scale: float = 1.0,
+        metric: str = "cosine",
+        center: bool = False,
+    ):
         super().__init__()
-        self.scale = float(scale)
+        if metric not in ("cosine", "euclidean"):
+            raise ConfigError(f"model.head_params.metric={metric!r}: use cosine or euclidean.")
+        self.scale, self.metric, self.center = float(scale), metric, bool(center)
         self.register_buffer("means", torch.zeros(num_classes, in_features))
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The features the class means are taken of: centred (``center``), L2-normalised."""
+        if self.center:
+            features = features - self.feature_mean.to(features.dtype)
+        return F.normalize(features, dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        means = F.normalize(self.means.to(features.dtype), dim=1)
-        return self.scale * F.linear(F.normalize(features, dim=1), means)
+        x = self.embed(features)
+        means = self.means.to(features.dtype)
+        if self.metric == "cosine":
+            return self.scale * F.linear(x, F.normalize(means, dim=1))
+        sq = (x * x).sum(1, keepdim=True) + (means * means).sum(1)[None, :] - 2 * x @ means.T
+        return -self.scale * sq
