@@ -451,3 +451,41 @@ def test_a_planted_materialize_script_is_never_run(tmp_path, monkeypatch, capsys
     assert rc == 2 and "LONGTAIL_MIRROR=DIR" in err and "Traceback" not in err
     assert not sentinel.exists()  # the planted script never ran
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------ calibration on the logits trained with
+
+
+def test_a_cosine_head_run_reports_ece_and_nll_of_its_scaled_logits(tiny_cifar_root, tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from longtail.engine.trainer import build_run
+
+    recipe = CONFIG.parent / "ldam_drw.yaml"
+    cfg = load_config(recipe, [*TINY, "train.epochs=2", "loss.drw_epoch=1"])
+    metrics = fit(cfg, tmp_path / "ldam", tiny_cifar_root)
+    assert metrics["logit_scale"] == 30.0
+    run = build_run(cfg, tmp_path / "unused", tiny_cifar_root)
+    model = run.method.model
+    model.load_state_dict(load_file(str(tmp_path / "ldam" / "model.safetensors")))
+    model.eval()
+    d = run.data
+    x = (d.test.images.float() / 255 - torch.tensor(d.mean).view(1, -1, 1, 1)) / torch.tensor(
+        d.std
+    ).view(1, -1, 1, 1)
+    with torch.no_grad():
+        z = 30.0 * model(x.contiguous(memory_format=torch.channels_last)).logits.double()
+    y = d.test.labels
+    nll = float(torch.nn.functional.cross_entropy(z, y))
+    p = torch.softmax(z, 1)
+    conf, pred = p.max(1)
+    conf, correct = conf.numpy(), (pred == y).numpy()
+    bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    ece = (
+        100 * sum(abs(conf[bins == b].sum() - correct[bins == b].sum()) for b in range(15)) / len(y)
+    )
+    assert metrics["nll"] == pytest.approx(nll, rel=1e-4)
+    assert metrics["ece"] == pytest.approx(ece, abs=1e-3)
+    assert abs(metrics["nll"] - math.log(10)) > 0.05  # not the unscaled-cosine ln C

@@ -596,6 +596,7 @@ def final_metrics(
             "machine": platform.machine(),
         }
     )
+    metrics["logit_scale"] = run.method.logit_scale()  # ECE / NLL are of outputs x this
     metrics.update(run.method.extra_metrics())
     for hook in run.hooks.values():
         metrics.update(hook.metrics(run))

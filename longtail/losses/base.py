@@ -162,6 +162,14 @@ class LongtailLoss(nn.Module):
 
     #: True for losses that expect cosine logits in [-1, 1] from a normalised (cosine) head.
     requires_normalized_head: bool = False
+
+    @property
+    def logit_scale(self) -> float:
+        """The factor that turns the model's outputs into the logits this loss trains with (its
+        softmax): 1 for plain logits; a cosine loss's ``scale`` (LDAM 30, GCL 25). Evaluation
+        multiplies by it, so calibration (ECE, NLL) is measured on those logits."""
+        return float(getattr(self, "scale", 1.0)) if self.requires_normalized_head else 1.0
+
     #: True for losses that cannot be computed without the per-class counts.
     needs_class_counts: bool = False
 

@@ -86,12 +86,21 @@ class Method:
         """After the last epoch, before the final evaluation (e.g. pick a tau on val)."""
 
     def eval_logits_fn(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """A post-processing of logits applied at evaluation (post-hoc adjustment); None: raw."""
-        return None
+        """A post-processing of the model's outputs at evaluation; by default the loss's
+        ``logit_scale`` (a cosine loss's scale: calibration on the logits it trains with);
+        None: raw. Post-hoc methods override it."""
+        scale = float(getattr(self.loss, "logit_scale", 1.0))
+        if scale == 1.0:
+            return None
+        return lambda logits: logits * scale
 
     def extra_metrics(self) -> Dict[str, Any]:
         """Method-specific entries for metrics.json (e.g. the tau chosen on val)."""
         return {}
+
+    def logit_scale(self) -> float:
+        """The scale evaluation applies to the model's outputs (see :meth:`eval_logits_fn`)."""
+        return float(getattr(self.loss, "logit_scale", 1.0))
 
     def save_artifacts(self, run_dir: Path) -> None:
         """Write method-specific files into the finished run folder (rank 0, before metrics.json;
