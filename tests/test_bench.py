@@ -465,6 +465,34 @@ def test_report_only_regenerates(tiny_suite, tmp_path):
     assert "## `tiny`" in (tmp_path / "doc.md").read_text()
 
 
+def test_rows_whose_folders_are_gone_are_carried_not_lost(tiny_suite, tmp_path):
+    """A results file keeps the finished rows of runs whose folders are not on this machine."""
+    import shutil
+
+    suite_file, out, results, _ = tiny_suite
+    shutil.copytree(out, tmp_path / "runs")
+    shutil.copytree(results, tmp_path / "res")
+    before = {
+        r["name"]: r for r in json.loads((tmp_path / "res" / "tiny.json").read_text())["rows"]
+    }
+    shutil.rmtree(tmp_path / "runs" / "tiny" / "base")  # only "second" is here now
+    rc, _ = bench(
+        suite_file,
+        "--out",
+        tmp_path / "runs",
+        "--results",
+        tmp_path / "res",
+        "--report-only",
+        "--docs",
+        tmp_path / "doc.md",
+    )
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "res" / "tiny.json").read_text())["rows"]}
+    assert rows["base"]["carried"] is True and rows["base"]["status"] == "done"
+    assert rows["base"]["test"] == before["base"]["test"]
+    assert "carried" not in rows["second"] and rows["second"]["test"] == before["second"]["test"]
+
+
 # ---------------------------------------------------------------------------------------------
 # {run:NAME} references (a checkpoint to transfer from)
 

@@ -73,15 +73,22 @@ def collect_rows(
     plan: Sequence[PlannedRun],
     statuses: Optional[Dict[str, Tuple[str, str]]] = None,
     baseline: Optional[str] = None,
+    previous: Optional[Sequence[Dict[str, Any]]] = None,
 ) -> List[Dict[str, Any]]:
     """One row per planned run, numbers where its folder holds metrics.json.
 
     ``statuses`` (name -> (status, message)) overrides the state read from disk for runs that
-    failed or were blocked in this invocation.
+    failed or were blocked in this invocation. ``previous``: the rows of the suite's results file;
+    a finished row whose run folder is not here (another machine, a cleaned disk) is kept as it
+    was recorded, marked ``carried``, instead of turning into "todo".
     """
     statuses = statuses or {}
+    kept = {r["name"]: r for r in previous or () if r.get("status") == "done"}
     rows: List[Dict[str, Any]] = []
     for p in plan:
+        if run_state(p.run_dir) == "todo" and p.name in kept and p.name not in statuses:
+            rows.append({**kept[p.name], "carried": True})
+            continue
         dataset, factor = _dataset_and_factor(p)
         state = run_state(p.run_dir)
         row: Dict[str, Any] = {

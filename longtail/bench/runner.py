@@ -281,11 +281,13 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     info["machine_line"] = short_machine(info["machine"])
     head = report.header(suite, out_dir, info["command"], info["machine"], info["git"], info["env"])
     statuses: Dict[str, Tuple[str, str]] = {}
+    # rows finished elsewhere (folders not on this machine) stay in the results file
+    previous = (report.load_results(opts.results_dir, suite.name) or {}).get("rows")
 
     def flush() -> Tuple[Path, Path]:
         head["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return report.write_results(
-            opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline)
+            opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline, previous)
         )
 
     mode = "subprocess" if opts.subprocess else "in-process"
@@ -357,7 +359,7 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     except KeyboardInterrupt:
         interrupted = True
     md, js = flush()
-    rows = report.collect_rows(plan, statuses, suite.baseline)
+    rows = report.collect_rows(plan, statuses, suite.baseline, previous)
     echo("")
     echo(report.results_table(rows))
     echo(f"\nresults: {md}  {js}")
@@ -382,7 +384,8 @@ def _report_only(
 ) -> int:
     """Rewrite the suite's results files from its run folders (when there are any) and
     regenerate the docs page from every suite next to this one."""
-    rows = report.collect_rows(plan, baseline=suite.baseline)
+    previous = (report.load_results(opts.results_dir, suite.name) or {}).get("rows")
+    rows = report.collect_rows(plan, baseline=suite.baseline, previous=previous)
     if any(r["status"] == "done" for r in rows):
         existing = report.load_results(opts.results_dir, suite.name) or {}
         head = report.header(
