@@ -20,7 +20,6 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
-import yaml
 
 from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.run_folder import RunFolder
@@ -103,11 +102,9 @@ def load_stage1(cfg, method: str) -> Stage1:
             f"stage1={cfg.stage1} has no weights ({folder.WEIGHTS}). {_how_to(cfg, method)}"
         )
     try:
-        saved = yaml.safe_load(folder.config_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise LongtailError(
-            f"stage1={cfg.stage1}: its config.yaml is not valid YAML ({err})."
-        ) from None
+        saved = folder.config_tree()
+    except LongtailError as err:
+        raise LongtailError(f"stage1={cfg.stage1}: {err}") from None
     check_same_data(cfg, saved, method)
     try:
         weights = folder.load_weights()
