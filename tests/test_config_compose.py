@@ -99,7 +99,7 @@ def test_every_recipe_composes_and_validates_on_every_dataset(recipe):
         assert cfg.model.backbone == "resnet32" and cfg.train.batch_size == 128
         again = load_config(recipe, [f"data={CONFIGS / 'datasets' / f'{name}.yaml'}"])  # a path
         assert again.to_dict() == cfg.to_dict()
-        if not cfg.stages:              # every component name and option is one it takes
+        if not cfg.stages:  # every component name and option is one it takes
             check_config(cfg)
 
 
@@ -218,9 +218,10 @@ def test_every_recipe_builds_and_takes_a_step_on_every_dataset(name, tiny_root, 
 
     stepped, refused = [], []
     for recipe in RECIPES:
-        tiny = [o for o in TINY if not o.startswith("train.epochs")]   # keep the recipe's
-        cfg = load_config(recipe, [f"data={name}", *tiny, "data.meta_per_class=1",
-                                   "model.backbone=resnet8"])
+        tiny = [o for o in TINY if not o.startswith("train.epochs")]  # keep the recipe's
+        cfg = load_config(
+            recipe, [f"data={name}", *tiny, "data.meta_per_class=1", "model.backbone=resnet8"]
+        )
         if cfg.stages:
             continue
         try:
@@ -236,10 +237,18 @@ def test_every_recipe_builds_and_takes_a_step_on_every_dataset(name, tiny_root, 
         batch = next(iter(run.loader.epoch(0)))
         assert math.isfinite(float(run.method.train_step(batch)["loss"])), recipe.stem
         stepped.append(recipe.stem)
-    assert {"ce", "ldam_drw", "cbs", "rsam_gcl_drw", "whitening_ldam_drw", "mfm",
-            "mlrsnet"} <= set(stepped)
-    assert {"crt", "lws", "tau_norm", "ncm", "la_posthoc", "mfm_transfer",
-            "mlrsnet_transfer"} <= set(refused)
+    assert {"ce", "ldam_drw", "cbs", "rsam_gcl_drw", "whitening_ldam_drw", "mfm", "mlrsnet"} <= set(
+        stepped
+    )
+    assert {
+        "crt",
+        "lws",
+        "tau_norm",
+        "ncm",
+        "la_posthoc",
+        "mfm_transfer",
+        "mlrsnet_transfer",
+    } <= set(refused)
 
 
 @pytest.mark.parametrize(

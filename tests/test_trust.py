@@ -489,3 +489,39 @@ def test_a_cosine_head_run_reports_ece_and_nll_of_its_scaled_logits(tiny_cifar_r
     assert metrics["nll"] == pytest.approx(nll, rel=1e-4)
     assert metrics["ece"] == pytest.approx(ece, abs=1e-3)
     assert abs(metrics["nll"] - math.log(10)) > 0.05  # not the unscaled-cosine ln C
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["loss=focal", "loss.gamma=-1"], "loss.gamma"),
+        (["loss=ldam", "loss.scale=0"], "loss.scale"),
+        (["loss.drw_epoch=-1"], "loss.drw_epoch"),
+        (["loss.drw_beta=1.5"], "loss.drw_beta"),
+        (["loss=logit_adjusted", "loss.tau=.nan"], "loss.tau"),
+        (["loss=gcl", "loss.beta=2"], "loss.beta"),
+        (["loss=cb", "loss.base=focal", "loss.gamma=-1"], "loss.gamma"),
+        (["sampler=class_balanced", "sampler.num_samples_cls=0"], "sampler.num_samples_cls"),
+        (["sampler=class_balanced", "sampler.epoch_length=foo"], "sampler.epoch_length"),
+        (["sampler=b3rs", "sampler.q=-1"], "sampler.q"),
+        (["sampler=progressive", "sampler.progress=x"], "sampler.progress"),
+        (["sampler=undersample", "sampler.per_class=0"], "sampler.per_class"),
+        (["optim=sam", "optim.rho=-1"], "optim.rho"),
+        (["optim.momentum=abc"], "optim.momentum"),
+        (["schedule.gamma=0"], "schedule.gamma"),
+        (["method=mfm", "method.meta_every=0"], "method.meta_every"),
+        (["method=mfm", "method.modulate_at_test=sometimes"], "method.modulate_at_test"),
+    ],
+)
+def test_component_options_are_range_checked_before_anything_is_built(
+    overrides, key, tmp_path, capsys
+):
+    from longtail.engine.config_check import check_config
+
+    with pytest.raises(ConfigError, match=rf"'{key}': "):
+        check_config(load_config(CONFIG, ["data=cifar10_lt", *overrides]))
+    assert (
+        main(["train", str(CONFIG), "data=cifar10_lt", *overrides, "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from typing import Any, Callable, Dict, Iterable, Optional, Set
+import typing
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Type
+
+import pydantic
 
 from longtail.core.errors import ConfigError
 
@@ -79,11 +82,27 @@ class Registry:
         }
 
     def check_options(self, name: str, options: Dict[str, Any], where: str) -> None:
-        """Let component ``name`` validate its option values (``check_options(options, where)``
-        or its ``options_model``) before anything is built; names are checked by the caller."""
+        """Validate the option values of component ``name`` before anything is built: with its
+        ``check_options(options, where)``, else with a pydantic model of its builder's signature
+        (types, and the ranges its ``Annotated[..., Field(...)]`` parameters state). Names are
+        checked by the caller."""
         entry = self.get(name)
         if hasattr(entry, "check_options"):
             entry.check_options(options, where)
+            return
+        model = signature_model(entry)
+        if model is None:
+            return
+        try:
+            model(**{k: v for k, v in options.items() if k in model.model_fields})
+        except pydantic.ValidationError as err:
+            seen, lines = set(), []
+            for e in err.errors():  # one line per key (a union reports each alternative)
+                key = str(e["loc"][0]) if e["loc"] else "?"
+                if key not in seen:
+                    seen.add(key)
+                    lines.append(f"'{where}.{key}': {e['msg']} (got {_short(e.get('input'))})")
+            raise ConfigError("; ".join(lines) + ".") from None
 
     def check_kwargs(
         self, name: str, kwargs: Dict[str, Any], key_prefix: str = "", ignore: Iterable[str] = ()
@@ -124,6 +143,43 @@ def check_kwargs(
         shown = ", ".join(f"'{key_prefix}{k}'" for k in unknown)
         options = ", ".join(sorted(allowed - {"self", "class_counts", "num_classes"})) or "none"
         raise ConfigError(f"Unknown option {shown} for {what}. Its options are: {options}.")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+
+
+_MODELS: Dict[Any, Any] = {}
+
+
+def signature_model(builder: Callable[..., Any]) -> Optional[Type[pydantic.BaseModel]]:
+    """A pydantic model of a builder's keyword options (annotations and defaults of its
+    signature, the run's context parameters left out); None if it cannot be made."""
+    if builder in _MODELS:
+        return _MODELS[builder]
+    target = getattr(builder, "__init__") if isinstance(builder, type) else builder  # noqa: B009
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+        params = inspect.signature(builder).parameters
+    except (NameError, TypeError, ValueError):
+        _MODELS[builder] = None
+        return None
+    fields: Dict[str, Any] = {}
+    for name, p in params.items():
+        if name in _CONTEXT_PARAMS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (hints.get(name, Any), default)
+    model = pydantic.create_model(
+        f"{getattr(builder, '__name__', 'Component')}Options",
+        __config__=pydantic.ConfigDict(arbitrary_types_allowed=True),
+        **fields,
+    )
+    _MODELS[builder] = model
+    return model
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

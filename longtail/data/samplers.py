@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Type, Union, cast
+from typing import Annotated, Dict, List, Literal, Optional, Sequence, Type, Union, cast
 
 import numpy as np
+from pydantic import Field
 
 from longtail.core.errors import ConfigError
 from longtail.core.facts import RunFacts
@@ -35,6 +36,10 @@ from longtail.core.registry import Registry
 SAMPLERS = Registry("sampler")
 
 _KEY = "sampler."
+
+# option types with their ranges (the config check validates ``sampler.*`` against them)
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
@@ -241,8 +246,8 @@ class ClassBalancedSampler(BaseSampler):
         labels,
         class_counts,
         seed: int = 0,
-        num_samples_cls: int = 4,
-        epoch_length: Union[str, int] = "max",
+        num_samples_cls: PositiveInt = 4,
+        epoch_length: Union[Literal["max", "dataset"], PositiveInt] = "max",
     ):
         super().__init__(labels, class_counts, seed)
         self.num_samples_cls = _require_int(num_samples_cls, "num_samples_cls", 1)
@@ -335,7 +340,7 @@ class SquareRootSampler(_ClassProbabilitySampler):
         q: the exponent (default 0.5).
     """
 
-    def __init__(self, labels, class_counts, seed: int = 0, q: float = 0.5):
+    def __init__(self, labels, class_counts, seed: int = 0, q: NonNegative = 0.5):
         super().__init__(labels, class_counts, seed)
         self.q = _require_float(q, "q", 0.0)
         w = np.zeros(self.num_classes)
@@ -367,8 +372,8 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
         labels,
         class_counts,
         seed: int = 0,
-        total_epochs: Optional[int] = None,
-        progress: str = "paper",
+        total_epochs: Optional[PositiveInt] = None,
+        progress: Literal["paper", "reference"] = "paper",
     ):
         super().__init__(labels, class_counts, seed)
         if progress not in ("paper", "reference"):
@@ -432,9 +437,9 @@ class B3RSSampler(BaseSampler):
         labels,
         class_counts,
         seed: int = 0,
-        batch_size: Optional[int] = None,
-        num_blocks: int = 4,
-        q: float = 0.5,
+        batch_size: Optional[PositiveInt] = None,
+        num_blocks: PositiveInt = 4,
+        q: NonNegative = 0.5,
     ):
         super().__init__(labels, class_counts, seed)
         if batch_size is None:
@@ -592,7 +597,9 @@ class UndersampleSampler(BaseSampler):
         per_class: m; null (default) = the smallest class count; an integer must not exceed it.
     """
 
-    def __init__(self, labels, class_counts, seed: int = 0, per_class: Optional[int] = None):
+    def __init__(
+        self, labels, class_counts, seed: int = 0, per_class: Optional[PositiveInt] = None
+    ):
         super().__init__(labels, class_counts, seed)
         if len(self.present) == 0:
             raise ValueError("undersample sampler needs at least one labelled item")

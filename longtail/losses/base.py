@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Annotated, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from longtail.core.errors import ConfigError
 from longtail.core.registry import Registry
+
+# option types with their ranges: the config check validates ``loss.*`` values against them
+# (pydantic, from the builders' signatures) before anything is built
+Epoch = Annotated[int, Field(ge=0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 #: Registry of every loss family; build one with :func:`longtail.losses.create`.
 LOSSES = Registry("loss")

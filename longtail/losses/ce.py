@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longtail.core.errors import ConfigError
-from longtail.losses.base import LOSSES, LongtailLoss
+from longtail.losses.base import LOSSES, Beta, Epoch, LongtailLoss
 
 
 @LOSSES.register("ce")
@@ -27,8 +27,8 @@ class CrossEntropyLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
         reduction: str = "weighted_mean",
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)

@@ -4,13 +4,15 @@ loss's own weighting convention (``base: ce`` -> CE(z, y; w), ``base: focal`` ->
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
 from longtail.core.errors import ConfigError
-from longtail.losses.base import LOSSES, resolve_beta
+from longtail.core.registry import signature_model
+from longtail.losses.base import LOSSES, Beta, Epoch, resolve_beta
 
 
 @LOSSES.register("cb")
@@ -31,14 +33,43 @@ class ClassBalancedLoss(nn.Module):
     registry_name = "cb"
     needs_class_counts = True
     requires_normalized_head = False  # per instance: the base loss's
+    OWN = ("beta", "base", "drw_epoch", "drw_beta")
+
+    @classmethod
+    def option_names(cls, options: Dict[str, Any]) -> Optional[Set[str]]:
+        """Its own options and those of the base loss it wraps."""
+        base = options.get("base", "ce")
+        names = LOSSES.option_names(base, {}) if base in LOSSES and base != "cb" else set()
+        return None if names is None else set(cls.OWN) | names
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any], where: str) -> None:
+        own = {k: v for k, v in options.items() if k in cls.OWN}
+        model = signature_model(cls)
+        if model is not None:
+            try:
+                model(**own)
+            except ValidationError as err:
+                raise ConfigError(
+                    "; ".join(
+                        f"'{where}.{e['loc'][0]}': {e['msg']} (got {e.get('input')!r})"
+                        for e in err.errors()
+                    )
+                    + "."
+                ) from None
+        base = options.get("base", "ce")
+        if base in LOSSES and base != "cb":
+            LOSSES.check_options(
+                base, {k: v for k, v in options.items() if k not in cls.OWN}, where
+            )
 
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        beta: float = 0.9999,
+        beta: Beta = 0.9999,
         base: str = "ce",
-        drw_epoch: Optional[int] = None,
-        drw_beta: Optional[float] = None,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Optional[Beta] = None,
         **base_options: Any,
     ):
         super().__init__()

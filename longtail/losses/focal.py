@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from longtail.losses.base import LOSSES, LongtailLoss, check_number
+from longtail.losses.base import LOSSES, Beta, Epoch, LongtailLoss, NonNegative, check_number
 
 
 def focal_from_ce(ce: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -39,9 +39,9 @@ class FocalLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        gamma: float = 1.0,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        gamma: NonNegative = 1.0,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.gamma = check_number(gamma, "loss.gamma", minimum=0.0)

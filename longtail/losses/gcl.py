@@ -8,7 +8,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from longtail.losses.base import LOSSES, LongtailLoss, check_number, resolve_beta
+from longtail.losses.base import (
+    LOSSES,
+    Beta,
+    Epoch,
+    LongtailLoss,
+    NonNegative,
+    Positive,
+    check_number,
+    resolve_beta,
+)
 
 
 @LOSSES.register("gcl")
@@ -40,12 +49,12 @@ class GCLLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        scale: float = 25.0,
-        margin: float = 0.1,
-        noise_mul: float = 1.0,
-        beta: Optional[float] = None,
-        drw_epoch: Optional[int] = None,
-        drw_beta: Optional[float] = None,
+        scale: Positive = 25.0,
+        margin: NonNegative = 0.1,
+        noise_mul: NonNegative = 1.0,
+        beta: Optional[Beta] = None,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Optional[Beta] = None,
         generator: Optional[torch.Generator] = None,
     ):
         beta = resolve_beta(beta, drw_beta, 0.9998, drw_epoch, "gcl")

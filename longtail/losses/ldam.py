@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from longtail.losses.base import LOSSES, LongtailLoss, check_number
+from longtail.losses.base import LOSSES, Beta, Epoch, LongtailLoss, Positive, check_number
 
 
 @LOSSES.register("ldam")
@@ -31,10 +31,10 @@ class LDAMLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        max_margin: float = 0.5,
-        scale: float = 30.0,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        max_margin: Positive = 0.5,
+        scale: Positive = 30.0,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.max_margin = check_number(max_margin, "loss.max_margin", minimum=0.0)

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from longtail.core.errors import ConfigError
-from longtail.losses.base import LOSSES, LongtailLoss, as_class_counts, check_number
+from longtail.losses.base import (
+    LOSSES,
+    Beta,
+    Epoch,
+    Finite,
+    LongtailLoss,
+    as_class_counts,
+    check_number,
+)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -38,9 +46,9 @@ class LogitAdjustedLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        tau: float = 1.0,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        tau: Finite = 1.0,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.tau = check_number(tau, "loss.tau")
@@ -72,8 +80,8 @@ class BalancedSoftmaxLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         assert self.counts is not None  # needs_class_counts: the base refused None

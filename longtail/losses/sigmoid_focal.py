@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from longtail.losses.base import LOSSES, LongtailLoss, check_number
+from longtail.losses.base import LOSSES, Beta, Epoch, LongtailLoss, NonNegative, check_number
 
 
 @LOSSES.register("sigmoid_focal")
@@ -29,9 +29,9 @@ class SigmoidFocalLoss(LongtailLoss):
     def __init__(
         self,
         class_counts: Optional[Sequence[float]] = None,
-        gamma: float = 1.0,
-        drw_epoch: Optional[int] = None,
-        drw_beta: float = 0.9999,
+        gamma: NonNegative = 1.0,
+        drw_epoch: Optional[Epoch] = None,
+        drw_beta: Beta = 0.9999,
     ):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         self.gamma = check_number(gamma, "loss.gamma", minimum=0.0)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from longtail.core.distributed import all_reduce_sum
 from longtail.core.errors import ConfigError
@@ -51,21 +52,21 @@ class MFM(Method):
     def __init__(
         self,
         ctx: MethodContext,
-        variant: str = "network",
+        variant: Literal["direct", "network"] = "network",
         stages: Optional[List[int]] = None,
-        hidden_ratio: int = 4,
+        hidden_ratio: Annotated[int, Field(ge=1)] = 4,
         modulate_meta: bool = False,
-        modulate_at_test: bool = False,
-        meta_batch_size: int = 100,
+        modulate_at_test: Union[bool, Literal["auto"]] = False,
+        meta_batch_size: Annotated[int, Field(ge=1)] = 100,
         meta_augment: bool = False,
-        meta_every: int = 1,
+        meta_every: Annotated[int, Field(ge=1)] = 1,
         meta_optimizer: str = "adam",
-        meta_lr: float = 1e-3,
-        meta_weight_decay: float = 1e-4,
-        meta_momentum: float = 0.9,
-        meta_grad_clip: Optional[float] = None,
-        inner_lr: Optional[float] = None,
-        inner_weight_decay: float = 0.0,
+        meta_lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1e-3,
+        meta_weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1e-4,
+        meta_momentum: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.9,
+        meta_grad_clip: Optional[Annotated[float, Field(gt=0.0)]] = None,
+        inner_lr: Optional[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = None,
+        inner_weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0,
         second_order: bool = True,
         meta_amp: bool = False,
         modulator: Optional[str] = None,
