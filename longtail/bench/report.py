@@ -194,9 +194,12 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
             ce = [c for c in rows if c["name"] == r["stage1"] and c.get("cost_seconds")]
         if not ce:  # a multi-stage recipe (epochs summed over its stages)
             ce = same
+        # a ratio of times measured in two sessions (a carried row and a re-run one) is no
+        # measurement: only rows timed alike are compared
+        alike = bool(ce) and bool(r.get("carried")) == bool(ce[0].get("carried"))
         r["time_vs_baseline"] = (
             r["cost_seconds"] / ce[0]["cost_seconds"]
-            if ce and r.get("cost_seconds") is not None
+            if alike and r.get("cost_seconds") is not None
             else None
         )
 
@@ -329,7 +332,7 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
             "| "
             + " | ".join(
                 [
-                    r["name"],
+                    r["name"] + (" \\*" if r.get("carried") else ""),
                     r["method"],
                     DATASET_LABEL.get(r["dataset"], r["dataset"]),
                     factor_text(r["imbalance_factor"]),
@@ -408,7 +411,9 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         "img/s: training images per second; time vs baseline: wall time of the run plus its "
         "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's baseline run "
         f"(`{header.get('baseline')}`) of the same dataset, IF and schedule; with equal epochs, the "
-        "per-epoch cost relative to it.",
+        "per-epoch cost relative to it (compared only between rows timed in the same invocation). "
+        "Rows marked \\* are carried from an earlier invocation whose run folders are not on this "
+        "machine (each keeps its own commit in the JSON).",
         "",
         f"- Machine: {short_machine(machine)}",
         f"- Git commit: `{git.get('commit') or 'unknown'}`"

@@ -456,6 +456,27 @@ def summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece")}
 
 
+def announce(run: Run, start_epoch: int) -> None:
+    """The run's data, groups, folder and device, printed once by rank 0."""
+    counts = run.data.class_counts
+    print(
+        f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
+        f"imbalance {max(counts) / max(min(counts), 1):.0f}; "
+        f"{group_sizes_line(shot_groups(counts))}"
+    )
+    val = run.data.val
+    missing = sorted(set(range(len(counts))) - set(val.labels.tolist())) if val is not None else []
+    if val is not None and missing:
+        print(
+            f"note: val has no images of classes {missing} (the long-tailed subset uses all of "
+            f"them); anything tuned on val (tau, model selection) cannot see those classes."
+        )
+    print(
+        f"run folder: {run.folder.path}  device: {run.device}  processes: {run.dist.world_size}"
+        + (f"  resuming after epoch {start_epoch}" if start_epoch else "")
+    )
+
+
 def fit(
     cfg: Config,
     run_dir: Path,
@@ -509,25 +530,7 @@ def _fit(
     if info.is_main and not resume:
         folder.write_config(cfg, exclusive=True)
     if info.is_main:
-        counts = run.data.class_counts
-        print(
-            f"{run.data.name}: {len(run.data.train)} training images, {len(counts)} classes, "
-            f"imbalance {max(counts) / max(min(counts), 1):.0f}; "
-            f"{group_sizes_line(shot_groups(counts))}"
-        )
-        val = run.data.val
-        missing = (
-            sorted(set(range(len(counts))) - set(val.labels.tolist())) if val is not None else []
-        )
-        if val is not None and missing:
-            print(
-                f"note: val has no images of classes {missing} (the long-tailed subset uses all of "
-                f"them); anything tuned on val (tau, model selection) cannot see those classes."
-            )
-        print(
-            f"run folder: {run_dir}  device: {run.device}  processes: {info.world_size}"
-            + (f"  resuming after epoch {start_epoch}" if start_epoch else "")
-        )
+        announce(run, start_epoch)
 
     show_bar = cfg.train.progress and info.is_main
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -561,9 +564,7 @@ def _fit(
             return None
 
     run.method.on_train_end()
-    if (
-        info.is_main
-    ):  # last.pt also holds what on_train_end set (a tau picked on val): `eval` reads it
+    if info.is_main:  # last.pt also holds what on_train_end set (a tau on val): eval reads it
         folder.save_checkpoint(training_state(run, cfg.train.epochs))
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
