@@ -7,13 +7,12 @@ another dataset (a tiny Fashion-MNIST: 1-channel inputs, the same 16/32/64 stage
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_idx_folder
 from safetensors.torch import load_file
 
 from longtail.cli import main
@@ -50,25 +49,8 @@ def mfm_cfg(epochs=3, *extra, dataset="cifar10_lt"):
 
 
 def write_fashion_mnist(root: Path, train_per_class: int = 30, test_per_class: int = 10) -> Path:
-    """A small Fashion-MNIST in the official idx layout; class c is a bright band at row 2c."""
-    rng = np.random.default_rng(0)
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", train_per_class), ("t10k", test_per_class)):
-        labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
-        images = rng.normal(40, 20, size=(len(labels), 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 4 : 2 * c + 8] += 150
-        images = np.clip(images, 0, 255).astype(np.uint8)
-        for stem, arr, magic in (
-            (f"{prefix}-images-idx3-ubyte", images, 2051),
-            (f"{prefix}-labels-idx1-ubyte", labels, 2049),
-        ):
-            header = magic.to_bytes(4, "big") + b"".join(
-                int(d).to_bytes(4, "big") for d in arr.shape
-            )
-            (raw / f"{stem}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
-    return root
+    """A small Fashion-MNIST in the official idx layout (conftest's writer, seed 0)."""
+    return write_idx_folder(root, "FashionMNIST", train_per_class, test_per_class, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -100,24 +100,23 @@ def _on_backend(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over ranks (in place, also for CPU tensors under NCCL; returned for chaining)."""
+def _all_reduce(tensor: torch.Tensor, info: DistInfo, op) -> torch.Tensor:
     if info.enabled:
         work = _on_backend(tensor)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        dist.all_reduce(work, op=op)
         if work is not tensor:
             tensor.copy_(work)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, also for CPU tensors under NCCL; returned for chaining)."""
+    return _all_reduce(tensor, info, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The elementwise minimum over ranks (in place; returned for chaining)."""
-    if info.enabled:
-        work = _on_backend(tensor)
-        dist.all_reduce(work, op=dist.ReduceOp.MIN)
-        if work is not tensor:
-            tensor.copy_(work)
-    return tensor
+    return _all_reduce(tensor, info, dist.ReduceOp.MIN)
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
