@@ -72,21 +72,17 @@ class Run:
 # building
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) -> bool:
-    """Check the run folder on every rank; rank 0 creates it while the others wait for its verdict.
-    Returns True on the rank that created the folder.
-
-    No rank writes into the folder before every rank has passed this point, so the checks below
-    see the same folder on all ranks and fail (or pass) together.
-    """
-    folder = RunFolder(run_dir)
+def check_run_dir(folder: RunFolder, resume: bool) -> None:
+    """LongtailError unless ``folder`` may be trained into: a run to resume, or (a new run) a
+    folder that does not exist or is empty."""
+    run_dir = folder.path
     if resume:
         if not folder.is_run():
             raise LongtailError(
                 f"{run_dir} is not a run folder (no {folder.CONFIG}). Pass the folder "
                 f"that `longtail train` wrote, e.g. --resume runs/<name>."
             )
-        return False
+        return
     if folder.config_path.exists():
         raise LongtailError(
             f"{run_dir} already holds a run. Continue it with --resume {run_dir}, or "
@@ -99,24 +95,32 @@ def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) ->
             f"{run_dir} is not empty ({shown}) and is not a longtail run: nothing is written "
             f"into it. Train into a new or empty folder with --out DIR."
         )
-    error, created = None, False
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, info: DistInfo = DistInfo()) -> bool:
+    """Rank 0 checks the run folder and creates it while the others wait for its verdict; every
+    rank fails together. Returns True on the rank that created the folder."""
+    folder = RunFolder(run_dir)
+    error: Optional[LongtailError] = None
+    created = False
     if info.is_main:
-        created = not run_dir.exists()
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            check_run_dir(folder, resume)
+            if not resume:
+                created = not run_dir.exists()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                probe = run_dir / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+        except LongtailError as err:
+            error = err
         except OSError as err:
             error = LongtailError(
                 f"Cannot write the run folder {run_dir} ({err.strerror}). Choose a "
                 f"writable folder with --out DIR."
             )
     if not all_ok(error is None, info):
-        raise error or LongtailError(
-            f"Rank 0 could not create the run folder {run_dir} (see its "
-            f"message). Choose a writable folder with --out DIR."
-        )
+        raise error or LongtailError(f"Rank 0 refused the run folder {run_dir} (see its message).")
     return created
 
 
