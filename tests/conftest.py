@@ -32,6 +32,33 @@ def repository_results_stay_untouched():
     assert not changed, f"tests rewrote repository files: {changed} (give the test a tmp path)"
 
 
+# the overrides of a tiny run on write_cifar10_folder's data (ResNet-8, IF 10, 3 epochs' schedule)
+TINY_RUN = [
+    "data=cifar10_lt",
+    "model.backbone=resnet8",
+    "data.imbalance_factor=10",
+    "data.val_per_class=3",
+    "train.batch_size=32",
+    "train.eval_batch_size=64",
+    "train.progress=false",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=[3]",
+    "schedule.gamma=0.1",
+]
+CIFAR10_NAMES = [
+    b"airplane",
+    b"automobile",
+    b"bird",
+    b"cat",
+    b"deer",
+    b"dog",
+    b"frog",
+    b"horse",
+    b"ship",
+    b"truck",
+]
+
+
 def write_cifar10_folder(
     root: Path, train_per_class: int = 30, test_per_class: int = 10, seed: int = 0
 ) -> Path:
@@ -72,18 +99,7 @@ def write_cifar10_folder(
             fh,
             protocol=2,
         )
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
+    names = CIFAR10_NAMES
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump(
             {b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}, fh, protocol=2

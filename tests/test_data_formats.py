@@ -15,22 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_NAMES
 
 from longtail.core.errors import DataError
 from longtail.data import cifar, idx, load_split, paths, resolve_data_root
-
-CIFAR10_NAMES = [
-    b"airplane",
-    b"automobile",
-    b"bird",
-    b"cat",
-    b"deer",
-    b"dog",
-    b"frog",
-    b"horse",
-    b"ship",
-    b"truck",
-]
 
 
 @pytest.fixture(autouse=True)

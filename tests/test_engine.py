@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from longtail.cli import main
@@ -15,18 +16,7 @@ from longtail.core.io import load_checkpoint
 from longtail.engine.trainer import fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
-TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
-    "schedule.warmup_epochs=1",
-    "schedule.milestones=[3]",
-    "schedule.gamma=0.1",
-]
+TINY = [*TINY_RUN]
 
 
 def tiny_cfg(epochs=3, extra=()):

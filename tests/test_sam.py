@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from longtail.cli import main
@@ -30,18 +31,7 @@ from longtail.optim.sam import RSAM, SAM, rsam_noise_factor
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
-    "schedule.warmup_epochs=1",
-    "schedule.milestones=[3]",
-    "schedule.gamma=0.1",
-]
+TINY = [*TINY_RUN]
 
 
 def optim_cfg(**kw) -> OptimConfig:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from longtail.cli import main
@@ -392,19 +393,7 @@ def test_state_dict_round_trip_keeps_the_queue():
 # ---------------------------------------------------------------------------------------------
 # end to end
 
-TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
-    "schedule.warmup_epochs=1",
-    "schedule.milestones=[3]",
-    "schedule.gamma=0.1",
-    "loss.drw_epoch=2",
-]
+TINY = [*TINY_RUN, "loss.drw_epoch=2"]
 
 
 def tiny_cfg(epochs, extra=()):

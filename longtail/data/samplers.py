@@ -126,10 +126,16 @@ class BaseSampler:
         self.counts = np.array([len(ix) for ix in self.class_indices], dtype=np.int64)
         self.present = np.flatnonzero(self.counts > 0)
 
+    #: options this sampler takes from the run when the config leaves them out:
+    #: {option: RunFacts attribute}, e.g. {"batch_size": "batch_size"}
+    run_facts: Dict[str, str] = {}
+
     @classmethod
     def from_facts(cls, labels, class_counts, facts: RunFacts, **options) -> "BaseSampler":
-        """Build for a run: the seed comes from the run; a sampler that needs another run fact
-        (the batch size, the number of epochs) overrides this and takes it from ``facts``."""
+        """Build for a run: the seed, and every option of ``run_facts`` the config does not
+        set, come from ``facts``."""
+        for option, fact in cls.run_facts.items():
+            options.setdefault(option, getattr(facts, fact))
         return cls(labels, class_counts, seed=facts.seed, **options)
 
     def __len__(self) -> int:
@@ -392,10 +398,7 @@ class ProgressivelyBalancedSampler(_ClassProbabilitySampler):
         self._p_cb = np.zeros(self.num_classes)
         self._p_cb[self.present] = 1.0 / len(self.present)
 
-    @classmethod
-    def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
-        options.setdefault("total_epochs", facts.epochs)  # T: the run's schedule by default
-        return cls(labels, class_counts, seed=facts.seed, **options)
+    run_facts = {"total_epochs": "epochs"}  # from the run unless the config sets it
 
     def probabilities(self, epoch: int) -> np.ndarray:
         span = self.total_epochs if self.progress == "paper" else max(self.total_epochs - 1, 1)
@@ -427,10 +430,7 @@ class B3RSSampler(BaseSampler):
         q: the exponent (0.5 "relatively balanced"; 1 ~ instance, 0 block-balanced).
     """
 
-    @classmethod
-    def from_facts(cls, labels, class_counts, facts: RunFacts, **options):
-        options.setdefault("batch_size", facts.batch_size)  # B: the run's global batch
-        return cls(labels, class_counts, seed=facts.seed, **options)
+    run_facts = {"batch_size": "batch_size"}  # from the run unless the config sets it
 
     def __init__(
         self,

@@ -401,7 +401,7 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
         loss_sum += stats["loss"].double() * n
         seen += n
         bad = (first_bad < 0) & ~torch.isfinite(stats["loss"].detach())
-        first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+        first_bad = torch.where(bad, step, first_bad)
         if step % 10 == 0 or step == steps - 1:
             check_finite(run, epoch, steps, first_bad)
         if bar is not None:

@@ -24,7 +24,7 @@ from longtail.core.distributed import DistInfo
 from longtail.core.facts import RunFacts
 from longtail.core.registry import Registry
 from longtail.data.loader import Batch
-from longtail.optim.wrapper import OptimWrapper
+from longtail.optim.wrapper import AMP_DTYPES, OptimWrapper
 
 METHODS = Registry("method")
 
@@ -121,7 +121,7 @@ class Method:
         """The forward context of the run's precision (also before an optimiser is attached)."""
         if self._optim is not None:
             return self._optim.autocast()
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.amp)
+        amp = AMP_DTYPES.get(self.cfg.train.amp)
         return torch.autocast(self.device.type, dtype=amp, enabled=amp is not None)
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
