@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
+
 from longtail import __version__
 from longtail.core.errors import LongtailError
 
@@ -96,6 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--subprocess",
         action="store_true",
         help="run each as `python -m longtail train ...` (default: in this process)",
+    )
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time (local: N processes, the CPU cores split between them; on a GPU "
+        "machine they share the GPU, or take one GPU each when there are several)",
+    )
+    bench.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="local: this machine; slurm: one submitit job per run on a SLURM cluster; "
+        "submitit-local: submitit's local executor (the SLURM path without a cluster)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch threads per run (default: cores / jobs with --jobs > 1, else torch's)",
+    )
+    bench.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter for --launcher slurm / submitit-local, repeatable (e.g. "
+        "slurm_partition=gpu, gpus_per_node=1, cpus_per_task=8, timeout_min=240)",
     )
     bench.add_argument(
         "--results",
@@ -285,6 +317,9 @@ def _bench_command(args) -> str:
         ("--only", args.only, None),
         ("--results", args.results, "benchmarks/results"),
         ("--docs", args.docs, "docs/results.md"),
+        ("--jobs", args.jobs, 1),
+        ("--launcher", args.launcher, "local"),
+        ("--threads", args.threads, None),
     ):
         if value != default:
             parts += [flag, str(value)]
@@ -297,7 +332,21 @@ def _bench_command(args) -> str:
         )
         if on
     ]
+    parts += [a for kv in args.slurm for a in ("--slurm", kv)]
     return shlex.join(parts)
+
+
+def _slurm_params(pairs) -> dict:
+    """``--slurm KEY=VALUE`` options as submitit parameters (values read as YAML scalars)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LongtailError(
+                f"--slurm {pair!r}: give KEY=VALUE, e.g. --slurm slurm_partition=gpu."
+            )
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def cmd_bench(args) -> int:
@@ -315,6 +364,10 @@ def cmd_bench(args) -> int:
             report_only=args.report_only,
             docs=Path(args.docs) if args.docs else None,
             command=_bench_command(args),
+            jobs=args.jobs,
+            launcher=args.launcher,
+            threads=args.threads,
+            slurm=_slurm_params(args.slurm),
         )
     )
 

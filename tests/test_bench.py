@@ -435,7 +435,7 @@ def test_docs_page_sets_ours_beside_the_reference(tiny_suite, tmp_path):
     write_results_doc(doc, sorted((CONFIGS / "bench").glob("*.yaml")), tmp_path / "none", tmp_path)
     text = doc.read_text()
     assert "## `cifar-full`" in text and "## `cifar-short`" in text
-    assert "| ce | CIFAR-10-LT | 100 | 200 | not run yet | – | – | 70.36 / 69.88 |" in text
+    assert "| ce | CIFAR-10-LT | 100 | 200 | – | not run yet | – | – | 70.36 / 69.88 |" in text
     assert "77.03" in text and "LDAM-DRW paper" in text and "Cui split" in text
     assert "none: 8-epoch schedule" in text
     # with results: our number in the row
@@ -444,7 +444,7 @@ def test_docs_page_sets_ours_beside_the_reference(tiny_suite, tmp_path):
     data = json.loads((results / "tiny.json").read_text())
     page = render_results_doc([(suite, plan, data)])
     top1 = collect_rows(plan)[0]["test"]["top1"]
-    assert f"| ce | CIFAR-10-LT | 10 | 1 | {top1:.2f} |" in page
+    assert f"| ce | CIFAR-10-LT | 10 | 1 | 1 | {top1:.2f} |" in page
     assert "not run yet" not in page.split("## `tiny`")[1]
 
 
@@ -636,4 +636,189 @@ def test_results_files_carry_the_checks(tiny_suite, tmp_path):
     record = json.loads((tmp_path / "res" / "tiny.json").read_text())
     assert [(r["claim"], r["status"]) for r in record["check_results"]] == [("anything", "pass")]
     md = (tmp_path / "res" / "tiny.md").read_text()
-    assert "## Checks" in md and "1 pass, 0 fail, 0 pending" in md
+    assert "## Checks" in md and "1 pass, 0 within noise, 0 fail, 0 pending" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds, parallel runs, submitit
+
+
+SEEDED = [
+    {"name": "base", "data": "cifar10_lt", "config": str(METHODS / "ce.yaml"), "seeds": [0, 3]},
+    {
+        "name": "second",
+        "data": "cifar10_lt",
+        "config": str(METHODS / "crt.yaml"),
+        "stage1": "base",
+        "seeds": [3, 5],
+    },
+]
+
+
+def test_seeds_plan_one_instance_each_and_resolve_their_stage1(tmp_path):
+    from longtail.bench.runner import select
+
+    plan = plan_suite(load_suite(write_suite(tmp_path, SEEDED)), tmp_path / "runs")
+    assert [p.name for p in plan] == ["base", "base-s3", "second", "second-s5"]
+    assert [p.group for p in plan] == ["base", "base", "second", "second"]
+    assert [p.cfg.seed for p in plan] == [0, 3, 3, 5]
+    # seed 3 of `second` trains on seed 3 of `base`; its seed 5 (base has none) on base's first
+    assert plan[2].stage1_dir == (tmp_path / "runs" / "tiny" / "base-s3").resolve()
+    assert plan[3].stage1_dir == (tmp_path / "runs" / "tiny" / "base").resolve()
+    assert plan[2].needs == ["base-s3"] and plan[3].needs == ["base"]
+    assert [p.name for p in select(plan, "second")] == [p.name for p in plan]
+    assert [p.name for p in select(plan, "second-s5")] == ["base", "second-s5"]
+    # a suite-level default applies to runs without their own
+    plan = plan_suite(
+        load_suite(write_suite(tmp_path, TWO_RUNS, name="dflt", seeds=[1, 2])), tmp_path / "r"
+    )
+    assert [(p.name, p.cfg.seed) for p in plan] == [
+        ("base", 1),
+        ("base-s2", 2),
+        ("second", 1),
+        ("second-s2", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    "runs, named",
+    [
+        (
+            [
+                {"name": "a", "config": str(METHODS / "ce.yaml"), "seeds": [0, 1]},
+                {"name": "a-s1", "config": str(METHODS / "ce.yaml")},
+            ],
+            "a-s1",
+        ),
+        ([{"name": "a", "config": str(METHODS / "ce.yaml"), "seeds": [0, 0]}], "distinct"),
+        ([{"name": "a", "config": str(METHODS / "ce.yaml"), "seeds": ["x"]}], "seeds"),
+    ],
+)
+def test_seed_mistakes_are_named(tmp_path, runs, named):
+    with pytest.raises(LongtailError, match=named):
+        load_suite(write_suite(tmp_path, runs))
+
+
+def _outcome(run_dir: Path):
+    """What a run computed: its metrics (no timings) and a hash of its weights' tensors."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    weights = load_file(str(run_dir / "model.safetensors"))
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode() + weights[key].numpy().tobytes())
+    keep = ("top1", "per_class", "confusion", "ece", "nll", "many", "medium", "few")
+    return {k: m.get(k) for k in keep}, m["val"]["top1"], digest.hexdigest()
+
+
+def test_parallel_jobs_and_submitit_give_the_numbers_of_one_run_at_a_time(
+    tiny_cifar_root, tmp_path
+):
+    suite = write_suite(tmp_path / "s", SEEDED)
+    names = ["base", "base-s3", "second", "second-s5"]
+    common = ["--data-root", tiny_cifar_root, "--threads", "1"]
+    rc, text = bench(suite, "--out", tmp_path / "one", "--results", tmp_path / "r1", *common)
+    assert rc == 0, text
+    alone = {n: _outcome(tmp_path / "one" / "tiny" / n) for n in names}
+    assert len({alone[n][2] for n in names}) == 4  # four different trainings
+
+    rc, text = bench(
+        suite, "--out", tmp_path / "two", "--results", tmp_path / "r2", "--jobs", "2", *common
+    )
+    assert rc == 0, text
+    for n in names:
+        assert _outcome(tmp_path / "two" / "tiny" / n) == alone[n], n
+        bench_json = json.loads((tmp_path / "two" / "tiny" / n / "bench.json").read_text())
+        assert bench_json["mode"] == "2 processes"
+        assert (tmp_path / "two" / "tiny" / "_logs" / f"{n}.log").stat().st_size > 0
+    # the same command again: everything finished, nothing re-trained
+    rc, text = bench(
+        suite, "--out", tmp_path / "two", "--results", tmp_path / "r2", "--jobs", "2", *common
+    )
+    assert rc == 0 and text.count("skipped") == 4
+
+    pytest.importorskip("submitit")
+    rc, text = bench(
+        suite,
+        "--out",
+        tmp_path / "sub",
+        "--results",
+        tmp_path / "r3",
+        "--only",
+        "second-s5",  # with the base run it needs: two jobs, one after the other
+        "--launcher",
+        "submitit-local",
+        "--jobs",
+        "2",
+        "--slurm",
+        "timeout_min=10",
+        "--slurm",
+        "slurm_partition=ignored-without-slurm",
+        *common,
+    )
+    assert rc == 0, text
+    for n in ("base", "second-s5"):
+        assert _outcome(tmp_path / "sub" / "tiny" / n) == alone[n], n
+    assert any((tmp_path / "sub" / "tiny" / "_submitit").iterdir())  # submitit's job files
+    results = json.loads((tmp_path / "r3" / "tiny.json").read_text())
+    assert results["execution"]["launcher"].startswith("submitit (local)")
+    md = (tmp_path / "r3" / "tiny.md").read_text()
+    assert "## Seeds" in md and "| second | 5 | second-s5 |" in md
+
+
+def test_results_table_shows_mean_and_spread_over_seeds():
+    from longtail.bench.report import group_rows, results_table
+
+    def row(name, group, seed, top1, val):
+        return {
+            "name": name,
+            "group": group,
+            "seed": seed,
+            "method": "ce",
+            "dataset": "cifar10-lt",
+            "imbalance_factor": 100.0,
+            "epochs": 8,
+            "status": "done",
+            "test": {"top1": top1},
+            "val": {"top1": val},
+        }
+
+    rows = [row("a", "a", 0, 70.0, 60.0), row("a-s1", "a", 1, 72.0, 61.0)]
+    rows.append(row("a-s2", "a", 2, 74.0, 65.0))
+    (g,) = group_rows(rows)
+    assert g["n"] == 3 and g["test"]["top1"] == pytest.approx(72.0)
+    assert g["test_sd"]["top1"] == pytest.approx(2.0)  # sample sd of 70, 72, 74
+    assert g["val_sd"]["top1"] == pytest.approx(2.6458, abs=1e-4)  # of 60, 61, 65
+    line = results_table(rows).splitlines()[2]
+    assert "| 3 | 72.00 ± 2.00 |" in line and "| 62.00 ± 2.65 |" in line
+    rows[2]["status"] = "partial"
+    (g,) = group_rows(rows)
+    assert g["status"] == "partial" and g["n"] == 2 and "| 2 of 3 | 71.00 ± 1.41 |" in (
+        results_table(rows)
+    )
+
+
+def test_checks_compare_means_with_their_standard_error():
+    from longtail.bench.report import checks_table, evaluate_checks
+
+    def seeds(group, values):
+        return [
+            {"name": f"{group}-{i}", "group": group, "status": "done", "test": {"top1": v}}
+            for i, v in enumerate(values)
+        ]
+
+    # a: mean 30, sd 2 (n 3); b: mean 28, sd 1 (n 3): se = sqrt(4/3 + 1/3) = 1.2910
+    rows = seeds("a", [28.0, 30.0, 32.0]) + seeds("b", [27.0, 28.0, 29.0])
+    check = {"run": "a", "beats": "b", "metrics": ["test"], "claim": "A > B"}
+    got = [evaluate_checks([{**check, "by": by}], rows)[0] for by in (1.5, 4.0, 5.0)]
+    assert got[0]["diff"] == pytest.approx(2.0) and got[0]["se"] == pytest.approx(1.2910, 1e-4)
+    assert [r["status"] for r in got] == ["pass", "noise", "fail"]  # 4 - 2 < 2.58 < 5 - 2
+    assert "| 30.00 ± 2.00 (3) | 28.00 ± 1.00 (3) | +2.00 ± 1.29 | >= +4.0 | within noise |" in (
+        checks_table([got[1]])
+    )
+    # one seed each: no spread, the plain comparison
+    single = evaluate_checks([{**check, "by": 4.0}], seeds("a", [30.0]) + seeds("b", [28.0]))
+    assert single[0]["se"] is None and single[0]["status"] == "fail"

@@ -10,6 +10,7 @@ files and their results JSON (``longtail bench SUITE --report-only``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -87,12 +88,14 @@ def collect_rows(
     rows: List[Dict[str, Any]] = []
     for p in plan:
         if run_state(p.run_dir) == "todo" and p.name in kept and p.name not in statuses:
-            rows.append({**kept[p.name], "carried": True})
+            rows.append({**kept[p.name], "carried": True, "group": p.group, "seed": p.seed})
             continue
         dataset, factor = _dataset_and_factor(p)
         state = run_state(p.run_dir)
         row: Dict[str, Any] = {
             "name": p.name,
+            "group": p.group,
+            "seed": p.seed,
             "method": p.spec.label,
             "config": p.spec.config_text,
             "dataset": dataset,
@@ -189,6 +192,7 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
             and c["imbalance_factor"] == r["imbalance_factor"]
             and c.get("cost_seconds")
         ]
+        same.sort(key=lambda c: c.get("seed") != r.get("seed"))  # the same seed's first
         ce = [c for c in same if c.get("epochs") == r.get("epochs")]
         if r.get("stage1") and not ce:  # a stage-2 run: compare with its own stage-1 run
             ce = [c for c in rows if c["name"] == r["stage1"] and c.get("cost_seconds")]
@@ -220,25 +224,133 @@ def _metric(row: Dict[str, Any], name: str) -> Optional[float]:
     }[name]
 
 
+def _mean_sd(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per suite run: its seeds' rows (``group``) as mean, standard deviation and count.
+
+    ``status`` is done when every planned seed is done (else the first unfinished seed's);
+    ``test`` / ``val`` hold the means over the finished seeds, ``test_sd`` / ``val_sd`` their
+    sample standard deviations (None for one seed), ``n`` the finished seeds."""
+    order: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        order.setdefault(r.get("group") or r["name"], []).append(r)
+    out = []
+    for name, members in order.items():
+        done = [r for r in members if r.get("status") == "done"]
+        first = members[0]
+        g: Dict[str, Any] = {
+            k: first.get(k)
+            for k in ("method", "dataset", "imbalance_factor", "stage1", "epochs", "config")
+        }
+        unfinished = [r for r in members if r.get("status") != "done"]
+        g.update(
+            name=name,
+            seeds=[r.get("seed") for r in members],
+            n=len(done),
+            planned=len(members),
+            status="done" if not unfinished else unfinished[0].get("status"),
+            carried=any(r.get("carried") for r in done),
+            members=[r["name"] for r in members],
+        )
+        if done:
+            g["epochs"] = done[0].get("epochs", g["epochs"])
+        for split, keys in (
+            ("test", ("top1", "many", "medium", "few", "mean_class_acc", "ece")),
+            ("val", ("top1", "mean_class_acc", "ece")),
+        ):
+            means, sds = {}, {}
+            for k in keys:
+                vals = [(r.get(split) or {}).get(k) for r in done]
+                vals = [v for v in vals if v is not None]
+                means[k], sds[k] = _mean_sd(vals) if len(vals) == len(done) else (None, None)
+            g[split], g[f"{split}_sd"] = means, sds
+        for k in ("wall_seconds", "train_seconds", "images_per_s", "time_vs_baseline"):
+            vals = [r.get(k) for r in done]
+            g[k] = _mean_sd(vals)[0] if done and None not in vals else None
+        out.append(g)
+    return out
+
+
+def _metric_sd(group: Dict[str, Any], name: str) -> Optional[float]:
+    sd = {"test": group.get("test_sd") or {}, "val": group.get("val_sd") or {}}
+    t, v = sd["test"], sd["val"]
+    return {
+        "test": t.get("top1"),
+        "val": v.get("top1"),
+        "many": t.get("many"),
+        "medium": t.get("medium"),
+        "few": t.get("few"),
+        "val_mean_class": v.get("mean_class_acc"),
+    }[name]
+
+
 def evaluate_checks(
     checks: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]]
 ) -> List[Dict[str, Any]]:
-    """One result per (check, metric): both values, their difference, and ``pass`` when
-    ``run - beats >= by``, ``fail`` otherwise, ``pending`` while a run has no result (or the
-    metric is empty, e.g. no few-shot class)."""
-    by_name = {r["name"]: r for r in rows}
+    """One result per (check, metric), on the means over each run's seeds: both means, their
+    difference and its standard error ``se`` = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) (terms of runs
+    with two or more seeds). ``pass`` when ``run - beats >= by``; ``noise`` when it falls short by
+    less than 2 se (the seeds do not tell the two apart at that margin); ``fail`` otherwise;
+    ``pending`` while a seed has no result (or the metric is empty, e.g. no few-shot class)."""
+    groups = {g["name"]: g for g in group_rows(rows)}
     out = []
     for c in checks:
-        a, b = by_name.get(c["run"], {}), by_name.get(c["beats"], {})
+        a, b = groups.get(c["run"], {}), groups.get(c["beats"], {})
         for metric in c["metrics"]:
             x = _metric(a, metric) if a.get("status") == "done" else None
             y = _metric(b, metric) if b.get("status") == "done" else None
             diff = None if x is None or y is None else x - y
-            status = "pending" if diff is None else ("pass" if diff >= c["by"] - 1e-9 else "fail")
+            terms = [
+                (sd / math.sqrt(g["n"])) ** 2
+                for g in (a, b)
+                if g.get("status") == "done" and (sd := _metric_sd(g, metric)) is not None
+            ]
+            se = math.sqrt(sum(terms)) if terms and diff is not None else None
+            if diff is None:
+                status = "pending"
+            elif diff >= c["by"] - 1e-9:
+                status = "pass"
+            elif se is not None and diff >= c["by"] - 2 * se:
+                status = "noise"
+            else:
+                status = "fail"
             out.append(
-                {**c, "metric": metric, "value": x, "other": y, "diff": diff, "status": status}
+                {
+                    **c,
+                    "metric": metric,
+                    "value": x,
+                    "other": y,
+                    "value_sd": _metric_sd(a, metric) if x is not None else None,
+                    "other_sd": _metric_sd(b, metric) if y is not None else None,
+                    "n": a.get("n"),
+                    "other_n": b.get("n"),
+                    "diff": diff,
+                    "se": se,
+                    "status": status,
+                }
             )
     return out
+
+
+CHECK_LABEL = {"pass": "PASS", "fail": "FAIL", "noise": "within noise", "pending": "PENDING"}
+
+
+def spread(mean: Any, sd: Any, n: Any = None) -> str:
+    """``74.20 ± 1.03`` (and the count when given) for a mean over seeds, ``74.20`` for one."""
+    if mean is None:
+        return "–"
+    if sd is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {sd:.2f}" + (f" ({n})" if n else "")
 
 
 def checks_table(results: Sequence[Dict[str, Any]]) -> str:
@@ -247,6 +359,9 @@ def checks_table(results: Sequence[Dict[str, Any]]) -> str:
         "|---|---|---|---|--:|--:|--:|--:|---|",
     ]
     for r in results:
+        diff = "–" if r["diff"] is None else f"{r['diff']:+.2f}"
+        if r["diff"] is not None and r.get("se") is not None:
+            diff += f" ± {r['se']:.2f}"
         lines.append(
             "| "
             + " | ".join(
@@ -255,16 +370,26 @@ def checks_table(results: Sequence[Dict[str, Any]]) -> str:
                     f"`{r['run']}`",
                     f"`{r['beats']}`",
                     r["metric"],
-                    pct(r["value"]),
-                    pct(r["other"]),
-                    "–" if r["diff"] is None else f"{r['diff']:+.2f}",
+                    spread(r["value"], r.get("value_sd"), r.get("n")),
+                    spread(r["other"], r.get("other_sd"), r.get("other_n")),
+                    diff,
                     f">= {r['by']:+.1f}" if r["by"] else ">= 0",
-                    r["status"].upper(),
+                    CHECK_LABEL[r["status"]],
                 ]
             )
             + " |"
         )
     return "\n".join(lines)
+
+
+def checks_summary(results: Sequence[Dict[str, Any]]) -> str:
+    counts = {k: sum(r["status"] == k for r in results) for k in CHECK_LABEL}
+    return (
+        f"{counts['pass']} pass, {counts['noise']} within noise, {counts['fail']} fail, "
+        f"{counts['pending']} pending (a run not finished). Values are means ± standard deviation "
+        f"(seeds) over a run's seeds, the difference ± its standard error; a claim short of its "
+        f"margin by less than two standard errors is 'within noise': its seeds do not decide it."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +423,7 @@ TABLE_HEADER = (
     "dataset",
     "IF",
     "epochs",
+    "seeds",
     "test all",
     "many",
     "medium",
@@ -312,38 +438,39 @@ TABLE_HEADER = (
 
 
 def results_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The Markdown table of the finished rows (one per run)."""
+    """The Markdown table of the suite's runs with a finished seed: one line per run, means ±
+    standard deviations over its finished seeds (the count in ``seeds``)."""
     lines = [
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "|".join(["---"] * 4 + ["--:"] * (len(TABLE_HEADER) - 4)) + "|",
     ]
-    for r in rows:
-        if r.get("status") != "done":
+    for g in group_rows(rows):
+        if not g["n"]:
             continue
-        t, v = r.get("test") or {}, r.get("val") or {}
+        t, v = g.get("test") or {}, g.get("val") or {}
+        ts, vs = g.get("test_sd") or {}, g.get("val_sd") or {}
         wall = (
-            duration(r.get("wall_seconds"))
-            if r.get("wall_seconds") is not None
-            else (f"~{duration(r.get('train_seconds'))}")
+            duration(g.get("wall_seconds"))
+            if g.get("wall_seconds") is not None
+            else (f"~{duration(g.get('train_seconds'))}")
         )
-        ips = r.get("images_per_s")
-        cost = r.get("time_vs_baseline", r.get("time_vs_ce"))  # time_vs_ce: results before 0.2
+        ips = g.get("images_per_s")
+        cost = g.get("time_vs_baseline")
+        seeds = str(g["n"]) if g["n"] == g["planned"] else f"{g['n']} of {g['planned']}"
         lines.append(
             "| "
             + " | ".join(
                 [
-                    r["name"] + (" \\*" if r.get("carried") else ""),
-                    r["method"],
-                    DATASET_LABEL.get(r["dataset"], r["dataset"]),
-                    factor_text(r["imbalance_factor"]),
-                    str(r.get("epochs", "–")),
-                    pct(t.get("top1")),
-                    pct(t.get("many")),
-                    pct(t.get("medium")),
-                    pct(t.get("few")),
-                    pct(v.get("top1")),
-                    pct(v.get("mean_class_acc")),
-                    pct(t.get("ece")),
+                    g["name"] + (" \\*" if g.get("carried") else ""),
+                    g["method"],
+                    DATASET_LABEL.get(g["dataset"], g["dataset"]),
+                    factor_text(g["imbalance_factor"]),
+                    str(g.get("epochs", "–")),
+                    seeds,
+                    *(spread(t.get(k), ts.get(k)) for k in ("top1", "many", "medium", "few")),
+                    spread(v.get("top1"), vs.get("top1")),
+                    spread(v.get("mean_class_acc"), vs.get("mean_class_acc")),
+                    spread(t.get("ece"), ts.get("ece")),
                     wall,
                     "–" if ips is None else f"{ips:.0f}",
                     "–" if cost is None else f"{cost:.2f}x",
@@ -352,6 +479,26 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def seeds_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Each seed of the runs with several: test / val top-1, ECE and wall time."""
+    lines = [
+        "| run | seed | instance | test all | medium | val all | ECE | wall |",
+        "|---|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    several = {g["name"] for g in group_rows(rows) if g["planned"] > 1}
+    for r in rows:
+        if (r.get("group") or r["name"]) not in several or r.get("status") != "done":
+            continue
+        t, v = r.get("test") or {}, r.get("val") or {}
+        lines.append(
+            f"| {r.get('group')} | {r.get('seed')} | {r['name']}"
+            + (" \\*" if r.get("carried") else "")
+            + f" | {pct(t.get('top1'))} | {pct(t.get('medium'))} | {pct(v.get('top1'))} | "
+            f"{pct(t.get('ece'))} | {duration(r.get('wall_seconds') or r.get('train_seconds'))} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
@@ -375,16 +522,17 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
     out += [results_table(rows) if done else "_No run has finished yet._", ""]
     if header.get("checks"):
         results = evaluate_checks(header["checks"], rows)
-        counts = {k: sum(r["status"] == k for r in results) for k in ("pass", "fail", "pending")}
         out += [
             "## Checks",
             "",
-            f"The orderings the suite file claims (`checks:`): {counts['pass']} pass, "
-            f"{counts['fail']} fail, {counts['pending']} pending (a run not finished).",
+            f"The orderings the suite file claims (`checks:`): {checks_summary(results)}",
             "",
             checks_table(results),
             "",
         ]
+    per_seed = seeds_table(rows)
+    if per_seed:
+        out += ["## Seeds", "", "The runs with several seeds, each seed:", "", per_seed, ""]
     pending = [r for r in rows if r.get("status") != "done"]
     if pending:
         out.append(
@@ -408,6 +556,8 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         "few-shot groups: > 100, 20-100, < 20 training images); on the balanced held-out val split "
         "(overall and mean of per-class accuracies); ECE (%) on test; the epochs trained; wall: "
         "the run's wall-clock time (data, training, final evaluation; `~` = training time only); "
+        "seeds: the finished seeds of the run; with more than one, each number is the mean ± "
+        "sample standard deviation over them (each seed: ## Seeds); "
         "img/s: training images per second; time vs baseline: wall time of the run plus its "
         "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's baseline run "
         f"(`{header.get('baseline')}`) of the same dataset, IF and schedule; with equal epochs, the "
@@ -507,7 +657,7 @@ def render_results_doc(
     """The docs/results.md text: one section and table per suite."""
     out = [DOC_INTRO]
     for suite, plan, results in entries:
-        by_name = {r["name"]: r for r in (results or {}).get("rows", [])}
+        by_name = {g["name"]: g for g in group_rows((results or {}).get("rows", []))}
         out += [f"## `{suite.name}`", ""]
         if suite.description:
             out += [" ".join(suite.description.split()), ""]
@@ -528,15 +678,27 @@ def render_results_doc(
                 "",
             ]
         out += [
-            "| method | dataset | IF | epochs | ours: test top-1 | many / medium / few | "
+            "| method | dataset | IF | epochs | seeds | ours: test top-1 | many / medium / few | "
             "ours: val top-1 | reference top-1 | reference source |",
-            "|---|---|--:|--:|--:|--:|--:|--:|---|",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
         ]
         for p in plan:
+            if p.name != p.group:  # one line per suite run, its seeds summarised
+                continue
             dataset, factor = _dataset_and_factor(p)
-            row = by_name.get(p.name, {})
-            done = row.get("status") == "done"
+            row = by_name.get(p.group, {})
+            done = bool(row.get("n"))
             t, v = row.get("test") or {}, row.get("val") or {}
+            ts, vs = row.get("test_sd") or {}, row.get("val_sd") or {}
+            seeds = (
+                "–"
+                if not done
+                else (
+                    str(row["n"])
+                    if row["n"] == row["planned"]
+                    else f"{row['n']} of {row['planned']}"
+                )
+            )
             epochs = row.get("epochs") or (p.cfg.train.epochs if p.cfg is not None else "?")
             # a suite with ``epochs`` is a short-schedule suite: no published number applies
             ref, source = _ref_cells(p.spec.label, dataset, factor, suite.epochs)
@@ -548,11 +710,12 @@ def render_results_doc(
                         DATASET_LABEL.get(dataset, dataset),
                         factor_text(factor),
                         str(epochs),
-                        pct(t.get("top1")) if done else "not run yet",
+                        seeds,
+                        spread(t.get("top1"), ts.get("top1")) if done else "not run yet",
                         f"{pct(t.get('many'))} / {pct(t.get('medium'))} / {pct(t.get('few'))}"
                         if done
                         else "–",
-                        pct(v.get("top1")) if done else "–",
+                        spread(v.get("top1"), vs.get("top1")) if done else "–",
                         ref,
                         source,
                     ]
@@ -564,7 +727,12 @@ def render_results_doc(
             checked = evaluate_checks(
                 [c.as_dict() for c in suite.checks], (results or {}).get("rows", [])
             )
-            out += ["Checks (the suite's `checks:`):", "", checks_table(checked), ""]
+            out += [
+                f"Checks (the suite's `checks:`): {checks_summary(checked)}",
+                "",
+                checks_table(checked),
+                "",
+            ]
     return "\n".join(out)
 
 

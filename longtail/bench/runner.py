@@ -11,7 +11,6 @@ this process (``fit``) or, with ``--subprocess``, each as ``python -m longtail t
 from __future__ import annotations
 
 import fnmatch
-import subprocess
 import sys
 import time
 import traceback
@@ -22,7 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from longtail.bench import report
-from longtail.bench.machine import environment, git_info, machine_info, short_machine
+from longtail.bench.launch import Job, default_threads, make_launcher, wait_any
+from longtail.bench.machine import environment, git_info, machine_info, short_machine, usable_cores
 from longtail.bench.suite import PlannedRun, Suite, check_plan, load_suite, plan_suite
 from longtail.core.config import diff_trees, split_selectors
 from longtail.core.errors import LongtailError
@@ -51,16 +51,25 @@ class BenchOptions:
     report_only: bool = False
     docs: Optional[Path] = Path("docs/results.md")
     command: str = ""  # the command line, for the results files
+    jobs: int = 1  # runs at a time
+    launcher: str = "local"  # local | slurm | submitit-local (longtail.bench.launch)
+    threads: Optional[int] = None  # torch threads per run (None: cores / jobs, or torch's)
+    slurm: Dict[str, Any] = field(default_factory=dict)  # submitit parameters
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
-    """Runs whose name matches one of the comma-separated globs, plus the earlier runs they need
-    (``stage1``, ``{run:NAME}``), in suite order. ``None`` selects every run."""
+    """Runs whose name (or whose suite run's name, for every seed of it) matches one of the
+    comma-separated globs, plus the earlier runs they need (``stage1``, ``{run:NAME}``), in suite
+    order. ``None`` selects every run."""
     if not only:
         return list(plan)
     globs = [g.strip() for g in only.split(",") if g.strip()]
-    wanted = {p.name for p in plan if any(fnmatch.fnmatchcase(p.name, g) for g in globs)}
+    wanted = {
+        p.name
+        for p in plan
+        if any(fnmatch.fnmatchcase(p.name, g) or fnmatch.fnmatchcase(p.group, g) for g in globs)
+    }
     if not wanted:
         raise LongtailError(
             f"--only {only!r} matches no run of the suite (runs: "
@@ -69,7 +78,7 @@ def select(plan: Sequence[PlannedRun], only: Optional[str]) -> List[PlannedRun]:
     by_name = {p.name: p for p in plan}
     stack = list(wanted)
     while stack:
-        for need in by_name[stack.pop()].spec.needs:
+        for need in by_name[stack.pop()].needs:
             if need not in wanted:
                 wanted.add(need)
                 stack.append(need)
@@ -210,15 +219,18 @@ def _run_in_process(p: PlannedRun, data_root: Optional[str], resume: bool) -> No
         fit(p.cfg, p.run_dir, root)
 
 
-def subprocess_argv(p: PlannedRun, data_root: Optional[str], resume: bool) -> List[str]:
-    """``python -m longtail train ...`` for a run (``--resume RUN_DIR`` for an interrupted one)."""
+def train_args(p: PlannedRun, data_root: Optional[str], resume: bool) -> List[str]:
+    """``longtail train ...`` arguments for a run (``--resume RUN_DIR`` for an interrupted one)."""
     if resume:
-        argv = ["train", "--resume", str(p.run_dir)] + (
+        return ["train", "--resume", str(p.run_dir)] + (
             ["--data-root", str(data_root)] if data_root else []
         )
-    else:
-        argv = p.train_argv(data_root)
-    return [sys.executable, "-m", "longtail", *argv]
+    return p.train_argv(data_root)
+
+
+def subprocess_argv(p: PlannedRun, data_root: Optional[str], resume: bool) -> List[str]:
+    """``python -m longtail train ...`` for a run."""
+    return [sys.executable, "-m", "longtail", *train_args(p, data_root, resume)]
 
 
 def _write_bench_json(
@@ -271,7 +283,10 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
         return _report_only(suite, plan, out_dir, opts, echo)
 
     check_plan(chosen)
-
+    threads = opts.threads or default_threads(opts.launcher, opts.jobs, usable_cores(), opts.slurm)
+    launcher = make_launcher(
+        opts.launcher, opts.jobs, opts.subprocess, out_dir / "_submitit", threads, opts.slurm
+    )
     info = {
         "machine": machine_info(),
         "git": git_info(),
@@ -280,6 +295,7 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     }
     info["machine_line"] = short_machine(info["machine"])
     head = report.header(suite, out_dir, info["command"], info["machine"], info["git"], info["env"])
+    head["execution"] = {"launcher": launcher.where, "jobs": opts.jobs, "threads_per_run": threads}
     statuses: Dict[str, Tuple[str, str]] = {}
     # rows finished elsewhere (folders not on this machine) stay in the results file
     previous = (report.load_results(opts.results_dir, suite.name) or {}).get("rows")
@@ -290,74 +306,106 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
             opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline, previous)
         )
 
-    mode = "subprocess" if opts.subprocess else "in-process"
-    echo(f"suite {suite.name}: {len(chosen)} of {len(plan)} runs, {mode}, folders under {out_dir}/")
+    mode = launcher.mode
+    threads_note = f", {threads} torch thread(s) each" if threads else ""
+    echo(
+        f"suite {suite.name}: {len(chosen)} of {len(plan)} runs, {launcher.where}{threads_note}, "
+        f"folders under {out_dir}/"
+    )
+    tags = {p.name: f"[{i}/{len(chosen)}] {p.name}" for i, p in enumerate(chosen, 1)}
+    waiting = list(chosen)
+    running: Dict[Any, Tuple[PlannedRun, bool, float]] = {}  # handle -> (run, resumed, started)
     interrupted = False
-    try:
-        for i, p in enumerate(chosen, 1):
-            tag = f"[{i}/{len(chosen)}] {p.name}"
-            state = report.run_state(p.run_dir)
-            if state == "done":
-                note = _saved_config_note(p)
-                echo(
-                    f"{tag}: finished earlier ({RunFolder(p.run_dir).metrics_path}), skipped"
+
+    def start(p: PlannedRun) -> str:
+        """Skip, block, wait or launch ``p``; returns what happened."""
+        tag = tags[p.name]
+        state = report.run_state(p.run_dir)
+        if state == "done":
+            note = _saved_config_note(p)
+            echo(
+                f"{tag}: finished earlier ({RunFolder(p.run_dir).metrics_path}), skipped"
+                + (f"; note: its config differs from the suite's plan in {note}" if note else "")
+            )
+            return "skipped"
+        in_flight = {q.name for q, _, _ in running.values()} | {q.name for q in waiting}
+        missing = [n for n in p.needs if report.run_state(out_dir / n) != "done"]
+        if any(n in in_flight and n not in statuses for n in missing):
+            return "waiting"
+        if missing:
+            first = missing[0]
+            role = "stage1 run" if p.spec.stage1 and first == p.needs[0] else "run"
+            why = statuses.get(first, ("not finished", ""))[0]
+            statuses[p.name] = ("blocked", f"{role} '{first}' {why}")
+            echo(f"{tag}: blocked, its {role} '{first}' is {why}")
+            flush()
+            return "blocked"
+        resume = state == "partial"
+        if resume:
+            note = _saved_config_note(p)
+            echo(
+                f"{tag}: resuming after epoch {report.epochs_done(p.run_dir)} "
+                f"({p.run_dir}, its saved config.yaml)"
+                + (f"; note: it differs from the suite's plan in {note}" if note else "")
+            )
+        else:
+            echo(f"{tag}: longtail {' '.join(p.train_argv())}")
+        log = None  # one local run at a time writes to this terminal, parallel ones to a file
+        if opts.jobs > 1 or opts.launcher != "local":
+            log = out_dir / "_logs" / f"{p.name}.log"
+            echo(f"{' ' * len(tag)}  output: {log}")
+        job = Job(p.name, train_args(p, opts.data_root, resume), log, threads)
+        handle = launcher.submit(job, lambda: _run_in_process(p, opts.data_root, resume))
+        running[handle] = (p, resume, time.time())
+        return "started"
+
+    def finish(handle: Any) -> None:
+        p, resumed, started = running.pop(handle)
+        tag = tags[p.name]
+        try:
+            result = handle.result()
+            if result["rc"] != 0:
+                raise LongtailError(
+                    f"`longtail train` exited with status {result['rc']}"
                     + (
-                        f"; note: its config differs from the suite's plan in {note}"
-                        if note
+                        f" (its output: {out_dir / '_logs' / (p.name + '.log')})"
+                        if opts.jobs > 1
                         else ""
                     )
                 )
-                continue
-            missing = [n for n in p.spec.needs if report.run_state(out_dir / n) != "done"]
-            if missing:
-                first = missing[0]
-                role = "stage1 run" if first == p.spec.stage1 else "run"
-                why = statuses.get(first, ("not finished", ""))[0]
-                statuses[p.name] = ("blocked", f"{role} '{first}' {why}")
-                echo(f"{tag}: blocked, its {role} '{first}' is {why}")
-                flush()
-                continue
-            resume = state == "partial"
-            if resume:
-                note = _saved_config_note(p)
-                echo(
-                    f"{tag}: resuming after epoch {report.epochs_done(p.run_dir)} "
-                    f"({p.run_dir}, its saved config.yaml)"
-                    + (f"; note: it differs from the suite's plan in {note}" if note else "")
-                )
-            else:
-                echo(f"{tag}: longtail {' '.join(p.train_argv())}")
-            started = time.time()
-            t0 = time.perf_counter()
-            try:
-                if opts.subprocess:
-                    rc = subprocess.run(subprocess_argv(p, opts.data_root, resume)).returncode
-                    if rc != 0:
-                        raise LongtailError(f"`longtail train` exited with status {rc}")
-                else:
-                    _run_in_process(p, opts.data_root, resume)
-                if not RunFolder(p.run_dir).is_finished():
-                    raise LongtailError("the run ended without writing metrics.json")
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # one failed run must not stop the others
-                if not isinstance(err, LongtailError):
-                    traceback.print_exc()
-                statuses[p.name] = (
-                    "failed",
-                    f"{type(err).__name__}: {err}"
-                    if not isinstance(err, LongtailError)
-                    else str(err),
-                )
-                echo(f"{tag}: FAILED: {statuses[p.name][1]}")
-                flush()
-                continue
-            wall = time.perf_counter() - t0
-            _write_bench_json(p, suite, info, mode, resume, started, wall)
-            echo(f"{tag}: done in {report.duration(wall)}")
+            if not RunFolder(p.run_dir).is_finished():
+                raise LongtailError("the run ended without writing metrics.json")
+        except Exception as err:  # one failed run must not stop the others
+            if not isinstance(err, LongtailError):
+                traceback.print_exception(err)
+            statuses[p.name] = (
+                "failed",
+                str(err) if isinstance(err, LongtailError) else f"{type(err).__name__}: {err}",
+            )
+            echo(f"{tag}: FAILED: {statuses[p.name][1]}")
             flush()
+            return
+        _write_bench_json(p, suite, info, mode, resumed, started, result["wall"])
+        echo(f"{tag}: done in {report.duration(result['wall'])}")
+        flush()
+
+    try:
+        while waiting or running:
+            for p in list(waiting):
+                if len(running) >= launcher.slots:
+                    break
+                if start(p) != "waiting":
+                    waiting.remove(p)
+            if not running:  # nothing in flight and nothing could start: needs never finish
+                for p in waiting:
+                    statuses[p.name] = ("blocked", "a run it needs did not finish")
+                break
+            for handle in wait_any(list(running), launcher.poll):
+                finish(handle)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        launcher.close()
     md, js = flush()
     rows = report.collect_rows(plan, statuses, suite.baseline, previous)
     echo("")

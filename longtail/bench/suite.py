@@ -2,9 +2,12 @@
 
 A suite file (``configs/bench/<name>.yaml``) has the keys ``description``, ``epochs``,
 ``overrides``, ``data``, ``baseline``, ``runs`` (each: ``name``, ``config``, ``data``,
-``overrides``, ``stage1``, ``imbalance_factor``, ``epochs``, ``method``) and ``checks``. A run's
-config: dataset file <- config <- suite overrides <- imbalance_factor <- run overrides <- epochs
-scaling <- ``stage1``; ``{run:NAME}`` in overrides is an earlier run's folder.
+``overrides``, ``stage1``, ``imbalance_factor``, ``epochs``, ``method``, ``seeds``), ``seeds`` and
+``checks``. A run's config: dataset file <- config <- suite overrides <- imbalance_factor <- run
+overrides <- ``seed`` <- epochs scaling <- ``stage1``; ``{run:NAME}`` in overrides is an earlier
+run's folder. A run with several ``seeds`` is planned once per seed: the first keeps the run's
+name, the others are ``NAME-s<seed>``; its stage 1 and ``{run:NAME}`` references resolve to the
+same seed of the named run where it has that seed (else to its first).
 The format, the lookup of paths and the checks: docs/index.md ("Benchmark suites").
 """
 
@@ -25,11 +28,21 @@ from longtail.core.scale import scaled_settings
 from longtail.engine.config_check import check_config
 from longtail.engine.pipeline import expand_stages
 
-SUITE_KEYS = ("description", "epochs", "overrides", "data", "baseline", "runs", "checks")
+SUITE_KEYS = ("description", "epochs", "overrides", "data", "baseline", "seeds", "runs", "checks")
 CHECK_KEYS = ("run", "beats", "by", "metrics", "claim")  # not "on": YAML reads it as true
 # what a check compares: top-1 on test / val, or a test shot group, or val mean-class accuracy
 CHECK_METRICS = ("test", "val", "many", "medium", "few", "val_mean_class")
-RUN_KEYS = ("name", "config", "data", "overrides", "stage1", "imbalance_factor", "epochs", "method")
+RUN_KEYS = (
+    "name",
+    "config",
+    "data",
+    "overrides",
+    "stage1",
+    "imbalance_factor",
+    "epochs",
+    "method",
+    "seeds",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RUN_REF = re.compile(r"\{run:([^{}]*)\}")
 _INHERIT = object()  # a run without its own ``epochs`` key takes the suite's
@@ -47,6 +60,7 @@ class RunSpec:
     method: Optional[str] = None
     config_text: str = ""  # as written in the suite file
     data: Any = _INHERIT  # dataset selector (data=NAME), None, or _INHERIT
+    seeds: Optional[List[int]] = None  # None: the config's own seed, once
 
     @property
     def label(self) -> str:
@@ -91,6 +105,7 @@ class Suite:
     overrides: List[str] = field(default_factory=list)
     data: Optional[str] = None  # default dataset selector of the runs
     baseline: Optional[str] = None  # the method whose runs the time ratios compare with
+    seeds: Optional[List[int]] = None  # the default of runs without their own
     runs: List[RunSpec] = field(default_factory=list)
     checks: List[Check] = field(default_factory=list)
 
@@ -114,9 +129,17 @@ class PlannedRun:
     stage1_dir: Optional[Path] = None
     error: Optional[str] = None
     stages: List[Any] = field(default_factory=list)  # a multi-stage config's resolved stages
+    seed: Optional[int] = None  # the seed this instance sets (None: the config's own)
+    instance: str = ""  # the instance's name (the run's name for its first seed)
+    needs: List[str] = field(default_factory=list)  # instances this one uses (stage1, {run:})
 
     @property
     def name(self) -> str:
+        return self.instance or self.spec.name
+
+    @property
+    def group(self) -> str:
+        """The suite run this instance belongs to (rows of one group are its seeds)."""
         return self.spec.name
 
     def train_argv(self, data_root: Optional[str] = None) -> List[str]:
@@ -192,6 +215,35 @@ def _data(value: Any, where: str) -> Optional[str]:
     return value.strip()
 
 
+def _seeds(value: Any, where: str) -> Optional[List[int]]:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+    if not ok or len(set(value)) != len(value):
+        raise LongtailError(
+            f"{where}: 'seeds' must be a list of distinct non-negative integers "
+            f"(e.g. [0, 1, 2]), got {value!r}."
+        )
+    return list(value)
+
+
+def instance_name(name: str, seed: Optional[int], first: Optional[int]) -> str:
+    """A seed's instance of run ``name``: the run's own name for its first seed, else
+    ``NAME-s<seed>``."""
+    return name if seed is None or seed == first else f"{name}-s{seed}"
+
+
+def instance_names(spec: RunSpec) -> List[str]:
+    seeds = spec.seeds or [None]
+    return [instance_name(spec.name, s, seeds[0]) for s in seeds]
+
+
 def _baseline(value: Any, where: str) -> Optional[str]:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise LongtailError(
@@ -255,6 +307,7 @@ def load_suite(suite: str | Path) -> Suite:
         overrides=_overrides(data.get("overrides"), where),
         data=_data(data.get("data"), where),
         baseline=_baseline(data.get("baseline"), where),
+        seeds=_seeds(data.get("seeds"), where),
     )
     seen: Dict[str, int] = {}
     for i, run in enumerate(runs):
@@ -316,8 +369,20 @@ def load_suite(suite: str | Path) -> Suite:
                 method=method,
                 config_text=run["config"],
                 data=_data(run["data"], rwhere) if "data" in run else _INHERIT,
+                seeds=_seeds(run["seeds"], rwhere) if "seeds" in run else out.seeds,
             )
         )
+    taken: Dict[str, str] = {}
+    for spec in out.runs:
+        for name in instance_names(spec):
+            if name in taken:
+                raise LongtailError(
+                    f"{where}: run '{spec.name}' (seeds {spec.seeds}) plans an instance "
+                    f"'{name}', which is also "
+                    + ("a run's name" if taken[name] == name else f"an instance of '{taken[name]}'")
+                    + "; rename one of them."
+                )
+            taken[name] = spec.name
     out.checks = _checks(data.get("checks"), seen, where)
     return out
 
@@ -372,18 +437,32 @@ def _fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
-    """Resolve one run; a config that cannot be loaded or validated sets ``error``."""
-    run_dir = (suite_dir / spec.name).resolve()
+def plan_run(
+    suite: Suite, spec: RunSpec, suite_dir: Path, seed: Optional[int] = None
+) -> PlannedRun:
+    """Resolve one run (one seed of it); a config that cannot be loaded or validated sets
+    ``error``."""
+    seeds = {r.name: r.seeds for r in suite.runs}
+
+    def ref(name: str) -> str:  # the instance of run ``name`` this one uses: same seed if it has it
+        theirs = seeds.get(name) or [None]
+        return instance_name(name, seed if seed in theirs else theirs[0], theirs[0])
+
+    instance = instance_name(spec.name, seed, (spec.seeds or [None])[0])
+    run_dir = (suite_dir / instance).resolve()
     data = suite.data if spec.data is _INHERIT else spec.data
     overrides = ([f"data={data}"] if data is not None else []) + list(suite.overrides)
     if spec.imbalance_factor is not None:
         overrides.append(f"data.imbalance_factor={_fmt_number(spec.imbalance_factor)}")
     overrides += [
-        _RUN_REF.sub(lambda m: str((suite_dir / m.group(1)).resolve()), o) for o in spec.overrides
+        _RUN_REF.sub(lambda m: str((suite_dir / ref(m.group(1))).resolve()), o)
+        for o in spec.overrides
     ]
-    planned = PlannedRun(spec, run_dir, overrides, None)
-    where = f"Suite {suite.path}, run '{spec.name}'"
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    planned = PlannedRun(spec, run_dir, overrides, None, seed=seed, instance=instance)
+    planned.needs = [ref(n) for n in spec.needs]
+    where = f"Suite {suite.path}, run '{instance}'"
     if not spec.config.is_file():
         planned.error = (
             f"{where}: config {spec.config_text} not found (looked next to the suite, "
@@ -402,7 +481,7 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
             planned.scaled = scaled_settings(cfg, epochs)
             overrides += [f"{k}={json.dumps(new)}" for k, (_, new) in planned.scaled.items()]
         if spec.stage1 is not None:
-            planned.stage1_dir = (suite_dir / spec.stage1).resolve()
+            planned.stage1_dir = (suite_dir / ref(spec.stage1)).resolve()
             overrides.append(f"stage1={planned.stage1_dir}")
         planned.cfg = validate(
             apply_overrides(tree, split_selectors(overrides)[1]), f"config {spec.config}"
@@ -419,9 +498,13 @@ def plan_run(suite: Suite, spec: RunSpec, suite_dir: Path) -> PlannedRun:
 
 
 def plan_suite(suite: Suite, out_root: Path) -> List[PlannedRun]:
-    """Every run of the suite resolved against ``out_root/<suite name>/``."""
+    """Every run of the suite (each seed of it) resolved against ``out_root/<suite name>/``."""
     suite_dir = Path(out_root) / suite.name
-    return [plan_run(suite, spec, suite_dir) for spec in suite.runs]
+    return [
+        plan_run(suite, spec, suite_dir, seed)
+        for spec in suite.runs
+        for seed in spec.seeds or [None]
+    ]
 
 
 def check_plan(plan: Sequence[PlannedRun]) -> None:
