@@ -75,7 +75,8 @@ class Arm:
         from longtail.models import build_model
 
         self.name = optim_name
-        self.cfg = load_config(CONFIG, [*overrides, f"optim.name={optim_name}"])
+        # fp32: the arms compare optimisers, not precisions (train.amp=auto is resolved by build_run)
+        self.cfg = load_config(CONFIG, [*overrides, f"optim.name={optim_name}", "train.amp=none"])
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights in every arm
         model = build_model(cfg.model, len(counts), in_channels)

@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         "slurm_partition=gpu, gpus_per_node=1, cpus_per_task=8, timeout_min=240)",
     )
     bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every run, after the suite's own (repeatable; e.g. a smoke run "
+        "with --set data.max_per_class=20)",
+    )
+    bench.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shorten every run to N epochs (epoch-valued settings scaled, as the suite's epochs:)",
+    )
+    bench.add_argument(
         "--results",
         default="benchmarks/results",
         metavar="DIR",
@@ -320,6 +335,7 @@ def _bench_command(args) -> str:
         ("--jobs", args.jobs, 1),
         ("--launcher", args.launcher, "local"),
         ("--threads", args.threads, None),
+        ("--epochs", args.epochs, None),
     ):
         if value != default:
             parts += [flag, str(value)]
@@ -333,6 +349,7 @@ def _bench_command(args) -> str:
         if on
     ]
     parts += [a for kv in args.slurm for a in ("--slurm", kv)]
+    parts += [a for kv in args.set for a in ("--set", kv)]
     return shlex.join(parts)
 
 
@@ -352,6 +369,10 @@ def _slurm_params(pairs) -> dict:
 def cmd_bench(args) -> int:
     from longtail.bench.runner import BenchOptions, run_bench
 
+    for kv in args.set:
+        if "=" not in kv:
+            raise LongtailError(f"--set {kv!r}: give KEY=VALUE, e.g. --set optim.lr=0.05.")
+
     return run_bench(
         BenchOptions(
             suite=args.suite,
@@ -368,6 +389,8 @@ def cmd_bench(args) -> int:
             launcher=args.launcher,
             threads=args.threads,
             slurm=_slurm_params(args.slurm),
+            set_overrides=list(args.set),
+            epochs=args.epochs,
         )
     )
 

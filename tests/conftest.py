@@ -12,6 +12,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# train.amp=auto resolves to fp32 without measuring (deterministic, bit-exact runs), also in the
+# CLI subprocesses tests start; tests of the probe set LONGTAIL_AMP_AUTO=measure themselves
+os.environ.setdefault("LONGTAIL_AMP_AUTO", "none")
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parents[1]

@@ -389,7 +389,7 @@ def test_shipped_suite_parses_and_configs_exist(suite_file, tmp_path):
         assert p.error is None, p.error
         assert p.cfg.model.backbone == "resnet32"
         if p.spec.stage1:
-            assert p.stage1_dir == (tmp_path / suite.name / p.spec.stage1).resolve()
+            assert p.stage1_dir == (tmp_path / suite.name / p.needs[0]).resolve()
             assert suite.run(p.spec.stage1).config.stem == "ce"
         if suite.epochs and not p.spec.stage1:
             assert p.cfg.train.epochs == suite.epochs and p.base_epochs == 200
@@ -796,8 +796,10 @@ def test_results_table_shows_mean_and_spread_over_seeds():
     assert "| 3 | 72.00 ± 2.00 |" in line and "| 62.00 ± 2.65 |" in line
     rows[2]["status"] = "partial"
     (g,) = group_rows(rows)
-    assert g["status"] == "partial" and g["n"] == 2 and "| 2 of 3 | 71.00 ± 1.41 |" in (
-        results_table(rows)
+    assert (
+        g["status"] == "partial"
+        and g["n"] == 2
+        and "| 2 of 3 | 71.00 ± 1.41 |" in (results_table(rows))
     )
 
 

@@ -457,8 +457,11 @@ def test_ddp_sam_and_rsam_equal_one_process(tiny_cifar_root, tmp_path, monkeypat
     two = torch.load(out, weights_only=True)
     for name in ("sam", "rsam"):
         assert np.isfinite(single[name]["loss"])
-        np.testing.assert_allclose(two[name]["loss"], single[name]["loss"], rtol=1e-6)
+        # float32 rounding of the 2-rank gradient average: ~1e-6 relative in the loss, up to
+        # 3.3e-6 absolute in a weight after the epoch (measured on an AVX2 CPU; 0 on an AVX-512
+        # one), well below what one step moves a weight (lr 0.01 x its gradient, ~1e-3)
+        np.testing.assert_allclose(two[name]["loss"], single[name]["loss"], rtol=1e-5)
         for key, value in single[name]["state"].items():
             torch.testing.assert_close(
-                two[name]["state"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}"
+                two[name]["state"][key], value, rtol=1e-5, atol=2e-5, msg=f"{name} {key}"
             )

@@ -55,6 +55,8 @@ class BenchOptions:
     launcher: str = "local"  # local | slurm | submitit-local (longtail.bench.launch)
     threads: Optional[int] = None  # torch threads per run (None: cores / jobs, or torch's)
     slurm: Dict[str, Any] = field(default_factory=dict)  # submitit parameters
+    set_overrides: List[str] = field(default_factory=list)  # appended to the suite's overrides
+    epochs: Optional[int] = None  # every run shortened to this (the suite's ``epochs:``)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -267,6 +269,9 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     """Run (or plan, or report) a suite; returns the exit status (0 ok, 1 a run failed, 130
     interrupted). Planning mistakes raise LongtailError before anything is trained."""
     suite = load_suite(opts.suite)
+    suite.overrides += list(opts.set_overrides)  # --set: a variant of the suite (e.g. a smoke run)
+    if opts.epochs is not None:
+        suite.epochs = opts.epochs
     out_root = Path(opts.out)
     out_dir = out_root / suite.name
     plan = plan_suite(suite, out_root)

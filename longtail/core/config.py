@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from longtail.core.errors import ConfigError
 
@@ -86,6 +86,9 @@ class ScheduleConfig(_Open):
     warmup_epochs: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 5.0
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # train.compile's torch modes
+
+
 class TrainConfig(_Strict):
     epochs: Annotated[int, Field(ge=0)] = 200
     batch_size: Annotated[int, Field(ge=1)] = 128  # global batch, split over DDP ranks
@@ -93,13 +96,32 @@ class TrainConfig(_Strict):
     drop_last: bool = False
     eval_every: Annotated[int, Field(ge=0)] = 0  # evaluate every N epochs (0: only at the end)
     eval_batch_size: Annotated[int, Field(ge=1)] = 512
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    # auto: bf16 autocast where it is faster than fp32 (longtail/optim/precision.py), resolved
+    # when the run is built and recorded resolved in its config.yaml
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"  # cuda:N
     channels_last: bool = True  # NHWC: ~1.3x faster ResNet-32 training on CPU (benchmarks)
-    compile: bool = False
+    # torch.compile of the training model: false, or its mode (true = "default")
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     num_threads: Optional[Annotated[int, Field(ge=1)]] = None  # torch threads (None: default)
     progress: bool = True
     checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value in COMPILE_MODES:
+            return value
+        raise ValueError(
+            "must be false, true (= default) or a torch.compile mode: " + ", ".join(COMPILE_MODES)
+        )
+
+    @property
+    def compile_mode(self) -> Optional[str]:
+        """The ``mode`` passed to torch.compile (None: train.compile=false, not compiled)."""
+        if self.compile is False:
+            return None
+        return "default" if self.compile is True else self.compile
 
 
 class MethodConfig(_Open):

@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from longtail.data.augment import AugmentParams, normalize, random_crop_flip, sample_params
+from longtail.data.augment import AugmentParams, Normalizer, random_crop_flip, sample_params
 from longtail.data.samplers import BaseSampler
 
 
@@ -67,6 +67,7 @@ class TrainLoader:
         self.sampler = sampler
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.normalizer = Normalizer(self.mean, self.std, device)  # made once, on the device
         self.device = device
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.padding, self.flip, self.drop_last = padding, flip, drop_last
@@ -79,16 +80,24 @@ class TrainLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = torch.as_tensor(self.sampler.global_order(epoch), dtype=torch.long)
         params = sample_params(len(order), self.padding, self.flip, _generator(self.seed, epoch, 1))
-        for pos in self.sampler.rank_positions(
+        batches = self.sampler.rank_positions(
             order.numpy(), self.batch_size, self.rank, self.world_size, self.drop_last
-        ):
-            pos_t = torch.from_numpy(pos)
-            idx = order[pos_t].to(self.device, non_blocking=True)
-            x = self.images.index_select(0, idx)
+        )
+        # the epoch's indices and augmentation choices in this rank's batch order, moved to the
+        # device in one copy each: a batch is then slices of them (no copy, no sync per step)
+        pos = torch.from_numpy(np.concatenate(batches) if batches else np.zeros(0, np.int64))
+        idx_all = order[pos].to(self.device, non_blocking=True)
+        offsets_all = params.offsets[pos].to(self.device, non_blocking=True)
+        flips_all = params.flips[pos].to(self.device, non_blocking=True)
+        start = 0
+        for size in (len(b) for b in batches):
+            idx = idx_all[start : start + size]
+            aug = AugmentParams(offsets_all[start : start + size], flips_all[start : start + size])
+            start += size
             x = random_crop_flip(
-                x, AugmentParams(params.offsets[pos_t], params.flips[pos_t]), self.padding
+                self.images.index_select(0, idx), aug, self.padding, flip=self.flip
             )
-            x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+            x = self.normalizer(x).contiguous(memory_format=self.memory_format)
             yield Batch(x, self.labels.index_select(0, idx), idx)
 
 
@@ -107,8 +116,9 @@ def eval_batches(
     n = len(labels)
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    norm = Normalizer(mean, std, device)
     for start in range(lo, hi, batch_size):
         stop = min(start + batch_size, hi)
-        x = normalize(images[start:stop].to(device), mean, std).contiguous(memory_format=fmt)
+        x = norm(images[start:stop].to(device)).contiguous(memory_format=fmt)
         idx = torch.arange(start, stop, device=device)
         yield Batch(x, labels[start:stop].to(device), idx)

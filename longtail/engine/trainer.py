@@ -7,6 +7,7 @@ evaluates, writes ``history.jsonl`` / checkpoints / ``metrics.json`` atomically,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import sys
@@ -46,6 +47,7 @@ from longtail.losses import create as create_loss
 from longtail.methods import Method, MethodContext, build_method
 from longtail.models import build_model
 from longtail.optim import OptimWrapper, Schedule, build_optimizer, build_schedule, optim_info
+from longtail.optim.precision import cpu_has_native_bf16, describe, resolve_amp
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Run:
     loader: TrainLoader
     device: torch.device
     dist: DistInfo
+    amp_reason: str = ""  # how cfg.train.amp (resolved: never "auto") was chosen
 
     @property
     def run_dir(self) -> Path:
@@ -197,7 +200,7 @@ def attach_step(
         model = model.to(memory_format=torch.channels_last)
     train_model = wrap_ddp(model, info, device)
     if cfg.train.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.train.compile_mode)
     optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
     optim = OptimWrapper(
         optimizer,
@@ -213,6 +216,38 @@ def attach_step(
     return optim
 
 
+def resolve_precision(
+    cfg: Config, model: torch.nn.Module, data: DataBundle, device: torch.device, info: DistInfo
+) -> Tuple[Config, str]:
+    """``cfg`` with ``train.amp=auto`` resolved (optim/precision.py) on ``model`` (left as it is,
+    the RNG too) for this process's micro-batch, and the reason. Every rank trains in one
+    precision: bf16 only where every rank chose it."""
+    t = cfg.train
+    micro_batch = -(-t.batch_size // (info.world_size * t.accumulate_steps))
+    arch = json.dumps(
+        {"model": cfg.model.model_dump(mode="json"), "classes": len(data.class_counts)},
+        sort_keys=True,
+    )
+    amp, reason = resolve_amp(
+        t.amp,
+        device,
+        model,
+        tuple(data.train.images.shape[1:]),
+        micro_batch,
+        t.channels_last,
+        arch=arch,
+    )
+    if t.amp != "auto":
+        return cfg, reason
+    if info.enabled:
+        vote = torch.tensor([1.0 if amp == "bf16" else 0.0], dtype=torch.float64)
+        if all_reduce_min(vote, info).item() < 1.0 and amp == "bf16":
+            amp, reason = "none", f"{reason}; fp32 all the same, as another rank chose it"
+    resolved = cfg.model_copy(deep=True)
+    resolved.train.amp = amp
+    return resolved, reason
+
+
 def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
     """Build data, model, loss, method and loader for ``cfg`` (no training yet)."""
     device, info = setup_process(cfg)
@@ -223,7 +258,7 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
         torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.train.amp == "bf16" and device.type == "cpu":
+    if cfg.train.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print(
             "warning: bf16 autocast on this CPU may be far slower than fp32 (no native bf16).",
             file=sys.stderr,
@@ -254,6 +289,7 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
         raise ConfigError(
             f"loss.name={cfg.loss.name} expects cosine logits: set model.head=cosine."
         )
+    cfg, amp_reason = resolve_precision(cfg, model, data, device, info)
     facts = RunFacts(
         seed=cfg.seed,
         epochs=cfg.train.epochs,
@@ -298,7 +334,8 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
         drop_last=cfg.train.drop_last,
         channels_last=cfg.train.channels_last,
     )
-    run = Run(cfg, RunFolder(run_dir), data, method, optim, schedule, hooks, loader, device, info)
+    folder = RunFolder(run_dir)
+    run = Run(cfg, folder, data, method, optim, schedule, hooks, loader, device, info, amp_reason)
     for hook in hooks.values():
         hook.before_run(run)
     for hook in hooks.values():
@@ -321,6 +358,8 @@ def training_state(run: Run, epochs_done: int) -> Dict[str, Any]:
         "optim": run.optim.state_dict(),
         "hooks": {name: hook.state_dict() for name, hook in run.hooks.items()},
         "torch_rng": torch.get_rng_state(),
+        # the device's generator too: a loss or optimiser that draws noise on it (GCL, RSAM)
+        "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
     }
 
 
@@ -346,6 +385,8 @@ def restore(run: Run) -> int:
     for name, hook in run.hooks.items():
         hook.load_state_dict(state["hooks"].get(name, {}))
     torch.set_rng_state(state["torch_rng"])
+    if run.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], run.device)
     return int(state["epoch"])
 
 
@@ -388,6 +429,9 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
     start = time.perf_counter()
     lr = 0.0
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # no sync per step
+    # steps between the loop's host syncs (the divergence check, the bar's loss): each one waits
+    # for the device, which on an accelerator runs steps ahead of the host, so there it is rare
+    every = 10 if run.device.type == "cpu" else 50
     world, global_batch, total = run.dist.world_size, loader.batch_size, len(loader.sampler)
     for step, batch in enumerate(loader.epoch(epoch)):
         lr = optim.set_lr(run.schedule.factor(epoch, step, steps))
@@ -402,11 +446,12 @@ def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, floa
         seen += n
         bad = (first_bad < 0) & ~torch.isfinite(stats["loss"].detach())
         first_bad = torch.where(bad, step, first_bad)
-        if step % 10 == 0 or step == steps - 1:
+        synced = step % every == 0 or step == steps - 1
+        if synced:
             check_finite(run, epoch, steps, first_bad)
         if bar is not None:
             bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
+            if synced:  # the loss is read where the check has just waited for the device
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(
                     loss=f"{float(loss_sum) / max(seen, 1):.4f}",
@@ -479,6 +524,7 @@ def announce(run: Run, start_epoch: int) -> None:
         f"run folder: {run.folder.path}  device: {run.device}  processes: {run.dist.world_size}"
         + (f"  resuming after epoch {start_epoch}" if start_epoch else "")
     )
+    print(f"precision: {describe(run.cfg.train.amp)} ({run.amp_reason})")
 
 
 def fit(
@@ -514,6 +560,9 @@ def _fit(
     info: DistInfo,
 ) -> Optional[Dict[str, Any]]:
     run_dir = folder.path
+    if resume and cfg.train.amp == "auto":  # auto on resume: the precision the run recorded
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.amp = folder.load_config().train.amp
     if resume:
         cfg = check_resume_config(folder, cfg, info)
     if not resume and folder.is_run():  # created while this process waited for the lock
@@ -522,7 +571,9 @@ def _fit(
             f"{run_dir}, or choose another folder with --out DIR."
         )
     run = build_run(cfg, run_dir, data_root)
-    info = run.dist
+    cfg, info = run.cfg, run.dist  # train.amp resolved: what config.yaml records
+    if resume:
+        run.amp_reason = f"train.amp={cfg.train.amp}, as the run recorded it in {folder.CONFIG}"
     barrier(info)
     if resume and not folder.has_checkpoint() and info.is_main:
         print(
@@ -597,6 +648,8 @@ def final_metrics(
             ),
             "world_size": run.dist.world_size,
             "device": str(run.device),
+            "amp": run.cfg.train.amp,
+            "amp_reason": run.amp_reason,
             "torch": torch.__version__,
             "machine": platform.machine(),
         }

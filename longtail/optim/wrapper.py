@@ -65,6 +65,11 @@ class OptimWrapper:
         accumulate_steps: int = 1,
         train_model: Optional[nn.Module] = None,
     ):
+        if amp not in (None, "none", *AMP_DTYPES):
+            raise ConfigError(
+                f"OptimWrapper: amp={amp!r} is not a precision; train.amp=auto is resolved to "
+                f"none or bf16 when the run is built (engine.trainer.resolve_precision)."
+            )
         if int(accumulate_steps) < 1:
             raise ConfigError(f"train.accumulate_steps must be >= 1, got {accumulate_steps!r}.")
         self.optimizer = optimizer
