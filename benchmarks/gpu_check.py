@@ -138,6 +138,33 @@ def suite_rows(results: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def parity_summary(results: Path) -> Dict[str, Any]:
+    """bf16 against fp32 (the amp-parity suite): mean ± sd per precision, the checks, the ratio."""
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return {}
+    groups = {g["name"]: g for g in group_rows(data.get("rows", []))}
+    out: Dict[str, Any] = {
+        name: {
+            "n": g["n"],
+            "test_top1": (g.get("test") or {}).get("top1"),
+            "test_sd": (g.get("test_sd") or {}).get("top1"),
+            "val_top1": (g.get("val") or {}).get("top1"),
+            "val_sd": (g.get("val_sd") or {}).get("top1"),
+            "images_per_s": g.get("images_per_s"),
+        }
+        for name, g in groups.items()
+    }
+    bf16 = groups.get("c10-bf16") or {}
+    out["bf16_time_vs_fp32"] = bf16.get("time_vs_baseline")
+    out["checks"] = [
+        {k: c.get(k) for k in ("claim", "metric", "diff", "se", "status")}
+        for c in data.get("check_results", [])
+    ]
+    return out
+
+
 def fmt(x: Any, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -172,12 +199,16 @@ def markdown(record: Dict[str, Any], throughput_md: str) -> str:
             f"{t.get('passed', 0)} passed, {t.get('failures', 0)} failed, {t.get('errors', 0)} "
             f"errors, {t.get('skipped', 0)} skipped of {t.get('tests', 0)}."
             if t
-            else "No test report (see pytest-cuda.log)."
+            else "No test report (see steps.log)."
         ),
         "",
         "## Throughput",
         "",
         throughput_md or "No throughput result (see steps.log).",
+        "",
+        "## bf16 against fp32 (amp-parity: CE, 4 epochs, 3 seeds each)",
+        "",
+        *parity_lines(record.get("amp_parity") or {}),
         "",
         f"## {SUITE}: CIFAR-10-LT IF100, each recipe's own schedule",
         "",
@@ -196,6 +227,22 @@ def markdown(record: Dict[str, Any], throughput_md: str) -> str:
             f"{fmt(r['images_per_s'], '.0f')} | {fmt(r['wall_seconds'], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def parity_lines(p: Dict[str, Any]) -> List[str]:
+    if not p:
+        return ["No result (see steps.log)."]
+    lines = ["| precision | seeds | test top-1 | val top-1 | img/s |", "|---|--:|--:|--:|--:|"]
+    for name in ("c10-fp32", "c10-bf16"):
+        g = p.get(name) or {}
+        lines.append(
+            f"| {name[4:]} | {g.get('n', 0)} | {fmt(g.get('test_top1'))} ± {fmt(g.get('test_sd'))} | "
+            f"{fmt(g.get('val_top1'))} ± {fmt(g.get('val_sd'))} | {fmt(g.get('images_per_s'), '.0f')} |"
+        )
+    checks = "; ".join(
+        f"{c['claim']} on {c['metric']}: {c['status']}" for c in p.get("checks") or []
+    )
+    return lines + ["", f"bf16 wall time / fp32: {fmt(p.get('bf16_time_vs_fp32'))}x. {checks}"]
 
 
 def throughput_markdown(path: Path) -> str:
@@ -253,7 +300,7 @@ def main(argv=None) -> int:
                 f"--junitxml={junit}",
             ],
             min(150.0, 0.3 * args.budget),
-            out / "pytest-cuda.log",
+            log,
             env,
         )
     )
@@ -262,10 +309,31 @@ def main(argv=None) -> int:
     # 2. throughput: the engine against the hand-written loop, and runs at once on one device
     tp = out / "throughput.json"
     tp_cmd = [py, "benchmarks/throughput.py", "--device", "auto", "--out", str(tp), "--no-check"]
-    tp_cmd += ["--quick"] if args.quick else ["--amp", "bf16", "--concurrent", "8"]
-    steps.append(run_step("throughput", tp_cmd, min(120.0, 0.25 * args.budget), log, env))
+    tp_cmd += ["--quick"] if args.quick else ["--amp", "bf16", "--concurrent", "8", "--steps", "97"]
+    steps.append(run_step("throughput", tp_cmd, min(100.0, 0.21 * args.budget), log, env))
 
-    # 3. the 200-epoch table, every run at once
+    # 3. bf16 against fp32: the same accuracy within seed noise, and the speed ratio
+    parity = [
+        py,
+        "-m",
+        "longtail",
+        "bench",
+        "amp-parity",
+        "--out",
+        str(runs),
+        "--results",
+        str(out),
+        "--docs",
+        str(out / "results-page.md.tmp"),
+        "--jobs",
+        "2" if args.quick else "6",
+    ]
+    parity += (
+        ["--epochs", "1", *(a for kv in QUICK_SET for a in ("--set", kv))] if args.quick else []
+    )
+    steps.append(run_step("amp-parity", parity, min(75.0, 0.16 * args.budget), log, env))
+
+    # 4. the 200-epoch table, every run at once
     bench = [
         py,
         "-m",
@@ -307,6 +375,7 @@ def main(argv=None) -> int:
         "tests": tests,
         "throughput_file": tp.name if tp.is_file() else None,
         "suite": suite_rows(out / f"{SUITE}.json"),
+        "amp_parity": parity_summary(out / "amp-parity.json"),
     }
     (out / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "gpu_check.md").write_text(markdown(record, throughput_markdown(tp)))

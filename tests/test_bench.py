@@ -824,3 +824,21 @@ def test_checks_compare_means_with_their_standard_error():
     # one seed each: no spread, the plain comparison
     single = evaluate_checks([{**check, "by": 4.0}], seeds("a", [30.0]) + seeds("b", [28.0]))
     assert single[0]["se"] is None and single[0]["status"] == "fail"
+
+
+def test_checks_compare_the_finished_seeds_of_a_run_still_running():
+    from longtail.bench.report import checks_table, evaluate_checks
+
+    rows = [
+        {"name": "a", "group": "a", "status": "done", "test": {"top1": 31.0}},
+        {"name": "a-s1", "group": "a", "status": "partial"},
+        {"name": "b", "group": "b", "status": "done", "test": {"top1": 28.0}},
+        {"name": "b-s1", "group": "b", "status": "done", "test": {"top1": 30.0}},
+    ]
+    (got,) = evaluate_checks([{"run": "a", "beats": "b", "by": 0.0, "metrics": ["test"]}], rows)
+    assert got["status"] == "pass" and got["diff"] == pytest.approx(2.0)
+    assert got["se"] == pytest.approx(1.0)  # only b's term: sd sqrt(2) over sqrt(2) seeds
+    assert "| 31.00 (1 of 2) | 29.00 ± 1.41 (2) | +2.00 ± 1.00 |" in checks_table([got])
+    rows[0]["status"] = "partial"
+    (got,) = evaluate_checks([{"run": "a", "beats": "b", "by": 0.0, "metrics": ["test"]}], rows)
+    assert got["status"] == "pending"

@@ -37,7 +37,7 @@ def test_gpu_check_quick_runs_every_step_on_cpu(real_data_root, tmp_path):
     assert record["quick"] is True and record["git"]["commit"]
     assert record["machine"]["torch"] and "gpu_check.sh" in record["command"]
     steps = {s["name"]: s for s in record["steps"]}
-    assert list(steps) == ["cuda-tests", "throughput", "suite"]
+    assert list(steps) == ["cuda-tests", "throughput", "amp-parity", "suite"]
     assert all(s["rc"] == 0 and not s["timed_out"] for s in steps.values())
     # no CUDA here: every CUDA test is collected and skipped, none fails
     tests = record["tests"]
@@ -52,6 +52,9 @@ def test_gpu_check_quick_runs_every_step_on_cpu(real_data_root, tmp_path):
         rows["c10-ce"]["test_top1"] - rows["c10-ce"]["published"]
     )
     assert (out / "throughput.json").is_file() and (out / "gpu-cifar10.json").is_file()
+    parity = record["amp_parity"]
+    assert parity["c10-fp32"]["n"] == parity["c10-bf16"]["n"] == 3
+    assert parity["bf16_time_vs_fp32"] > 0 and len(parity["checks"]) == 4
     md = (out / "gpu_check.md").read_text()
     assert "## CUDA tests" in md and "| c10-la | done | 1 |" in md
     # what comes back from a device call: at most 8 files, none deeper than 2 folders

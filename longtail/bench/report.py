@@ -297,22 +297,23 @@ def evaluate_checks(
     checks: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]]
 ) -> List[Dict[str, Any]]:
     """One result per (check, metric), on the means over each run's seeds: both means, their
-    difference and its standard error ``se`` = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) (terms of runs
-    with two or more seeds). ``pass`` when ``run - beats >= by``; ``noise`` when it falls short by
-    less than 2 se (the seeds do not tell the two apart at that margin); ``fail`` otherwise;
-    ``pending`` while a seed has no result (or the metric is empty, e.g. no few-shot class)."""
+        difference and its standard error ``se`` = sqrt(sd_a^2 / n_a + sd_b^2 / n_b) (terms of runs
+        with two or more seeds). ``pass`` when ``run - beats >= by``; ``noise`` when it falls short by
+        less than 2 se (the seeds do not tell the two apart at that margin); ``fail`` otherwise;
+        ``pending`` while a run has no finished seed (or the metric is empty, e.g. no few-shot class).
+    A run with some of its seeds finished is compared on those (``n`` of ``planned``)."""
     groups = {g["name"]: g for g in group_rows(rows)}
     out = []
     for c in checks:
         a, b = groups.get(c["run"], {}), groups.get(c["beats"], {})
         for metric in c["metrics"]:
-            x = _metric(a, metric) if a.get("status") == "done" else None
-            y = _metric(b, metric) if b.get("status") == "done" else None
+            x = _metric(a, metric) if a.get("n") else None
+            y = _metric(b, metric) if b.get("n") else None
             diff = None if x is None or y is None else x - y
             terms = [
                 (sd / math.sqrt(g["n"])) ** 2
                 for g in (a, b)
-                if g.get("status") == "done" and (sd := _metric_sd(g, metric)) is not None
+                if g.get("n") and (sd := _metric_sd(g, metric)) is not None
             ]
             se = math.sqrt(sum(terms)) if terms and diff is not None else None
             if diff is None:
@@ -333,6 +334,8 @@ def evaluate_checks(
                     "other_sd": _metric_sd(b, metric) if y is not None else None,
                     "n": a.get("n"),
                     "other_n": b.get("n"),
+                    "planned": a.get("planned"),
+                    "other_planned": b.get("planned"),
                     "diff": diff,
                     "se": se,
                     "status": status,
@@ -344,13 +347,14 @@ def evaluate_checks(
 CHECK_LABEL = {"pass": "PASS", "fail": "FAIL", "noise": "within noise", "pending": "PENDING"}
 
 
-def spread(mean: Any, sd: Any, n: Any = None) -> str:
-    """``74.20 ± 1.03`` (and the count when given) for a mean over seeds, ``74.20`` for one."""
+def spread(mean: Any, sd: Any, n: Any = None, planned: Any = None) -> str:
+    """``74.20 ± 1.03 (3)`` for a mean over seeds (the count when given; ``2 of 3`` while a seed
+    is missing), ``74.20`` for one seed of one."""
     if mean is None:
         return "–"
-    if sd is None:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {sd:.2f}" + (f" ({n})" if n else "")
+    count = f"{n} of {planned}" if n and planned and n < planned else (str(n) if n else "")
+    text = f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+    return text + (f" ({count})" if count and (sd is not None or n != planned) else "")
 
 
 def checks_table(results: Sequence[Dict[str, Any]]) -> str:
@@ -370,8 +374,8 @@ def checks_table(results: Sequence[Dict[str, Any]]) -> str:
                     f"`{r['run']}`",
                     f"`{r['beats']}`",
                     r["metric"],
-                    spread(r["value"], r.get("value_sd"), r.get("n")),
-                    spread(r["other"], r.get("other_sd"), r.get("other_n")),
+                    spread(r["value"], r.get("value_sd"), r.get("n"), r.get("planned")),
+                    spread(r["other"], r.get("other_sd"), r.get("other_n"), r.get("other_planned")),
                     diff,
                     f">= {r['by']:+.1f}" if r["by"] else ">= 0",
                     CHECK_LABEL[r["status"]],
@@ -386,9 +390,10 @@ def checks_summary(results: Sequence[Dict[str, Any]]) -> str:
     counts = {k: sum(r["status"] == k for r in results) for k in CHECK_LABEL}
     return (
         f"{counts['pass']} pass, {counts['noise']} within noise, {counts['fail']} fail, "
-        f"{counts['pending']} pending (a run not finished). Values are means ± standard deviation "
-        f"(seeds) over a run's seeds, the difference ± its standard error; a claim short of its "
-        f"margin by less than two standard errors is 'within noise': its seeds do not decide it."
+        f"{counts['pending']} pending (a run with no finished seed). Values are means ± sample "
+        f"standard deviation over a run's finished seeds (their count in brackets, 'k of n' while "
+        f"some are missing), the difference ± its standard error; a claim short of its margin by "
+        f"less than two standard errors is 'within noise': its seeds do not decide it."
     )
 
 
