@@ -7,13 +7,14 @@ crop and flip whether it is trained by one process or by rank r of N, and resume
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from longtail.data.augment import AugmentParams, Normalizer, random_crop_flip, sample_params
 from longtail.data.samplers import BaseSampler
+from longtail.data.stream import FileBatches
 
 
 class Batch(NamedTuple):
@@ -35,13 +36,16 @@ class TrainLoader:
     """Iterates over one epoch of augmented training batches for this rank.
 
     Args:
-        images: uint8 [N, C, H, W] (moved to ``device`` once); labels: int64 [N].
-        sampler: gives the global order of an epoch; batch_size: the global batch.
+        images: uint8 [N, C, H, W] (moved to ``device`` once), or None with ``files``;
+        labels: int64 [N]. sampler: gives the global order of an epoch; batch_size: the global
+        batch. files: the images on disk (:class:`~longtail.data.stream.FileBatches`), decoded by
+        worker processes batch by batch in this epoch's order; the device augmentation
+        (crop / flip) and normalisation are then the same as for an in-memory set.
     """
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: Optional[torch.Tensor],
         labels: torch.Tensor,
         sampler: BaseSampler,
         batch_size: int,
@@ -56,13 +60,17 @@ class TrainLoader:
         flip: bool = True,
         drop_last: bool = False,
         channels_last: bool = False,
+        files: Optional[FileBatches] = None,
     ):
+        if (images is None) == (files is None):
+            raise ValueError("TrainLoader takes images (in memory) or files (on disk), not both.")
         if batch_size % world_size:
             raise ValueError(
                 f"train.batch_size={batch_size} must be divisible by the number of "
                 f"processes ({world_size})."
             )
-        self.images = images.to(device)
+        self.images = None if images is None else images.to(device)
+        self.files = files
         self.labels = labels.to(device)
         self.sampler = sampler
         self.batch_size = batch_size
@@ -89,16 +97,54 @@ class TrainLoader:
         idx_all = order[pos].to(self.device, non_blocking=True)
         offsets_all = params.offsets[pos].to(self.device, non_blocking=True)
         flips_all = params.flips[pos].to(self.device, non_blocking=True)
+        decoded = (
+            None
+            if self.files is None
+            else self.files.batches(epoch, [order.numpy()[b] for b in batches], batches)
+        )
         start = 0
         for size in (len(b) for b in batches):
             idx = idx_all[start : start + size]
             aug = AugmentParams(offsets_all[start : start + size], flips_all[start : start + size])
             start += size
-            x = random_crop_flip(
-                self.images.index_select(0, idx), aug, self.padding, flip=self.flip
+            if decoded is None:
+                assert self.images is not None  # one of the two, checked in __init__
+                x = self.images.index_select(0, idx)
+            else:
+                x = next(decoded).to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:  # a worker transform may hand over normalised floats
+                x = random_crop_flip(x, aug, self.padding, flip=self.flip)
+                x = self.normalizer(x)
+            yield Batch(
+                x.contiguous(memory_format=self.memory_format),
+                self.labels.index_select(0, idx),
+                idx,
             )
-            x = self.normalizer(x).contiguous(memory_format=self.memory_format)
-            yield Batch(x, self.labels.index_select(0, idx), idx)
+
+
+def eval_file_batches(
+    files: FileBatches,
+    labels: torch.Tensor,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+) -> Iterator[Batch]:
+    """:func:`eval_batches` of a set on disk: this rank's contiguous shard, in order, decoded by
+    the workers (with the evaluation transform, if any), normalised on the device."""
+    n = len(labels)
+    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    norm = Normalizer(mean, std, device)
+    shards = [np.arange(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+    for idx, x in zip(shards, files.batches(0, shards, shards)):
+        x = x.to(device, non_blocking=True)
+        x = norm(x) if x.dtype == torch.uint8 else x
+        idx_t = torch.from_numpy(idx).to(device)
+        yield Batch(x.contiguous(memory_format=fmt), labels[idx].to(device), idx_t)
 
 
 def eval_batches(

@@ -1,0 +1,148 @@
+"""The streaming path: images on disk decoded by worker processes give exactly the in-memory
+path's batches (same order, crops, flips, normalisation), for every worker count, and the same
+evaluation batches; real CIFAR-10-LT exported as PNG files in a split-file layout decodes to
+the in-memory pixels bit for bit."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longtail.core.errors import DataError
+from longtail.core.facts import RunFacts
+from longtail.data.loader import TrainLoader, eval_batches, eval_file_batches
+from longtail.data.samplers import build_sampler
+from longtail.data.stream import FileBatches, decode, sample_generator, to_tensor
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
+
+
+def export_pngs(images: torch.Tensor, labels: torch.Tensor, root: Path, split: str) -> list:
+    """Each image as root/split/<label>/<i>.png and the split file root/<split>.txt."""
+    paths = []
+    for i, (x, y) in enumerate(zip(images, labels)):
+        rel = f"{split}/{int(y)}/{i:05d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / rel)
+        paths.append(rel)
+    (root / f"{split}.txt").write_text("".join(f"{p} {int(y)}\n" for p, y in zip(paths, labels)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0] * 40 + [1] * 20 + [2] * 10)
+    root = tmp_path_factory.mktemp("pngs")
+    return images, labels, root, export_pngs(images, labels, root, "train")
+
+
+def _loader(images, labels, sampler_name, files=None, **kw):
+    counts = np.bincount(labels.numpy()).tolist()
+    facts = RunFacts(seed=3, epochs=4, batch_size=16, class_counts=counts)
+    sampler = build_sampler(sampler_name, labels.numpy(), counts, facts)
+    return TrainLoader(
+        None if files is not None else images,
+        labels,
+        sampler,
+        16,
+        MEAN,
+        STD,
+        device=torch.device("cpu"),
+        seed=3,
+        files=files,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("sampler_name", ["instance", "class_balanced", "square_root"])
+def test_file_batches_equal_the_in_memory_batches(small_set, workers, sampler_name):
+    images, labels, root, paths = small_set
+    files = FileBatches(root, paths, num_workers=workers)
+    for kw in ({}, {"rank": 1, "world_size": 2, "channels_last": True}):
+        memory = _loader(images, labels, sampler_name, **kw)
+        disk = _loader(images, labels, sampler_name, files=files, **kw)
+        assert len(memory) == len(disk)
+        for epoch in (0, 2):
+            pairs = list(zip(memory.epoch(epoch), disk.epoch(epoch), strict=True))
+            assert len(pairs) == len(memory)
+            for a, b in pairs:
+                assert torch.equal(a.images, b.images) and a.images.stride() == b.images.stride()
+                assert torch.equal(a.labels, b.labels) and torch.equal(a.indices, b.indices)
+
+
+def test_file_eval_batches_equal_the_in_memory_ones(small_set):
+    images, labels, root, paths = small_set
+    files = FileBatches(root, paths, num_workers=2)
+    for rank in (0, 1):
+        a = list(eval_batches(images, labels, 16, MEAN, STD, torch.device("cpu"), rank, 2))
+        b = list(eval_file_batches(files, labels, 16, MEAN, STD, torch.device("cpu"), rank, 2))
+        assert len(a) == len(b) == 3  # 35 images of this rank's shard in batches of 16
+        for x, y in zip(a, b):
+            assert torch.equal(x.images, y.images) and torch.equal(x.indices, y.indices)
+
+
+def test_worker_transform_is_seeded_per_sample_not_per_worker(small_set):
+    images, labels, root, paths = small_set
+
+    def jitter(image, rng):  # a random per-sample shift of the pixel values
+        return (to_tensor(image).int() + int(rng.integers(0, 50))).clamp(0, 255).to(torch.uint8)
+
+    runs = []
+    for workers in (0, 1, 2):
+        files = FileBatches(root, paths, transform=jitter, seed=5, num_workers=workers)
+        runs.append([b.images for b in _loader(images, labels, "instance", files=files).epoch(1)])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    shifted = [int(sample_generator(5, 1, p).integers(0, 50)) for p in range(3)]
+    assert len(set(shifted)) > 1  # the choice differs between positions
+
+
+def test_missing_or_corrupt_file_is_named(tmp_path, small_set):
+    images, labels, root, paths = small_set
+    files = FileBatches(root, ["train/0/nope.png"], num_workers=0)
+    with pytest.raises(DataError, match="nope.png is listed but missing"):
+        next(files.batches(0, [np.array([0])], [np.array([0])]))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    files = FileBatches(tmp_path, ["bad.jpg"], num_workers=0)
+    with pytest.raises(DataError, match="bad.jpg cannot be decoded"):
+        next(files.batches(0, [np.array([0])], [np.array([0])]))
+
+
+def test_images_of_different_sizes_need_a_transform(tmp_path):
+    for i, size in enumerate((32, 40)):
+        Image.new("RGB", (size, size)).save(tmp_path / f"{i}.png")
+    files = FileBatches(tmp_path, ["0.png", "1.png"], num_workers=0)
+    with pytest.raises(DataError, match="differ in size"):
+        next(files.batches(0, [np.array([0, 1])], [np.array([0, 1])]))
+
+
+def test_jpeg_draft_decodes_large_files_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (1600, 1200), (200, 30, 60)).save(tmp_path / "big.jpg", quality=90)
+    full, small = decode(tmp_path / "big.jpg"), decode(tmp_path / "big.jpg", draft=256)
+    assert full.size == (1600, 1200)
+    assert min(small.size) >= 256 and small.size[0] <= 800  # a 1/2^k scale, sides >= 256
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_cifar10_lt_exported_as_png_decodes_bit_identically(real_data_root, tmp_path):
+    from longtail.data import build_data
+
+    data = build_data("cifar10-lt", real_data_root, val_per_class=0)
+    root = tmp_path / "cifar10-lt-png"
+    train = export_pngs(data.train.images, data.train.labels, root, "train")
+    test = export_pngs(data.test.images, data.test.labels, root, "test")
+    assert len(train) == 12406 and len(test) == 1017
+    lines = (root / "train.txt").read_text().splitlines()
+    assert lines[0].startswith("train/0/00000.png 0") and len(lines) == 12406
+    for split, paths in (("train", train), ("test", test)):
+        subset = getattr(data, split)
+        files = FileBatches(root, paths, num_workers=2)
+        shards = [np.arange(a, min(a + 1000, len(paths))) for a in range(0, len(paths), 1000)]
+        decoded = torch.cat(list(files.batches(0, shards, shards)))
+        assert torch.equal(decoded, subset.images), split
