@@ -1,0 +1,437 @@
+"""ImageNet ResNets: ResNet-18/34/50/101/152 (He et al., CVPR 2016), ResNeXt-50 32x4d (Xie et al.,
+CVPR 2017) and ResNet-10 (BasicBlock [1, 1, 1, 1], Kang et al., ICLR 2020, for ImageNet-LT).
+
+7x7/2 stem + 3x3/2 max-pool, four stages (64-512 planes, strides 4-32), 1x1 conv + BN projection
+shortcuts where the shape changes, the stride of a bottleneck in its 3x3 conv (torchvision's
+"v1.5"). Parameter and buffer names are torchvision's (``conv1``, ``layer1.0.bn1``,
+``layer2.0.downsample.0``, ...) without ``fc``: :func:`load_pretrained` reads a torchvision / timm
+checkpoint by path. Shapes: x [B, in_chans, H, W] -> forward_features [B, 512] (BasicBlock) or
+[B, 2048] (bottleneck), layer4 at H/32 x W/32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.core.errors import ConfigError, LongtailError
+from longtail.core.io import load_weights
+from longtail.models.registry import BACKBONES
+
+_KEY = "model.backbone_params."
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# wrappers whose prefix a checkpoint's keys may carry: DDP / DataParallel, Lightning-style
+# modules, a longtail Classifier (or any model holding the net as .backbone), torch.compile
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "_orig_mod.")
+# classifier weights: torchvision's / timm's fc, a longtail Classifier's head (re-initialised)
+CLASSIFIER_PREFIXES = ("fc.", "head.")
+# training checkpoints that hold the state dict under one of these keys
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_PLANES = (64, 128, 256, 512)
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride, 1, groups=groups, bias=False)
+
+
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+
+def _projection(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+    """The shortcut's 1x1 conv + BN (``downsample.0`` / ``.1``) where the shape changes."""
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(_conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-10/18/34): relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64
+    ):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock has no groups or width factor (use Bottleneck)")
+        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _projection(in_planes, planes, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (the stride; ``groups`` for ResNeXt), 1x1 expand x4 (ResNet-50 and up)."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64
+    ):
+        super().__init__()
+        width = int(planes * base_width / 64) * groups  # ResNeXt-50 32x4d: 2x planes
+        out_planes = planes * self.expansion
+        self.conv1 = _conv1x1(in_planes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, out_planes)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _projection(in_planes, out_planes, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+Block = Union[Type[BasicBlock], Type[Bottleneck]]
+
+# name -> (block, blocks per stage, groups, width per group)
+ARCHITECTURES: Dict[str, Tuple[Block, Tuple[int, int, int, int], int, int]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1), 1, 64),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4),
+}
+
+
+class ResNet(nn.Module):
+    """An ImageNet ResNet / ResNeXt backbone (no classifier: the long-tail head follows).
+
+    Args:
+        block: BasicBlock or Bottleneck.
+        layers: blocks in each of the four stages.
+        in_chans: input channels (3; 1 for grey images).
+        groups, width_per_group: ResNeXt cardinality and width (1, 64: a ResNet).
+        zero_init_residual: start each block's last BN at gamma 0 (each block starts as its
+            shortcut; Goyal et al. 2017).
+        arch: the name the errors of :func:`load_pretrained` give.
+    Attributes: ``num_features`` (512 / 2048), ``stages`` (layer1..layer4) and their output
+    channels ``stage_channels``.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        in_chans: int = 3,
+        groups: int = 1,
+        width_per_group: int = 64,
+        zero_init_residual: bool = False,
+        arch: str = "resnet",
+    ):
+        super().__init__()
+        if len(layers) != 4 or min(layers) < 1:
+            raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
+        self.arch = arch
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, in_planes = [], 64
+        for i, (planes, n) in enumerate(zip(_PLANES, layers)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(block(in_planes, planes, stride, groups, width_per_group))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.stage_channels = [p * block.expansion for p in _PLANES]
+        self.num_features = self.stage_channels[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    @property
+    def stages(self) -> List[nn.Module]:
+        """The four stages (layer1..layer4), e.g. for feature modulation's hooks."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> [B, 64, H/4, W/4]."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> pooled features [B, num_features]."""
+        x = self.forward_stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def resnet(
+    arch: str,
+    in_chans: int = 3,
+    zero_init_residual: bool = False,
+    pretrained: Optional[Union[str, os.PathLike]] = None,
+) -> ResNet:
+    """Build the ImageNet ResNet ``arch`` (a key of ARCHITECTURES), with ``pretrained`` weights
+    (a path, see :func:`load_pretrained`) if given; ConfigError names a bad option."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"Unknown ImageNet ResNet {arch!r}. Available: {', '.join(ARCHITECTURES)}."
+        )
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"'{_KEY}in_chans' must be a positive integer, got {in_chans!r}.")
+    if not isinstance(zero_init_residual, bool):
+        raise ConfigError(
+            f"'{_KEY}zero_init_residual' must be true or false, got {zero_init_residual!r}."
+        )
+    if pretrained is not None and (
+        not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained).strip()
+    ):
+        raise ConfigError(
+            f"'{_KEY}pretrained' must be the path of a {' / '.join(SUFFIXES)} file (or null), "
+            f"got {pretrained!r}."
+        )
+    block, layers, groups, width = ARCHITECTURES[arch]
+    model = ResNet(block, layers, in_chans, groups, width, zero_init_residual, arch=arch)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# pretrained weights
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_state(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` / ``.pt`` / ``.bin`` (``torch.load(weights_only=True)``) or
+    ``.safetensors`` file, unwrapped from a training checkpoint's ``state_dict`` / ``model``
+    entry; LongtailError naming the file and the fix. Nothing is downloaded."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LongtailError(
+            f"No pretrained weights at {path.absolute()} ({_KEY}pretrained). longtail downloads "
+            f"nothing: "
+            f"save the state dict there yourself, e.g. where torchvision is installed "
+            f"`torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
+            f"'resnet50.pth')`, or take timm's model.safetensors (e.g. timm/resnet50.a1_in1k on "
+            f"the Hugging Face hub), then give its path."
+        )
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise LongtailError(
+            f"{path}: pretrained weights are read from {', '.join(SUFFIXES)} files; "
+            f"rename it or save the state dict as one of them."
+        )
+    try:
+        if suffix == ".safetensors":
+            obj: Any = load_weights(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or a pickle of objects other than tensors
+        hint = (
+            ""
+            if suffix == ".safetensors"
+            else " It is read with torch.load(weights_only=True), which refuses pickled objects "
+            "(e.g. a whole saved model): save `model.state_dict()` instead."
+        )
+        raise LongtailError(
+            f"{path} cannot be read as pretrained weights ({_first_line(err)}).{hint}"
+        ) from None
+    for _ in range(3):  # {"state_dict": {...}}, {"model": {...}}, possibly nested
+        if _is_state(obj) or not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not _is_state(obj):
+        what = (
+            f"a {type(obj).__name__}"
+            if not isinstance(obj, Mapping)
+            else f"a mapping with keys {', '.join(map(str, list(obj)[:6]))}"
+        )
+        raise LongtailError(
+            f"{path} holds {what}, not a state dict of tensors. Save `model.state_dict()` "
+            f"(or a checkpoint with it under 'state_dict' or 'model')."
+        )
+    return dict(obj)
+
+
+def strip_prefixes(key: str) -> str:
+    """``key`` without its leading wrapper prefixes (``module.``, ``model.``, ``backbone.``,
+    ``_orig_mod.``, in any order and number): ``module.backbone.conv1.weight`` -> ``conv1.weight``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def load_pretrained(backbone: nn.Module, path: Union[str, os.PathLike]) -> List[str]:
+    """Load a torchvision / timm (or longtail) checkpoint at ``path`` into ``backbone``.
+
+    Wrapper prefixes are stripped (:func:`strip_prefixes`) and classifier keys (``fc.*``,
+    ``head.*``) dropped; every other key must match: LongtailError naming the first missing,
+    unexpected and mis-shaped keys. Two leniencies: BN ``num_batches_tracked`` may be missing
+    (files saved before PyTorch 0.4.1), and RGB ``conv1`` weights go into a 1-channel stem
+    summed over their input channels (a 1-channel input x then gives what the RGB net gives
+    for x repeated in three channels). Returns the dropped classifier keys.
+    """
+    state = read_state_dict(path)
+    arch = getattr(backbone, "arch", type(backbone).__name__)
+    own = backbone.state_dict()
+    weights: Dict[str, torch.Tensor] = {}
+    dropped: List[str] = []
+    for key, value in state.items():
+        name = strip_prefixes(key)
+        if name.startswith(CLASSIFIER_PREFIXES):
+            dropped.append(key)
+            continue
+        if name in weights:
+            raise LongtailError(
+                f"{path}: two keys become {name!r} once their prefixes are stripped; "
+                f"save the backbone's own state dict."
+            )
+        weights[name] = value
+    stem = weights.get("conv1.weight")
+    if (
+        stem is not None
+        and "conv1.weight" in own
+        and stem.dim() == 4
+        and stem.shape[1] == 3
+        and own["conv1.weight"].shape[1] == 1
+        and stem.shape[0] == own["conv1.weight"].shape[0]
+    ):
+        weights["conv1.weight"] = stem.float().sum(1, keepdim=True)
+    for key in own:
+        if key.endswith("num_batches_tracked") and key not in weights:
+            weights[key] = own[key]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:4])})")
+        if shapes:
+            shown = ", ".join(
+                f"{k}: file {list(weights[k].shape)}, {arch} {list(own[k].shape)}"
+                for k in shapes[:2]
+            )
+            parts.append(f"{len(shapes)} of another shape ({shown})")
+        raise LongtailError(
+            f"The weights in {path} do not fit backbone {arch}: {'; '.join(parts)}. The file "
+            f"holds another architecture or naming: choose the matching model.backbone "
+            f"(torchvision's or timm's resnet50 weights go with model.backbone=resnet50); only "
+            f"classifier keys ({', '.join(p + '*' for p in CLASSIFIER_PREFIXES)}) are ignored."
+        )
+    backbone.load_state_dict(weights)
+    return dropped
+
+
+# ------------------------------------------------------------------------------------------
+# the registered backbones (options: model.backbone_params.<name>)
+
+
+@BACKBONES.register("resnet10")
+def resnet10(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-10: BasicBlock [1, 1, 1, 1], 512-d features (the decoupling paper's ImageNet-LT net)."""
+    return resnet("resnet10", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnet18")
+def resnet18(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-18: BasicBlock [2, 2, 2, 2], 512-d features."""
+    return resnet("resnet18", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnet34")
+def resnet34(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-34: BasicBlock [3, 4, 6, 3], 512-d features."""
+    return resnet("resnet34", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnet50")
+def resnet50(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-50: Bottleneck [3, 4, 6, 3], 2048-d features (torchvision / timm names)."""
+    return resnet("resnet50", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnet101")
+def resnet101(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-101: Bottleneck [3, 4, 23, 3], 2048-d features."""
+    return resnet("resnet101", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnet152")
+def resnet152(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNet-152: Bottleneck [3, 8, 36, 3], 2048-d features."""
+    return resnet("resnet152", in_chans, zero_init_residual, pretrained)
+
+
+@BACKBONES.register("resnext50_32x4d")
+def resnext50_32x4d(
+    in_chans: int = 3, zero_init_residual: bool = False, pretrained: Optional[str] = None
+) -> ResNet:
+    """ResNeXt-50 32x4d: Bottleneck [3, 4, 6, 3], 32 groups of width 4, 2048-d features."""
+    return resnet("resnext50_32x4d", in_chans, zero_init_residual, pretrained)
