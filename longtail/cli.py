@@ -1,4 +1,4 @@
-"""The ``longtail`` command line: data stats | data split | train | eval | bench.
+"""The ``longtail`` command line: data stats | data split | data check | train | eval | bench.
 
 A user mistake (bad config key, missing data, unwritable folder) prints one paragraph saying what
 is wrong and how to fix it, and exits with status 2; never a traceback.
@@ -18,15 +18,40 @@ import yaml
 from longtail import __version__
 from longtail.core.errors import LongtailError
 
+FILE_DATASET_HELP = "imagenet-lt, places-lt, inat2018 (split files) or folder:PATH (class folders)"
+
+
+def _add_file_data_args(p: argparse.ArgumentParser, split_help: str) -> None:
+    p.add_argument("--split", choices=["train", "val", "test"], default=None, help=split_help)
+    p.add_argument(
+        "--split-dir",
+        default=None,
+        help="folder holding the published split files (default: --data-root)",
+    )
+    p.add_argument(
+        "--split-file",
+        default=None,
+        help="folder:PATH only: list the images with this 'relative/path label' file, no scan",
+    )
+
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", help="cifar10, cifar100, mnist, fashion-mnist, each also with -lt")
     p.add_argument(
-        "--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)"
+        "dataset",
+        help="cifar10, cifar100, mnist, fashion-mnist, each also with -lt; " + FILE_DATASET_HELP,
     )
-    p.add_argument("--profile", choices=["exp", "step"], default="exp")
     p.add_argument(
-        "--data-root", default=None, help="data folder (else $LONGTAIL_DATA, else the cache)"
+        "--imbalance-factor",
+        type=float,
+        default=None,
+        help="n_max / n_min (default 100); for folder:PATH, count its long-tailed subset",
+    )
+    p.add_argument("--profile", choices=["exp", "step"], default=None, help="default exp")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="data folder (else $LONGTAIL_DATA, else the cache); for the file datasets, "
+        "their image root (no fallback)",
     )
 
 
@@ -41,10 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="per-class counts, imbalance factor, many/medium/few classes"
     )
     _add_data_args(stats)
+    _add_file_data_args(stats, "file datasets: the split to count (default train)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     split = dsub.add_parser("split", help="write the training subset as 'index label' lines")
     _add_data_args(split)
     split.add_argument("--out", required=True, help="output text file")
+    check = dsub.add_parser(
+        "check",
+        help="open every listed image: missing / corrupt files, exit status 1 if any",
+    )
+    check.add_argument("dataset", help=FILE_DATASET_HELP)
+    check.add_argument(
+        "--data-root", default=None, help="the image root the split files' paths are relative to"
+    )
+    _add_file_data_args(check, "only this split (default: every split)")
+    check.add_argument(
+        "--workers", type=int, default=None, help="threads opening images (default min(8, cores))"
+    )
+    check.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="Pillow verify() instead of a decode: faster, but a truncated JPEG passes",
+    )
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
@@ -165,10 +208,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_data_stats(args) -> int:
-    from longtail.data.stats import dataset_stats
+def _print_file_stats(stats: dict) -> None:
+    split = f" {stats['split']}" if stats["split"] else ""
+    print(
+        f"{stats['dataset']}{split} ({stats['source']}): {stats['total']} images, "
+        f"{stats['num_classes']} classes, max {stats['max']}, min {stats['min']}, "
+        f"imbalance factor {stats['imbalance_factor']:.1f}"
+    )
+    groups = stats["groups"]
+    print(
+        f"  many (> 100) / medium (20-100) / few (< 20): {len(groups['many'])} / "
+        f"{len(groups['medium'])} / {len(groups['few'])} classes"
+    )
+    order = sorted(range(stats["num_classes"]), key=lambda c: (-stats["counts"][c], c))
+    for title, ids in (("largest", order[:3]), ("smallest", order[::-1][:3])):
+        shown = ", ".join(f"{stats['classes'][c]} ({c}) {stats['counts'][c]}" for c in ids)
+        print(f"  {title}: {shown}")
+    for name, entry in stats.get("super_categories", {}).items():
+        print(f"  {name}: {entry['classes']} classes, {entry['images']} images")
 
-    stats = dataset_stats(args.dataset, args.imbalance_factor, args.profile, args.data_root)
+
+def cmd_data_stats(args) -> int:
+    from longtail.data.files import is_file_dataset
+    from longtail.data.stats import dataset_stats, file_dataset_stats
+
+    if is_file_dataset(args.dataset):
+        stats = file_dataset_stats(
+            args.dataset,
+            args.split,
+            data_root=args.data_root,
+            split_dir=args.split_dir,
+            split_file=args.split_file,
+            imbalance_factor=args.imbalance_factor,
+            profile=args.profile,
+        )
+        if args.json:
+            print(json.dumps(stats))
+        else:
+            _print_file_stats(stats)
+        return 0
+    if args.split or args.split_dir or args.split_file:
+        raise LongtailError(
+            f"--split, --split-dir and --split-file are for {FILE_DATASET_HELP}; "
+            f"{args.dataset} is counted from its official files."
+        )
+    stats = dataset_stats(args.dataset, *_profile(args), args.data_root)
     if args.json:
         print(json.dumps(stats))
         return 0
@@ -185,14 +269,65 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def _profile(args) -> tuple:
+    """--imbalance-factor / --profile with their defaults (100, exp)."""
+    factor = 100.0 if args.imbalance_factor is None else args.imbalance_factor
+    return factor, args.profile or "exp"
+
+
 def cmd_data_split(args) -> int:
+    from longtail.data.files import is_file_dataset
     from longtail.data.stats import export_split
 
-    n = export_split(
-        args.dataset, Path(args.out), args.imbalance_factor, args.profile, args.data_root
-    )
+    if is_file_dataset(args.dataset):
+        raise LongtailError(
+            f"data split exports the subsets of cifar10, cifar100, mnist and fashion-mnist; "
+            f"{args.dataset} is listed by its split files already (see longtail data stats)."
+        )
+    n = export_split(args.dataset, Path(args.out), *_profile(args), args.data_root)
     print(f"wrote {n} lines 'index label' to {args.out}")
     return 0
+
+
+def cmd_data_check(args) -> int:
+    from tqdm import tqdm
+
+    from longtail.data.stats import check_dataset
+
+    bars: list = []
+
+    def progress(label: str, total: int):
+        bars.append(tqdm(total=total, desc=label, unit="img", disable=not sys.stderr.isatty()))
+        return bars[-1].update
+
+    try:
+        reports = check_dataset(
+            args.dataset,
+            [args.split] if args.split else None,
+            data_root=args.data_root,
+            split_dir=args.split_dir,
+            split_file=args.split_file,
+            workers=args.workers,
+            decode=not args.verify_only,
+            progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    for label, rep in reports:
+        print(
+            f"{label}: {rep.listed} listed, {rep.ok} readable, {rep.missing} missing, "
+            f"{rep.corrupt} corrupt"
+        )
+        for path in rep.first_missing:
+            print(f"  missing: {path}")
+        if rep.missing > len(rep.first_missing):
+            print(f"  ... and {rep.missing - len(rep.first_missing)} more missing")
+        for path, why in rep.first_corrupt:
+            print(f"  corrupt: {path} ({why})")
+        if rep.corrupt > len(rep.first_corrupt):
+            print(f"  ... and {rep.corrupt - len(rep.first_corrupt)} more corrupt")
+    return 0 if all(rep.passed for _, rep in reports) else 1
 
 
 def _split_overrides(config: Optional[str], overrides: List[str]):
@@ -439,7 +574,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     finished = False
     try:
         if args.command == "data":
-            return {"stats": cmd_data_stats, "split": cmd_data_split}[args.data_command](args)
+            return {"stats": cmd_data_stats, "split": cmd_data_split, "check": cmd_data_check}[
+                args.data_command
+            ](args)
         rc = COMMANDS[args.command](args)
         finished = True
         return rc

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 
 from longtail.core.metrics import MetricAccumulator, metrics_from_sums
@@ -36,3 +38,47 @@ def test_ece_by_hand():
     assert m["confusion"] == [[1, 1], [0, 1]]  # rows: true class
     expected_nll = (-math.log(0.75) - math.log(0.25) - math.log(0.9)) / 3
     assert math.isclose(m["nll"], expected_nll, rel_tol=1e-6)
+
+
+def test_top5_and_per_class_sums_without_a_confusion_matrix_beyond_1000_classes():
+    from longtail.core.metrics import CONFUSION_MAX_CLASSES
+
+    # 6 classes: sample 0 (class 0) right at top-1; sample 1 (class 1) ranked 3rd; sample 2
+    # (class 2) ranked last (6th): top-1 1/3, top-5 2/3
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5],
+            [9.0, 6, 8, 7, 0, 1],
+            [0.0, 1, -5, 2, 3, 4],
+        ]
+    )
+    labels = torch.tensor([0, 1, 2])
+    acc = MetricAccumulator(6)
+    acc.update(logits, labels)
+    m = acc.compute([100, 50, 10, 10, 10, 10])
+    assert m["top1"] == pytest.approx(100 / 3) and m["top5"] == pytest.approx(200 / 3)
+    assert m["per_class_count"] == [1, 1, 1, 0, 0, 0] and m["confusion"][1][0] == 1
+    # 1,200 classes: no C x C matrix, the same numbers from the per-class sums
+    c = CONFUSION_MAX_CLASSES + 200
+    big = torch.full((3, c), -10.0)
+    big[:, :6] = logits
+    acc = MetricAccumulator(c)
+    acc.update(big, labels)
+    assert acc.confusion.numel() == 0
+    m2 = acc.compute([100, 50, 10] + [10] * (c - 3))
+    assert m2["confusion"] is None
+    assert (m2["top1"], m2["top5"]) == (pytest.approx(100 / 3), pytest.approx(200 / 3))
+    assert m2["per_class"][:3] == [100.0, 0.0, 0.0] and m2["per_class"][3] is None
+
+
+def test_per_class_plot_bins_thousands_of_classes(tmp_path):
+    from longtail.engine.report import BINS, count_bins, plot_per_class
+
+    counts = [1000 // (1 + c % 500) + 2 for c in range(8142)]  # iNaturalist-sized
+    accs = [float(c % 101) for c in range(8142)]
+    centre, mean, low, high = count_bins(list(zip(counts, accs)))
+    assert 1 < len(centre) <= BINS and all(lo <= m <= hi for lo, m, hi in zip(low, mean, high))
+    assert centre == sorted(centre)
+    path = tmp_path / "plot.png"
+    plot_per_class(path, counts, {"test": {"per_class": accs, "top1": 50.0}})
+    assert path.stat().st_size > 10_000
