@@ -70,7 +70,13 @@ def dataset_of(name: str) -> str:
 def test_one_recipe_file_per_method_and_one_file_per_dataset():
     assert {p.stem for p in RECIPES} >= NAMES  # (new recipes may follow)
     assert selector_names("data", METHODS) == list(DATASETS)  # natural order: 10 before 100
-    assert selector_names("model", METHODS) == ["resnet10", "resnet32", "resnet50", "resnet152", "resnext50"]
+    assert selector_names("model", METHODS) == [
+        "resnet10",
+        "resnet32",
+        "resnet50",
+        "resnet152",
+        "resnext50",
+    ]
     for old in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "_base_"):
         assert not (CONFIGS / old).exists(), old
     for path in RECIPES:  # dataset-agnostic, paper on line 1

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 import torch
 
 from longtail.core.metrics import MetricAccumulator, metrics_from_sums

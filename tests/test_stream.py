@@ -14,7 +14,8 @@ from longtail.core.errors import DataError
 from longtail.core.facts import RunFacts
 from longtail.data.loader import TrainLoader, eval_batches, eval_file_batches
 from longtail.data.samplers import build_sampler
-from longtail.data.stream import FileBatches, decode, sample_generator, to_tensor
+from longtail.data.stream import FileBatches, decode, to_tensor
+from longtail.data.transforms import sample_rng
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
 
@@ -98,7 +99,7 @@ def test_worker_transform_is_seeded_per_sample_not_per_worker(small_set):
         runs.append([b.images for b in _loader(images, labels, "instance", files=files).epoch(1)])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
-    shifted = [int(sample_generator(5, 1, p).integers(0, 50)) for p in range(3)]
+    shifted = [int(sample_rng(5, 1, p).integers(0, 50)) for p in range(3)]
     assert len(set(shifted)) > 1  # the choice differs between positions
 
 
@@ -146,3 +147,102 @@ def test_real_cifar10_lt_exported_as_png_decodes_bit_identically(real_data_root,
         shards = [np.arange(a, min(a + 1000, len(paths))) for a in range(0, len(paths), 1000)]
         decoded = torch.cat(list(files.batches(0, shards, shards)))
         assert torch.equal(decoded, subset.images), split
+
+
+@pytest.mark.parametrize("in_memory", ["false", "true"])
+def test_training_through_files_equals_training_in_memory(tiny_cifar_root, tmp_path, in_memory):
+    """CIFAR-10 (the tiny 300-image copy) exported as PNG files with split files, trained as a
+    folder dataset streamed by 2 workers (or decoded into memory): the same weights and metrics
+    as training on the built-in in-memory set."""
+    from conftest import TINY_RUN
+
+    from longtail.core.config import load_config
+    from longtail.data import build_data
+    from longtail.data.build import NORMALIZATION
+    from longtail.engine.trainer import fit
+
+    data = build_data("cifar10", tiny_cifar_root, val_per_class=0)
+    root = tmp_path / "png"
+    export_pngs(data.train.images, data.train.labels, root, "train")
+    export_pngs(data.test.images, data.test.labels, root, "test")
+    config = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
+    common = [*TINY_RUN, "data.val_per_class=0", "train.epochs=2"]
+    mean, std = NORMALIZATION["cifar10"]
+    runs = {
+        "memory": [*common, "data.dataset=cifar10"],
+        "files": [
+            *common,
+            f"data.dataset=folder:{root}",
+            f"data.split_file={root / 'train.txt'}",
+            f"data.test_file={root / 'test.txt'}",
+            f"data.mean={list(mean)}",
+            f"data.std={list(std)}",
+            f"data.in_memory={in_memory}",
+            "data.num_workers=2",
+        ],
+    }
+    metrics = {}
+    for name, overrides in runs.items():
+        metrics[name] = fit(load_config(config, overrides), tmp_path / name, tiny_cifar_root)
+    assert metrics["files"]["top1"] == metrics["memory"]["top1"]
+    assert metrics["files"]["per_class"] == metrics["memory"]["per_class"]
+    assert metrics["files"]["confusion"] == metrics["memory"]["confusion"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_split_file_benchmark_in_the_inaturalist_layout_trains_with_2_workers(tmp_path):
+    """A tiny benchmark registered like iNaturalist-2018 (split files, train_val2018/<kingdom>/
+    <id>/<file>.jpg paths, val reported as test) streams JPEGs through imagenet_train /
+    imagenet_eval at 64 px with 2 workers, trains ResNet-10 end to end and evaluates."""
+    from conftest import TINY_RUN
+
+    from longtail.core.config import load_config
+    from longtail.data.files import FileDatasetSpec, register_file_dataset
+    from longtail.engine.trainer import fit
+
+    spec = "tiny-inat-layout"
+    register_file_dataset(
+        FileDatasetSpec(
+            name=spec,
+            title="tiny iNaturalist-like",
+            num_classes=4,
+            split_files={"train": "tiny_train.txt", "val": "tiny_val.txt", "test": "tiny_val.txt"},
+            names_from_paths=False,
+            super_from_paths=True,
+        )
+    )
+    rng = np.random.default_rng(0)
+    lines = {"train": [], "val": []}
+    for c, (kingdom, n) in enumerate([("Plantae", 12), ("Plantae", 6), ("Aves", 4), ("Aves", 2)]):
+        for split, count in (("train", n), ("val", 2)):
+            for i in range(count):
+                rel = f"train_val2018/{kingdom}/{c:04d}/{split}{i}.jpg"
+                (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (48 + 8 * c, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / rel, quality=90)
+                lines[split].append(f"{rel} {c}\n")
+    for split, rows in lines.items():
+        (tmp_path / f"tiny_{split}.txt").write_text("".join(rows))
+    config = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
+    overrides = [
+        *TINY_RUN,
+        f"data.dataset={spec}",
+        "model.backbone=resnet10",
+        "train.batch_size=8",
+        "train.epochs=2",
+        "data.transform=imagenet_train",
+        "data.transform_params={size: 64}",
+        "data.eval_transform=imagenet_eval",
+        "data.eval_transform_params={size: 64, resize: 72}",
+        "data.num_workers=2",
+        "train.channels_last=false",
+    ]
+    metrics = fit(load_config(config, overrides), tmp_path / "run", tmp_path)
+    assert metrics["num_samples"] == 8 and metrics["epochs"] == 2
+    assert metrics["val"]["num_samples"] == 8  # val is the test split here
+    assert len(metrics["per_class"]) == 4 and metrics["top5"] == pytest.approx(100.0)
+    history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 2

@@ -45,6 +45,25 @@ class DataConfig(_Strict):
     # residual set: drop these classes' images from the TRAINING set only ("largest": argmax n_c;
     # a list of class ids); val / test and the class counts (losses, shot groups) stay whole
     exclude_classes: Union[Literal["largest"], List[int], None] = None
+    # datasets from files (longtail/data/sources.py, docs/data.md): the folder of the split files
+    # (default: the data root), a test tree for a folder dataset, the per-sample pipelines run by
+    # the loader's workers (longtail/data/transforms.py; None: decoded pixels, augmented on the
+    # device by crop_padding / flip), workers, JPEG draft size, and whether to decode the whole set
+    # into memory once (None: when untransformed, of one size and under 2 GiB)
+    split_dir: Optional[str] = None
+    split_file: Optional[str] = None  # a folder dataset listed by split files (paths relative
+    val_file: Optional[str] = None  # to its folder) instead of a scan / a seeded val split
+    test_file: Optional[str] = None
+    test_root: Optional[str] = None
+    transform: Optional[str] = None
+    transform_params: Dict[str, Any] = Field(default_factory=dict)
+    eval_transform: Optional[str] = None
+    eval_transform_params: Dict[str, Any] = Field(default_factory=dict)
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    decode_draft: Optional[Annotated[int, Field(ge=8)]] = None
+    in_memory: Optional[bool] = None
+    mean: Optional[List[float]] = None  # normalisation of a file dataset (default: ImageNet's)
+    std: Optional[List[float]] = None
 
 
 class ModelConfig(_Strict):

@@ -45,7 +45,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        images: Optional[torch.Tensor],
+        images: Optional[torch.Tensor | FileBatches],
         labels: torch.Tensor,
         sampler: BaseSampler,
         batch_size: int,
@@ -62,6 +62,8 @@ class TrainLoader:
         channels_last: bool = False,
         files: Optional[FileBatches] = None,
     ):
+        if isinstance(images, FileBatches):  # a set on disk: its decoder stands for its images
+            images, files = None, images
         if (images is None) == (files is None):
             raise ValueError("TrainLoader takes images (in memory) or files (on disk), not both.")
         if batch_size % world_size:
@@ -148,7 +150,7 @@ def eval_file_batches(
 
 
 def eval_batches(
-    images: torch.Tensor,
+    images: torch.Tensor | FileBatches,
     labels: torch.Tensor,
     batch_size: int,
     mean: Sequence[float],
@@ -158,7 +160,13 @@ def eval_batches(
     world_size: int = 1,
     channels_last: bool = False,
 ) -> Iterator[Batch]:
-    """This rank's contiguous shard of an evaluation set, in order, normalised, not augmented."""
+    """This rank's contiguous shard of an evaluation set, in order, normalised, not augmented
+    (``images``: uint8 [N, C, H, W], or the FileBatches of a set on disk)."""
+    if isinstance(images, FileBatches):
+        yield from eval_file_batches(
+            images, labels, batch_size, mean, std, device, rank, world_size, channels_last
+        )
+        return
     n = len(labels)
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from longtail.core.errors import DataError
+from longtail.data.transforms import sample_rng
 
 try:  # a faster JPEG decoder, used when installed (optional)
     import simplejpeg  # type: ignore[import-not-found]
@@ -102,7 +103,7 @@ class _Items(torch.utils.data.Dataset):
             ) from None
         if self.transform is None:
             return to_tensor(image)
-        return self.transform(image, sample_generator(self.seed, epoch, position))
+        return self.transform(image, sample_rng(self.seed, epoch, position))
 
 
 def _stack(items: List[torch.Tensor]) -> torch.Tensor:

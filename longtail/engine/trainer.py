@@ -36,9 +36,10 @@ from longtail.core.facts import RunFacts
 from longtail.core.metrics import shot_groups
 from longtail.core.modules import load_fitting_state
 from longtail.core.run_folder import RunFolder
-from longtail.data import DataBundle, build_data
+from longtail.data import DataBundle
 from longtail.data.loader import TrainLoader
 from longtail.data.samplers import build_sampler
+from longtail.data.sources import build_bundle
 from longtail.engine.config_check import check_config
 from longtail.engine.evaluate import evaluate
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
@@ -232,7 +233,7 @@ def resolve_precision(
         t.amp,
         device,
         model,
-        tuple(data.train.images.shape[1:]),
+        (data.in_channels, data.image_size, data.image_size),
         micro_batch,
         t.channels_last,
         arch=arch,
@@ -265,19 +266,7 @@ def build_run(cfg: Config, run_dir: Path, data_root: Path) -> Run:
         )
 
     d = cfg.data
-    data = build_data(
-        d.dataset,
-        data_root,
-        imbalance_factor=d.imbalance_factor,
-        profile=d.profile,
-        seed=d.subset_seed,
-        max_per_class=d.max_per_class,
-        max_test_per_class=d.max_test_per_class,
-        val_per_class=d.val_per_class,
-        meta_per_class=d.meta_per_class,
-        meta_from=d.meta_from,
-        exclude_classes=d.exclude_classes,
-    )
+    data = build_bundle(d, data_root, seed=cfg.seed)
     counts = list(data.class_counts)
 
     torch.manual_seed(cfg.seed)
