@@ -22,7 +22,8 @@ from longtail.engine.trainer import build_run
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 METHODS = CONFIGS / "methods"
-DATASETS = ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "mnist_lt")
+DATASETS = ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "mnist_lt")  # in memory
+FILE_DATASETS = ("imagenet_lt", "inat2018", "places_lt")  # streamed from files (docs/data.md)
 RECIPES = sorted(METHODS.glob("*.yaml"))
 NAMES = {
     "ce",
@@ -69,7 +70,17 @@ def dataset_of(name: str) -> str:
 
 def test_one_recipe_file_per_method_and_one_file_per_dataset():
     assert {p.stem for p in RECIPES} >= NAMES  # (new recipes may follow)
-    assert selector_names("data", METHODS) == list(DATASETS)  # natural order: 10 before 100
+    # natural order (10 before 100), in-memory and file datasets alike
+    assert selector_names("data", METHODS) == [
+        "cifar10_lt",
+        "cifar100_lt",
+        "fashion_mnist_lt",
+        "imagenet_lt",
+        "inat2018",
+        "mnist_lt",
+        "places_lt",
+    ]
+    assert set(selector_names("data", METHODS)) == {*DATASETS, *FILE_DATASETS}
     assert selector_names("model", METHODS) == [
         "resnet10",
         "resnet32",
@@ -162,7 +173,7 @@ def test_missing_dataset_says_to_add_data_name(capsys):
     with pytest.raises(
         ConfigError,
         match=r"add data=NAME \(available: cifar10_lt, cifar100_lt, "
-        r"fashion_mnist_lt, mnist_lt\)",
+        r"fashion_mnist_lt, imagenet_lt, inat2018, mnist_lt, places_lt\)",
     ):
         load_config(METHODS / "ce.yaml")
     with pytest.raises(ConfigError, match="add data=NAME"):  # a dotted key is no selector
@@ -284,3 +295,21 @@ def test_ldam_drw_trains_on_a_dataset_named_on_the_command_line(name, classes, t
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["dataset"] == dataset_of(name) and saved["loss"]["name"] == "ldam"
     assert saved["model"]["head"] == "cosine" and saved["model"]["backbone"] == "resnet32"
+
+
+@pytest.mark.parametrize("name", FILE_DATASETS)
+def test_file_dataset_recipes_compose_with_their_backbone_and_schedule(name):
+    from longtail.engine.config_check import check_config
+
+    want = {
+        "imagenet_lt": ("imagenet-lt", "resnext50_32x4d", 90, 0.1),
+        "places_lt": ("places-lt", "resnet152", 30, 0.01),
+        "inat2018": ("inat2018", "resnet50", 90, 0.1),
+    }[name]
+    for recipe in ("ce", "ldam_drw", "bs", "cbs"):
+        cfg = load_config(METHODS / f"{recipe}.yaml", [f"data={name}"])
+        check_config(cfg)
+        got = (cfg.data.dataset, cfg.model.backbone, cfg.train.epochs, cfg.optim.lr)
+        if recipe in ("ce", "bs", "cbs"):  # ldam_drw brings its own schedule
+            assert got == want, (recipe, got)
+        assert cfg.data.transform == "imagenet_train" and cfg.data.eval_transform == "imagenet_eval"

@@ -246,3 +246,33 @@ def test_a_split_file_benchmark_in_the_inaturalist_layout_trains_with_2_workers(
     assert len(metrics["per_class"]) == 4 and metrics["top5"] == pytest.approx(100.0)
     history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
     assert len(history) == 2
+
+
+def test_a_missing_listed_image_stops_the_run_before_anything_is_written(small_set, tmp_path):
+    from conftest import TINY_RUN
+
+    from longtail.core.config import load_config
+    from longtail.core.errors import LongtailError
+    from longtail.engine.trainer import fit
+
+    images, labels, root, paths = small_set
+    split = tmp_path / "train.txt"
+    split.write_text(
+        (root / "train.txt").read_text() + "train/2/gone.png 2\n"
+    )  # one more line, no such file
+    config = Path(__file__).resolve().parents[1] / "configs" / "methods" / "ce.yaml"
+    cfg = load_config(
+        config,
+        [
+            *TINY_RUN,
+            f"data.dataset=folder:{root}",
+            f"data.split_file={split}",
+            f"data.test_file={root / 'train.txt'}",
+            "data.val_per_class=0",
+        ],
+    )
+    with pytest.raises(
+        LongtailError, match=r"1 of 71 listed images are missing.*gone.png \(image 71"
+    ):
+        fit(cfg, tmp_path / "run", root)
+    assert not (tmp_path / "run").exists()

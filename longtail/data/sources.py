@@ -122,11 +122,28 @@ def _in_memory(listing: file_sets.FileImageSet, d: DataConfig) -> Optional[Image
     )
 
 
+def _check_present(listing: file_sets.FileImageSet) -> None:
+    """Every listed file exists (a stat each, no decoding), else a DataError naming the first
+    missing ones before anything is trained or written."""
+    missing = [i for i in range(len(listing)) if not listing.file(i).exists()]
+    if missing:
+        shown = ", ".join(
+            f"{listing.paths[i]} (image {int(listing.indices[i]) + 1} of {listing.source})"
+            for i in missing[:3]
+        )
+        raise DataError(
+            f"{len(missing)} of {len(listing)} listed images are missing under {listing.root}: "
+            f"{shown}{' ...' if len(missing) > 3 else ''}. Check the data root (--data-root) "
+            f"and run `longtail data check` for the full list."
+        )
+
+
 def _split_set(
     listing: Optional[file_sets.FileImageSet], d: DataConfig, seed: int, train: bool
 ) -> Any:
     if listing is None:
         return None
+    _check_present(listing)
     memory = _in_memory(listing, d)
     if memory is not None:
         return memory
