@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(stats)
     _add_file_data_args(stats, "file datasets: the split to count (default train)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
-    split = dsub.add_parser("split", help="write the training subset as 'index label' lines")
+    split = dsub.add_parser(
+        "split",
+        help="write the training subset as 'index label' lines (file datasets: "
+        "'relative/path label', a folder's long-tailed subset with --imbalance-factor)",
+    )
     _add_data_args(split)
+    _add_file_data_args(split, "file datasets: the split to write (default train)")
     split.add_argument("--out", required=True, help="output text file")
     check = dsub.add_parser(
         "check",
@@ -280,10 +285,20 @@ def cmd_data_split(args) -> int:
     from longtail.data.stats import export_split
 
     if is_file_dataset(args.dataset):
-        raise LongtailError(
-            f"data split exports the subsets of cifar10, cifar100, mnist and fashion-mnist; "
-            f"{args.dataset} is listed by its split files already (see longtail data stats)."
+        from longtail.data.stats import export_file_split
+
+        n = export_file_split(
+            args.dataset,
+            Path(args.out),
+            split=args.split,
+            imbalance_factor=args.imbalance_factor,
+            profile=args.profile,
+            data_root=args.data_root,
+            split_dir=args.split_dir,
+            split_file=args.split_file,
         )
+        print(f"wrote {n} lines 'relative/path label' to {args.out}")
+        return 0
     n = export_split(args.dataset, Path(args.out), *_profile(args), args.data_root)
     print(f"wrote {n} lines 'index label' to {args.out}")
     return 0

@@ -512,3 +512,23 @@ def test_folder_long_tailed_stats_at_the_cli(tmp_path, capsys):
     assert "long-tailed as published" in capsys.readouterr().err
     assert main(["data", "split", "places-lt", "--out", str(tmp_path / "x.txt")]) == 2
     assert "listed by its split files already" in capsys.readouterr().err
+
+
+def test_data_split_writes_a_folders_longtailed_subset_as_a_split_file(tmp_path, capsys):
+    from longtail.cli import main
+
+    tree = tmp_path / "tree"
+    _folder(tree, {f"k{c}": 40 - 3 * c for c in range(6)})
+    out = tmp_path / "lt.txt"
+    argv = ["data", "split", f"folder:{tree}", "--imbalance-factor", "10", "--out", str(out)]
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    expected = img_num_per_cls(25, 6, 10)
+    assert len(lines) == sum(expected) and f"wrote {sum(expected)} lines" in capsys.readouterr().out
+    labels = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert np.bincount(labels).tolist() == expected
+    # the written file lists the same subset the folder reads back from it
+    again = read_folder_split(tree, out)
+    assert again.class_counts() == expected and again.classes == [f"k{c}" for c in range(6)]
+    # a published benchmark is long-tailed already: no factor
+    assert main(["data", "split", "places-lt", "--imbalance-factor", "5", "--out", str(out)]) == 2

@@ -142,6 +142,43 @@ def file_listings(
     return out
 
 
+def export_file_split(
+    dataset: str,
+    out: Path,
+    *,
+    split: Optional[str] = None,
+    imbalance_factor: Optional[float] = None,
+    profile: Optional[str] = None,
+    data_root: Optional[str] = None,
+    split_dir: Optional[str] = None,
+    split_file: Optional[str] = None,
+) -> int:
+    """Write one split of a file dataset as 'relative/path label' lines (the split-file format):
+    a folder's scan, or its long-tailed subset with ``imbalance_factor`` (seed 0, as
+    ``folder-lt:PATH`` trains it); a benchmark's split as its published file lists it."""
+    from longtail.core.io import atomic_write_text
+
+    is_folder = dataset.strip().startswith(FOLDER_PREFIX)
+    if not is_folder and (imbalance_factor is not None or profile is not None):
+        raise DataError(
+            f"{dataset} is long-tailed as published: --imbalance-factor / --profile apply to "
+            f"{FOLDER_PREFIX}PATH datasets only."
+        )
+    ((_, data),) = file_listings(
+        dataset,
+        None if is_folder else [split or "train"],
+        data_root=data_root,
+        split_dir=split_dir,
+        split_file=split_file,
+    )
+    if is_folder and imbalance_factor is not None:
+        data = longtail_subset(data, imbalance_factor, profile or "exp")
+    atomic_write_text(
+        out, "".join(f"{data.paths[i]} {int(data.labels[i])}\n" for i in range(len(data)))
+    )
+    return len(data)
+
+
 def file_dataset_stats(
     dataset: str,
     split: Optional[str] = None,
