@@ -511,7 +511,7 @@ def test_folder_long_tailed_stats_at_the_cli(tmp_path, capsys):
     )
     assert "long-tailed as published" in capsys.readouterr().err
     assert main(["data", "split", "places-lt", "--out", str(tmp_path / "x.txt")]) == 2
-    assert "listed by its split files already" in capsys.readouterr().err
+    assert "Places-LT needs its split files: give --split-dir" in capsys.readouterr().err
 
 
 def test_data_split_writes_a_folders_longtailed_subset_as_a_split_file(tmp_path, capsys):
@@ -532,3 +532,31 @@ def test_data_split_writes_a_folders_longtailed_subset_as_a_split_file(tmp_path,
     assert again.class_counts() == expected and again.classes == [f"k{c}" for c in range(6)]
     # a published benchmark is long-tailed already: no factor
     assert main(["data", "split", "places-lt", "--imbalance-factor", "5", "--out", str(out)]) == 2
+
+
+@pytest.mark.skipif(not SPLITS.is_dir(), reason="the published split files are not here")
+def test_data_split_of_a_published_benchmark_rewrites_its_split_file(tmp_path):
+    from longtail.cli import main
+
+    out = tmp_path / "val.txt"
+    assert (
+        main(
+            [
+                "data",
+                "split",
+                "places-lt",
+                "--split-dir",
+                str(SPLITS),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    lines = out.read_text().splitlines()
+    assert (
+        len(lines) == 7300
+        and lines == (SPLITS / "Places_LT_val.txt").read_text().split("\n")[: len(lines)]
+    )

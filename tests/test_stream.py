@@ -193,17 +193,27 @@ def test_training_through_files_equals_training_in_memory(tiny_cifar_root, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_split_file_benchmark_in_the_inaturalist_layout_trains_with_2_workers(tmp_path):
-    """A tiny benchmark registered like iNaturalist-2018 (split files, train_val2018/<kingdom>/
-    <id>/<file>.jpg paths, val reported as test) streams JPEGs through imagenet_train /
-    imagenet_eval at 64 px with 2 workers, trains ResNet-10 end to end and evaluates."""
+LAYOUTS = {  # the published path layouts: class c, split, image i -> path
+    "inat": lambda c, kingdom, split, i: f"train_val2018/{kingdom}/{c:04d}/{split}{i}.jpg",
+    "imagenet": lambda c, kingdom, split, i: f"{split}/n0{c:07d}/n0{c:07d}_{i}.JPEG",
+    "places": lambda c, kingdom, split, i: f"data_256/{'abcd'[c]}/scene{c}/{split}{i:08d}.jpg",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_split_file_benchmark_in_each_published_layout_trains_with_2_workers(tmp_path, layout):
+    """A tiny benchmark registered like the published ones (split files; iNaturalist's
+    train_val2018/<kingdom>/<id>/<file>.jpg, ImageNet's <split>/<wnid>/<file>.JPEG, Places'
+    data_256/<letter>/<scene>/<file>.jpg; val reported as test as for iNaturalist) streams JPEGs
+    through imagenet_train / imagenet_eval at 64 px with 2 workers, trains ResNet-10 end to end
+    and evaluates."""
     from conftest import TINY_RUN
 
     from longtail.core.config import load_config
     from longtail.data.files import FileDatasetSpec, register_file_dataset
     from longtail.engine.trainer import fit
 
-    spec = "tiny-inat-layout"
+    spec = f"tiny-{layout}-layout"
     register_file_dataset(
         FileDatasetSpec(
             name=spec,
@@ -211,7 +221,7 @@ def test_a_split_file_benchmark_in_the_inaturalist_layout_trains_with_2_workers(
             num_classes=4,
             split_files={"train": "tiny_train.txt", "val": "tiny_val.txt", "test": "tiny_val.txt"},
             names_from_paths=False,
-            super_from_paths=True,
+            super_from_paths=layout == "inat",
         )
     )
     rng = np.random.default_rng(0)
@@ -219,7 +229,7 @@ def test_a_split_file_benchmark_in_the_inaturalist_layout_trains_with_2_workers(
     for c, (kingdom, n) in enumerate([("Plantae", 12), ("Plantae", 6), ("Aves", 4), ("Aves", 2)]):
         for split, count in (("train", n), ("val", 2)):
             for i in range(count):
-                rel = f"train_val2018/{kingdom}/{c:04d}/{split}{i}.jpg"
+                rel = LAYOUTS[layout](c, kingdom, split, i)
                 (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
                 pixels = rng.integers(0, 256, (48 + 8 * c, 64, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / rel, quality=90)
