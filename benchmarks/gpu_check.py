@@ -312,46 +312,21 @@ def main(argv=None) -> int:
     tp_cmd += ["--quick"] if args.quick else ["--amp", "bf16", "--concurrent", "8", "--steps", "97"]
     steps.append(run_step("throughput", tp_cmd, min(100.0, 0.21 * args.budget), log, env))
 
+    def bench(suite: str, jobs: int) -> List[str]:
+        """``longtail bench SUITE`` into this check's folders (--quick: every run tiny)."""
+        cmd = [py, "-m", "longtail", "bench", suite, "--out", str(runs), "--results", str(out)]
+        cmd += ["--docs", str(out / "results-page.md.tmp"), "--jobs", str(jobs)]
+        if args.quick:
+            cmd += ["--epochs", "1", *(a for kv in QUICK_SET for a in ("--set", kv))]
+        return cmd
+
     # 3. bf16 against fp32: the same accuracy within seed noise, and the speed ratio
-    parity = [
-        py,
-        "-m",
-        "longtail",
-        "bench",
-        "amp-parity",
-        "--out",
-        str(runs),
-        "--results",
-        str(out),
-        "--docs",
-        str(out / "results-page.md.tmp"),
-        "--jobs",
-        "2" if args.quick else "6",
-    ]
-    parity += (
-        ["--epochs", "1", *(a for kv in QUICK_SET for a in ("--set", kv))] if args.quick else []
-    )
+    parity = bench("amp-parity", 2 if args.quick else 6)
     steps.append(run_step("amp-parity", parity, min(75.0, 0.16 * args.budget), log, env))
 
     # 4. the 200-epoch table, every run at once
-    bench = [
-        py,
-        "-m",
-        "longtail",
-        "bench",
-        SUITE,
-        "--out",
-        str(runs),
-        "--results",
-        str(out),
-        "--docs",
-        str(out / "results-page.md.tmp"),
-        "--jobs",
-        str(args.jobs or (2 if args.quick else 8)),
-    ]
-    if args.quick:
-        bench += ["--epochs", "1"] + [a for kv in QUICK_SET for a in ("--set", kv)]
-    steps.append(run_step("suite", bench, max(left() - 15.0, 30.0), log, env))
+    suite = bench(SUITE, args.jobs or (2 if args.quick else 8))
+    steps.append(run_step("suite", suite, max(left() - 15.0, 30.0), log, env))
     Path(out / "results-page.md.tmp").unlink(missing_ok=True)
 
     git = git_info(ROOT)

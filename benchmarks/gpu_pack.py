@@ -37,17 +37,10 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 def used_indices(data_root: Path) -> list[int]:
     """Training-set indices of CIFAR-10-LT IF100's train and val splits (configs/datasets)."""
     from longtail.core.config import load_config
-    from longtail.data import build_data
+    from longtail.data.sources import build_bundle
 
-    d = load_config(ROOT / "configs" / "methods" / "ce.yaml", ["data=cifar10_lt"]).data
-    data = build_data(
-        d.dataset,
-        data_root,
-        imbalance_factor=d.imbalance_factor,
-        profile=d.profile,
-        seed=d.subset_seed,
-        val_per_class=d.val_per_class,
-    )
+    cfg = load_config(ROOT / "configs" / "methods" / "ce.yaml", ["data=cifar10_lt"])
+    data = build_bundle(cfg.data, data_root)
     keep = set(data.train.indices.tolist()) | set(data.val.indices.tolist())
     return sorted(keep)
 

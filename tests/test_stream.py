@@ -12,7 +12,7 @@ from PIL import Image
 
 from longtail.core.errors import DataError
 from longtail.core.facts import RunFacts
-from longtail.data.loader import TrainLoader, eval_batches, eval_file_batches
+from longtail.data.loader import TrainLoader, eval_batches
 from longtail.data.samplers import build_sampler
 from longtail.data.stream import FileBatches, decode, to_tensor
 from longtail.data.transforms import sample_rng
@@ -81,7 +81,7 @@ def test_file_eval_batches_equal_the_in_memory_ones(small_set):
     files = FileBatches(root, paths, num_workers=2)
     for rank in (0, 1):
         a = list(eval_batches(images, labels, 16, MEAN, STD, torch.device("cpu"), rank, 2))
-        b = list(eval_file_batches(files, labels, 16, MEAN, STD, torch.device("cpu"), rank, 2))
+        b = list(eval_batches(files, labels, 16, MEAN, STD, torch.device("cpu"), rank, 2))
         assert len(a) == len(b) == 3  # 35 images of this rank's shard in batches of 16
         for x, y in zip(a, b):
             assert torch.equal(x.images, y.images) and torch.equal(x.indices, y.indices)

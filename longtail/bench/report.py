@@ -212,16 +212,21 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
 # checks (a suite's ``checks:``: the orderings its results must show)
 
 
-def _metric(row: Dict[str, Any], name: str) -> Optional[float]:
-    t, v = row.get("test") or {}, row.get("val") or {}
-    return {
-        "test": t.get("top1"),
-        "val": v.get("top1"),
-        "many": t.get("many"),
-        "medium": t.get("medium"),
-        "few": t.get("few"),
-        "val_mean_class": v.get("mean_class_acc"),
-    }[name]
+# a check metric -> (split, key) of a row's numbers
+_METRIC_KEYS = {
+    "test": ("test", "top1"),
+    "val": ("val", "top1"),
+    "many": ("test", "many"),
+    "medium": ("test", "medium"),
+    "few": ("test", "few"),
+    "val_mean_class": ("val", "mean_class_acc"),
+}
+
+
+def _metric(row: Dict[str, Any], name: str, suffix: str = "") -> Optional[float]:
+    """A check metric of a row (``suffix="_sd"``: its standard deviation over seeds)."""
+    split, key = _METRIC_KEYS[name]
+    return (row.get(split + suffix) or {}).get(key)
 
 
 def _mean_sd(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
@@ -281,16 +286,7 @@ def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _metric_sd(group: Dict[str, Any], name: str) -> Optional[float]:
-    sd = {"test": group.get("test_sd") or {}, "val": group.get("val_sd") or {}}
-    t, v = sd["test"], sd["val"]
-    return {
-        "test": t.get("top1"),
-        "val": v.get("top1"),
-        "many": t.get("many"),
-        "medium": t.get("medium"),
-        "few": t.get("few"),
-        "val_mean_class": v.get("mean_class_acc"),
-    }[name]
+    return _metric(group, name, "_sd")
 
 
 def evaluate_checks(

@@ -7,7 +7,7 @@ crop and flip whether it is trained by one process or by rank r of N, and resume
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -124,31 +124,6 @@ class TrainLoader:
             )
 
 
-def eval_file_batches(
-    files: FileBatches,
-    labels: torch.Tensor,
-    batch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    channels_last: bool = False,
-) -> Iterator[Batch]:
-    """:func:`eval_batches` of a set on disk: this rank's contiguous shard, in order, decoded by
-    the workers (with the evaluation transform, if any), normalised on the device."""
-    n = len(labels)
-    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    norm = Normalizer(mean, std, device)
-    shards = [np.arange(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
-    for idx, x in zip(shards, files.batches(0, shards, shards)):
-        x = x.to(device, non_blocking=True)
-        x = norm(x) if x.dtype == torch.uint8 else x
-        idx_t = torch.from_numpy(idx).to(device)
-        yield Batch(x.contiguous(memory_format=fmt), labels[idx].to(device), idx_t)
-
-
 def eval_batches(
     images: torch.Tensor | FileBatches,
     labels: torch.Tensor,
@@ -161,18 +136,18 @@ def eval_batches(
     channels_last: bool = False,
 ) -> Iterator[Batch]:
     """This rank's contiguous shard of an evaluation set, in order, normalised, not augmented
-    (``images``: uint8 [N, C, H, W], or the FileBatches of a set on disk)."""
-    if isinstance(images, FileBatches):
-        yield from eval_file_batches(
-            images, labels, batch_size, mean, std, device, rank, world_size, channels_last
-        )
-        return
+    (``images``: uint8 [N, C, H, W], or the FileBatches of a set on disk, decoded by its workers
+    with its evaluation transform, if any)."""
     n = len(labels)
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     norm = Normalizer(mean, std, device)
-    for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        x = norm(images[start:stop].to(device)).contiguous(memory_format=fmt)
-        idx = torch.arange(start, stop, device=device)
-        yield Batch(x, labels[start:stop].to(device), idx)
+    shards = [np.arange(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+    decoded = images.batches(0, shards, shards) if isinstance(images, FileBatches) else None
+    for idx in shards:
+        start, stop = int(idx[0]), int(idx[-1]) + 1
+        x = next(decoded) if decoded is not None else cast(torch.Tensor, images)[start:stop]
+        x = x.to(device, non_blocking=True)
+        x = norm(x) if x.dtype == torch.uint8 else x  # a worker transform may normalise itself
+        idx_t = torch.arange(start, stop, device=device)
+        yield Batch(x.contiguous(memory_format=fmt), labels[start:stop].to(device), idx_t)
