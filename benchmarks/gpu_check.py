@@ -282,6 +282,11 @@ def main(argv=None) -> int:
     def left() -> float:
         return args.budget - (time.perf_counter() - started)
 
+    def limit(cap: float, share: float) -> float:
+        """A step's time limit: its share of the GPU budget; --quick (a smoke run on a possibly
+        loaded CPU) lets each step use what is left of the budget."""
+        return max(left() - 10.0, 30.0) if args.quick else min(cap, share * args.budget)
+
     # 1. the CUDA tests (skipped on a machine without CUDA)
     junit = Path("/tmp") / f"longtail-gpu-junit-{os.getpid()}.xml"
     steps.append(
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
                 "no:cacheprovider",
                 f"--junitxml={junit}",
             ],
-            min(150.0, 0.3 * args.budget),
+            limit(150.0, 0.3),
             log,
             env,
         )
@@ -310,7 +315,7 @@ def main(argv=None) -> int:
     tp = out / "throughput.json"
     tp_cmd = [py, "benchmarks/throughput.py", "--device", "auto", "--out", str(tp), "--no-check"]
     tp_cmd += ["--quick"] if args.quick else ["--amp", "bf16", "--concurrent", "8", "--steps", "97"]
-    steps.append(run_step("throughput", tp_cmd, min(100.0, 0.21 * args.budget), log, env))
+    steps.append(run_step("throughput", tp_cmd, limit(100.0, 0.21), log, env))
 
     def bench(suite: str, jobs: int) -> List[str]:
         """``longtail bench SUITE`` into this check's folders (--quick: every run tiny)."""
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
 
     # 3. bf16 against fp32: the same accuracy within seed noise, and the speed ratio
     parity = bench("amp-parity", 2 if args.quick else 6)
-    steps.append(run_step("amp-parity", parity, min(75.0, 0.16 * args.budget), log, env))
+    steps.append(run_step("amp-parity", parity, limit(75.0, 0.16), log, env))
 
     # 4. the 200-epoch table, every run at once
     suite = bench(SUITE, args.jobs or (2 if args.quick else 8))

@@ -25,14 +25,16 @@ def test_gpu_check_quick_runs_every_step_on_cpu(real_data_root, tmp_path):
             "--data",
             str(real_data_root),
             "--budget",
-            "400",
+            "540",
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     log = (out / "steps.log").read_text() if (out / "steps.log").exists() else ""
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
+    md = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
+    steps_table = md.split("## CUDA tests")[0]
+    assert proc.returncode == 0, steps_table + proc.stderr[-3000:] + log[-3000:]
     record = json.loads((out / "gpu_check.json").read_text())
     assert record["quick"] is True and record["git"]["commit"]
     assert record["machine"]["torch"] and "gpu_check.sh" in record["command"]
