@@ -62,7 +62,9 @@ class DataConfig(_Strict):
     num_workers: Annotated[int, Field(ge=0)] = 2
     decode_draft: Optional[Annotated[int, Field(ge=8)]] = None
     in_memory: Optional[bool] = None
-    mean: Optional[List[float]] = None  # normalisation of a file dataset (default: ImageNet's)
+    # normalisation (default: the built-in set's own; ImageNet's for a file dataset), e.g. a
+    # pretrained backbone's statistics on CIFAR
+    mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
 
 
@@ -73,6 +75,13 @@ class ModelConfig(_Strict):
     neck_params: Dict[str, Any] = Field(default_factory=dict)
     head: str = "linear"
     head_params: Dict[str, Any] = Field(default_factory=dict)
+    # parameter-efficient tuning (longtail/models/peft.py): a name or a list applied in order
+    # (full, linear_probe, bitfit, ssf, lora, adapter, vpt) and its options (per name for a list)
+    tuning: Union[str, List[str]] = "full"
+    tuning_params: Dict[str, Any] = Field(default_factory=dict)
+    # inputs resized (bilinear, on the device) to this side before the backbone, e.g. a
+    # pretrained backbone on 32-px images; None: as the data gives them
+    input_size: Optional[Annotated[int, Field(ge=8, le=1024)]] = None
 
 
 class LossConfig(_Open):
@@ -95,6 +104,10 @@ class OptimConfig(_Open):
     lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1
     weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 2e-4
     grad_clip: Optional[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = None  # max norm
+    # the head's own lr / weight decay (None: optim.lr / optim.weight_decay), e.g. a fresh
+    # classifier on a tuned pretrained backbone
+    head_lr: Optional[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = None
+    head_weight_decay: Optional[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = None
 
 
 class ScheduleConfig(_Open):

@@ -11,6 +11,7 @@ the evaluation take in place of an in-memory tensor.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -160,7 +161,7 @@ def build_bundle(d: DataConfig, root: Path | str, seed: int = 0) -> DataBundle:
     """The data of a run: a built-in dataset (in memory) or a file dataset (streamed, or decoded
     into memory when small); ``seed`` keys the per-sample augmentation of a streamed set."""
     if not is_file_dataset(d.dataset):
-        return build_data(
+        bundle = build_data(
             d.dataset,
             root,
             imbalance_factor=d.imbalance_factor,
@@ -173,6 +174,13 @@ def build_bundle(d: DataConfig, root: Path | str, seed: int = 0) -> DataBundle:
             meta_from=d.meta_from,
             exclude_classes=d.exclude_classes,
         )
+        if d.mean is not None or d.std is not None:  # e.g. a pretrained backbone's statistics
+            bundle = dataclasses.replace(
+                bundle,
+                mean=tuple(d.mean or bundle.mean),
+                std=tuple(d.std or bundle.std),
+            )
+        return bundle
     if d.meta_per_class:
         raise DataError(
             f"data.meta_per_class is not supported for the file dataset {d.dataset} yet: "

@@ -21,6 +21,7 @@ from longtail.hooks import HOOKS
 from longtail.losses import LOSSES
 from longtail.methods import METHODS
 from longtail.models import BACKBONES, HEADS, NECKS
+from longtail.models.peft import TUNINGS
 from longtail.optim import OPTIMIZERS, SCHEDULES
 
 _FIX = "Fix the key in the YAML file or the override."
@@ -113,6 +114,7 @@ LISTED: Dict[str, Registry] = {
     "model.backbone": BACKBONES,
     "model.neck": NECKS,
     "model.head": HEADS,
+    "model.tuning": TUNINGS,
 }
 
 

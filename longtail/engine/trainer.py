@@ -47,7 +47,14 @@ from longtail.hooks import Hook, build_hooks
 from longtail.losses import create as create_loss
 from longtail.methods import Method, MethodContext, build_method
 from longtail.models import build_model
-from longtail.optim import OptimWrapper, Schedule, build_optimizer, build_schedule, optim_info
+from longtail.optim import (
+    OptimWrapper,
+    Schedule,
+    build_optimizer,
+    build_schedule,
+    optim_info,
+    param_groups,
+)
 from longtail.optim.precision import cpu_has_native_bf16, describe, resolve_amp
 
 
@@ -202,7 +209,13 @@ def attach_step(
     train_model = wrap_ddp(model, info, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model, mode=cfg.train.compile_mode)
-    optimizer = build_optimizer(cfg.optim, method.trainable_parameters(), facts)
+    groups = param_groups(
+        method.trainable_parameters(),
+        model.head.parameters(),
+        cfg.optim.head_lr,
+        cfg.optim.head_weight_decay,
+    )
+    optimizer = build_optimizer(cfg.optim, groups, facts)
     optim = OptimWrapper(
         optimizer,
         needs_closure=optim_info(cfg.optim.name).needs_closure,
@@ -514,6 +527,23 @@ def announce(run: Run, start_epoch: int) -> None:
         + (f"  resuming after epoch {start_epoch}" if start_epoch else "")
     )
     print(f"precision: {describe(run.cfg.train.amp)} ({run.amp_reason})")
+    n = parameter_counts(run)
+    print(
+        f"parameters: {n['trainable']:,} trainable of {n['total']:,} "
+        f"({100.0 * n['trainable'] / max(n['total'], 1):.2f}%; tuning {run.cfg.model.tuning})"
+    )
+
+
+def parameter_counts(run: Run) -> Dict[str, int]:
+    """The model's parameters, and those the optimiser updates (each tensor counted once)."""
+    total = {id(p): p.numel() for p in run.method.model.parameters()}
+    trained = {id(p): p.numel() for p in run.optim.params()}
+    head = {id(p) for p in run.method.model.head.parameters()}
+    return {
+        "total": sum(total.values()),
+        "trainable": sum(trained.values()),
+        "trainable_head": sum(v for k, v in trained.items() if k in head),
+    }
 
 
 def fit(
@@ -639,6 +669,7 @@ def final_metrics(
             "device": str(run.device),
             "amp": run.cfg.train.amp,
             "amp_reason": run.amp_reason,
+            "parameters": parameter_counts(run),
             "torch": torch.__version__,
             "machine": platform.machine(),
         }

@@ -6,12 +6,11 @@ knowing; losses read ``logits`` and methods may read ``features`` and ``extras``
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-
-from longtail.models.registry import BACKBONES, HEADS, NECKS
+import torch.nn.functional as F
 
 
 class ModelOutput(NamedTuple):
@@ -28,14 +27,23 @@ class ModelOutput(NamedTuple):
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, neck: nn.Module, head: nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        head: nn.Module,
+        input_size: Optional[int] = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.head = head
+        self.input_size = input_size  # model.input_size: inputs resized to it (bilinear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, D] classifier input."""
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size,) * 2:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
         # torch types Module.__getattr__ as Tensor | Module, but forward_features is a method of
         # every backbone (the backbone contract), never a parameter or buffer
         return self.neck(self.backbone.forward_features(x))  # type: ignore[operator]
@@ -56,16 +64,3 @@ class Classifier(nn.Module):
         if getattr(self, "_backbone_frozen", False):
             self.backbone.eval()
         return self
-
-
-def build_model(cfg, num_classes: int, in_chans: int) -> Classifier:
-    """Build a Classifier from a ``ModelConfig``; unknown options raise ConfigError by key."""
-    backbone_params = {"in_chans": in_chans, **cfg.backbone_params}
-    backbone = BACKBONES.build(cfg.backbone, key_prefix="model.backbone_params.", **backbone_params)
-    dim = backbone.num_features
-    neck = NECKS.build(cfg.neck, dim, key_prefix="model.neck_params.", **cfg.neck_params)
-    dim = getattr(neck, "out_features", dim)
-    head = HEADS.build(
-        cfg.head, dim, num_classes, key_prefix="model.head_params.", **cfg.head_params
-    )
-    return Classifier(backbone, neck, head)

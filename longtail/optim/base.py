@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Type, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Type, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -110,6 +110,29 @@ def build_optimizer(
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     return optimizer
+
+
+def param_groups(
+    params: Iterable[torch.nn.Parameter],
+    own: Iterable[torch.nn.Parameter],
+    lr: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+) -> List[Any]:
+    """``params`` as optimiser groups: those also in ``own`` (e.g. the head's, with
+    ``optim.head_lr`` / ``optim.head_weight_decay``) in a second group with that ``lr`` /
+    ``weight_decay`` where given. Neither given: the plain parameter list, one group."""
+    params = list(params)
+    if lr is None and weight_decay is None:
+        return params
+    mine = {id(p) for p in own}
+    rest = [p for p in params if id(p) not in mine]
+    special: Dict[str, Any] = {"params": [p for p in params if id(p) in mine], "name": "head"}
+    if lr is not None:
+        special["lr"] = lr
+    if weight_decay is not None:
+        special["weight_decay"] = weight_decay
+    groups = [{"params": rest, "name": "tuned"}, special]
+    return [g for g in groups if g["params"]]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
