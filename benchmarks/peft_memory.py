@@ -9,6 +9,8 @@ taken by each arm on random 224-px images. Memory is counted, not guessed:
   distinct storages by a ``torch.autograd.graph.saved_tensors_hooks`` pack hook (what a GPU
   keeps alive between forward and backward), at two batch sizes; linear in the batch, so the
   fit (bytes per image + constant) extrapolates to ``--target-batch`` (128);
+- with activation checkpointing, each block's fp32 input (tokens x D x 4 bytes an image), which
+  checkpointing keeps itself, is added to the count;
 - ``weights`` (all parameters, fp32), ``grads`` and ``momentum`` (trainable parameters only).
 
 Estimated peak = weights + grads + momentum + activations at the target batch (the backward's
@@ -103,10 +105,11 @@ def measure(arm, backbone, size, classes, batches: List[int], device) -> Dict[st
     total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in trainable)
     saved, seconds, peaks = {}, {}, {}
-    for b in batches:
+    for j, b in enumerate(batches):
         x = torch.randn(b, 3, size, size, device=device)
         y = torch.randint(0, classes, (b,), device=device)
-        step(model, opt, x, y, arm["amp"])  # warm-up (allocates momentum buffers)
+        if j == 0 or device.type == "cuda":
+            step(model, opt, x, y, arm["amp"])  # warm-up (allocates momentum buffers)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -118,6 +121,10 @@ def measure(arm, backbone, size, classes, batches: List[int], device) -> Dict[st
         seconds[b] = time.perf_counter() - t
     b0, b1 = batches[0], batches[-1]
     per_image = (saved[b1] - saved[b0]) / max(b1 - b0, 1)
+    vit = model.backbone
+    if arm["ckpt"]:  # the blocks' fp32 inputs, which checkpointing keeps outside autograd's hooks
+        tokens = 1 + vit.num_prompts + (size // vit.patch_size) ** 2
+        per_image += len(vit.blocks) * tokens * vit.embed_dim * 4
     const = saved[b0] - per_image * b0
     return {
         "params_total": total,
