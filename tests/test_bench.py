@@ -387,7 +387,10 @@ def test_shipped_suite_parses_and_configs_exist(suite_file, tmp_path):
             missing.append(p.spec.config_text)  # the other engineer's configs
             continue
         assert p.error is None, p.error
-        assert p.cfg.model.backbone == "resnet32"
+        chosen = [o.split("=", 1)[1] for o in suite.overrides if o.startswith("model=")]
+        assert p.cfg.model.backbone == {"mobilenet_v2": "mobilenet_v2"}.get(
+            chosen[-1] if chosen else "", "resnet32"
+        )
         if p.spec.stage1:
             assert p.stage1_dir == (tmp_path / suite.name / p.needs[0]).resolve()
             assert suite.run(p.spec.stage1).config.stem == "ce"

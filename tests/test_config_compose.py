@@ -82,11 +82,15 @@ def test_one_recipe_file_per_method_and_one_file_per_dataset():
     ]
     assert set(selector_names("data", METHODS)) == {*DATASETS, *FILE_DATASETS}
     assert selector_names("model", METHODS) == [
+        "efficientnet_lite0",
+        "mobilenet_v2",
         "resnet10",
         "resnet32",
         "resnet50",
         "resnet152",
         "resnext50",
+        "vit_b16",
+        "vit_tiny",
     ]
     for old in ("cifar10_lt", "cifar100_lt", "fashion_mnist_lt", "_base_"):
         assert not (CONFIGS / old).exists(), old
@@ -113,7 +117,12 @@ def test_every_recipe_composes_and_validates_on_every_dataset(recipe):
     for name in DATASETS:
         cfg = load_config(recipe, [f"data={name}"])  # stage1 / checkpoint unset: valid
         assert cfg.data.dataset == dataset_of(name)
-        assert cfg.model.backbone == "resnet32" and cfg.train.batch_size == 128
+        # the dataset's ResNet-32, unless the recipe brings its own model (the prompt recipes)
+        own = yaml.safe_load(recipe.read_text()).get("_base_") or ""
+        expected = (
+            "vit_base_patch16_224" if "vit_b16" in str(own) or "vpt" in str(own) else "resnet32"
+        )
+        assert cfg.model.backbone == expected and cfg.train.batch_size == 128
         again = load_config(recipe, [f"data={CONFIGS / 'datasets' / f'{name}.yaml'}"])  # a path
         assert again.to_dict() == cfg.to_dict()
         if not cfg.stages:  # every component name and option is one it takes
@@ -236,9 +245,16 @@ def test_every_recipe_builds_and_takes_a_step_on_every_dataset(name, tiny_root, 
     stepped, refused = [], []
     for recipe in RECIPES:
         tiny = [o for o in TINY if not o.startswith("train.epochs")]  # keep the recipe's
-        cfg = load_config(
-            recipe, [f"data={name}", *tiny, "data.meta_per_class=1", "model.backbone=resnet8"]
-        )
+        small = ["model.backbone=resnet8"]
+        if load_config(recipe, [f"data={name}"]).model.backbone.startswith("vit_"):
+            # prompt recipes need a ViT: the smallest, its inputs resized to 32 px
+            small = [
+                "model.backbone=vit_tiny_patch16_224",
+                "model.backbone_params.img_size=32",
+                "model.input_size=32",
+                "model.tuning_params.length=2",
+            ]
+        cfg = load_config(recipe, [f"data={name}", *tiny, "data.meta_per_class=1", *small])
         if cfg.stages:
             continue
         try:
@@ -254,9 +270,18 @@ def test_every_recipe_builds_and_takes_a_step_on_every_dataset(name, tiny_root, 
         batch = next(iter(run.loader.epoch(0)))
         assert math.isfinite(float(run.method.train_step(batch)["loss"])), recipe.stem
         stepped.append(recipe.stem)
-    assert {"ce", "ldam_drw", "cbs", "rsam_gcl_drw", "whitening_ldam_drw", "mfm", "mlrsnet"} <= set(
-        stepped
-    )
+    assert {
+        "ce",
+        "ldam_drw",
+        "cbs",
+        "rsam_gcl_drw",
+        "whitening_ldam_drw",
+        "mfm",
+        "mlrsnet",
+        "rsam_pt",
+        "vpt_gcl_drw",
+        "vpt_sam_gcl_drw",
+    } <= set(stepped)
     assert {
         "crt",
         "lws",
