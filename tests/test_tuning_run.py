@@ -153,3 +153,21 @@ def test_the_rsam_pt_model_trains_only_prompts_and_head():
     prompts = sum(v for n, v in trainable.items() if "prompt" in n)
     assert prompts == 12 * 10 * 768
     assert sum(trainable.values()) == prompts + 100 * 768  # cosine head, no bias
+
+
+def test_every_cnn_tuning_applies_to_the_imagenet_resnets_and_starts_as_the_backbone():
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    ref = build_model(ModelConfig(backbone="resnet18"), 10, 3).eval()
+    with torch.no_grad():
+        want = ref.forward_features(x)
+    for tuning in ("linear_probe", "bitfit", "ssf", "adapter", "full"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone="resnet18", tuning=tuning), 10, 3).eval()
+        with torch.no_grad():
+            assert torch.allclose(model.forward_features(x), want, atol=1e-5), tuning
+    # adapters beside the 5 of ResNet-18's 8 blocks that keep their shape (dim 64, no norm)
+    assert len(ref.backbone.blocks()) == 5
+    adapted = build_model(ModelConfig(backbone="resnet18", tuning="adapter"), 10, 3)
+    wrapped = [m for m in adapted.backbone.modules() if type(m).__name__ == "ParallelAdapter"]
+    assert len(wrapped) == 5

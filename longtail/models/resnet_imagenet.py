@@ -179,6 +179,11 @@ class ResNet(nn.Module):
         """The four stages (layer1..layer4), e.g. for feature modulation's hooks."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def blocks(self) -> List[nn.Module]:
+        """The residual blocks whose input and output shapes are equal (no projection shortcut):
+        where a parallel adapter fits (model.tuning=adapter)."""
+        return [b for stage in self.stages for b in stage if getattr(b, "downsample", 0) is None]
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, 64, H/4, W/4]."""
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
