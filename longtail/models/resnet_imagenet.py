@@ -182,7 +182,12 @@ class ResNet(nn.Module):
     def blocks(self) -> List[nn.Module]:
         """The residual blocks whose input and output shapes are equal (no projection shortcut):
         where a parallel adapter fits (model.tuning=adapter)."""
-        return [b for stage in self.stages for b in stage if getattr(b, "downsample", 0) is None]
+        return [
+            b
+            for stage in self.stages
+            for b in stage.children()
+            if getattr(b, "downsample", 0) is None
+        ]
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> [B, 64, H/4, W/4]."""
