@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.core.errors import ConfigError
-from longtail.models.mobilenet import check_common
-from longtail.models.pretrained import load_pretrained
+from longtail.models.pretrained import check_common, load_pretrained
 from longtail.models.registry import BACKBONES
 
 _KEY = "model.backbone_params."

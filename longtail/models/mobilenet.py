@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.core.errors import ConfigError
-from longtail.models.pretrained import SUFFIXES, load_pretrained
+from longtail.models.pretrained import check_common, load_pretrained
 from longtail.models.registry import BACKBONES
 
 _KEY = "model.backbone_params."
@@ -151,19 +151,6 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
-
-
-def check_common(in_chans: object, pretrained: object) -> None:
-    """ConfigError naming ``in_chans`` or ``pretrained`` where either is malformed."""
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-        raise ConfigError(f"'{_KEY}in_chans' must be a positive integer, got {in_chans!r}.")
-    if pretrained is not None and (
-        not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained).strip()
-    ):
-        raise ConfigError(
-            f"'{_KEY}pretrained' must be the path of a {' / '.join(SUFFIXES)} file (or null), "
-            f"got {pretrained!r}."
-        )
 
 
 @BACKBONES.register("mobilenet_v2")

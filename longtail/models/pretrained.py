@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import torch
 import torch.nn as nn
 
-from longtail.core.errors import LongtailError
+from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.io import load_weights
 
 _KEY = "model.backbone_params."
@@ -108,6 +108,71 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
+def check_common(in_chans: object, pretrained: object) -> None:
+    """ConfigError naming ``in_chans`` or ``pretrained`` (the options every CNN backbone takes)
+    where either is malformed."""
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"'{_KEY}in_chans' must be a positive integer, got {in_chans!r}.")
+    if pretrained is not None and (
+        not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained).strip()
+    ):
+        raise ConfigError(
+            f"'{_KEY}pretrained' must be the path of a {' / '.join(SUFFIXES)} file (or null), "
+            f"got {pretrained!r}."
+        )
+
+
+def backbone_weights(
+    state: Mapping[str, torch.Tensor], classifier_prefixes: Tuple[str, ...], path: Any
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """``state`` with wrapper prefixes stripped and classifier keys (``classifier_prefixes``)
+    left out; returns the weights and the dropped keys. Two keys that become one: LongtailError."""
+    weights: Dict[str, torch.Tensor] = {}
+    dropped: List[str] = []
+    for key, value in state.items():
+        name = strip_prefixes(key)
+        if name.startswith(classifier_prefixes):
+            dropped.append(key)
+            continue
+        if name in weights:
+            raise LongtailError(
+                f"{path}: two keys become {name!r} once their prefixes are stripped; "
+                f"save the backbone's own state dict."
+            )
+        weights[name] = value
+    return weights, dropped
+
+
+def check_fit(
+    own: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    path: Any,
+    arch: str,
+    advice: str,
+) -> None:
+    """LongtailError naming the first missing, unexpected and mis-shaped keys of ``weights``
+    against the model's ``own`` state dict (``advice``: what to do about it)."""
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:4])})")
+    if shapes:
+        shown = ", ".join(
+            f"{k}: file {list(weights[k].shape)}, {arch} {list(own[k].shape)}" for k in shapes[:2]
+        )
+        parts.append(f"{len(shapes)} of another shape ({shown})")
+    raise LongtailError(
+        f"The weights in {path} do not fit backbone {arch}: {'; '.join(parts)}. The file holds "
+        f"another architecture or naming: {advice}"
+    )
+
+
 def load_pretrained(
     backbone: nn.Module,
     path: Union[str, os.PathLike],
@@ -126,19 +191,7 @@ def load_pretrained(
     state = read_state_dict(path)
     arch = getattr(backbone, "arch", type(backbone).__name__)
     own = backbone.state_dict()
-    weights: Dict[str, torch.Tensor] = {}
-    dropped: List[str] = []
-    for key, value in state.items():
-        name = strip_prefixes(key)
-        if name.startswith(classifier_prefixes):
-            dropped.append(key)
-            continue
-        if name in weights:
-            raise LongtailError(
-                f"{path}: two keys become {name!r} once their prefixes are stripped; "
-                f"save the backbone's own state dict."
-            )
-        weights[name] = value
+    weights, dropped = backbone_weights(state, classifier_prefixes, path)
     stem = weights.get(stem_key)
     if (
         stem is not None
@@ -152,26 +205,14 @@ def load_pretrained(
     for key in own:
         if key.endswith("num_batches_tracked") and key not in weights:
             weights[key] = own[key]
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:4])})")
-        if shapes:
-            shown = ", ".join(
-                f"{k}: file {list(weights[k].shape)}, {arch} {list(own[k].shape)}"
-                for k in shapes[:2]
-            )
-            parts.append(f"{len(shapes)} of another shape ({shown})")
-        raise LongtailError(
-            f"The weights in {path} do not fit backbone {arch}: {'; '.join(parts)}. The file "
-            f"holds another architecture or naming: choose the matching model.backbone "
-            f"(torchvision's or timm's resnet50 weights go with model.backbone=resnet50); only "
-            f"classifier keys ({', '.join(p + '*' for p in classifier_prefixes)}) are ignored."
-        )
+    check_fit(
+        own,
+        weights,
+        path,
+        arch,
+        f"choose the matching model.backbone (torchvision's or timm's resnet50 weights go with "
+        f"model.backbone=resnet50); only classifier keys "
+        f"({', '.join(p + '*' for p in classifier_prefixes)}) are ignored.",
+    )
     backbone.load_state_dict(weights)
     return dropped

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from longtail.core.errors import ConfigError
 from longtail.models.pretrained import (  # noqa: F401 (re-exported: the loaders' old home)
     SUFFIXES,
+    check_common,
     load_pretrained,
     read_state_dict,
     strip_prefixes,
@@ -215,18 +216,10 @@ def resnet(
         raise ConfigError(
             f"Unknown ImageNet ResNet {arch!r}. Available: {', '.join(ARCHITECTURES)}."
         )
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-        raise ConfigError(f"'{_KEY}in_chans' must be a positive integer, got {in_chans!r}.")
+    check_common(in_chans, pretrained)
     if not isinstance(zero_init_residual, bool):
         raise ConfigError(
             f"'{_KEY}zero_init_residual' must be true or false, got {zero_init_residual!r}."
-        )
-    if pretrained is not None and (
-        not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained).strip()
-    ):
-        raise ConfigError(
-            f"'{_KEY}pretrained' must be the path of a {' / '.join(SUFFIXES)} file (or null), "
-            f"got {pretrained!r}."
         )
     block, layers, groups, width = ARCHITECTURES[arch]
     model = ResNet(block, layers, in_chans, groups, width, zero_init_residual, arch=arch)

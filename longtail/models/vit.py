@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from longtail.core.errors import ConfigError, LongtailError
-from longtail.models.pretrained import SUFFIXES, read_state_dict, strip_prefixes
+from longtail.models.pretrained import SUFFIXES, backbone_weights, check_fit, read_state_dict
 from longtail.models.registry import BACKBONES
 
 _KEY = "model.backbone_params."
@@ -492,18 +492,7 @@ def load_vit_pretrained(model: VisionTransformer, path: Union[str, os.PathLike])
             raise LongtailError(f"{file} cannot be read as an .npz ({err}).") from None
         state = _npz_convert(arrays, len(model.blocks))
     elif file.suffix.lower() in SUFFIXES:
-        state = {}
-        for key, value in read_state_dict(file).items():
-            name = strip_prefixes(key)
-            if name.startswith(DROPPED_PREFIXES):
-                dropped.append(key)
-                continue
-            if name in state:
-                raise LongtailError(
-                    f"{file}: two keys become {name!r} once their prefixes are stripped; save "
-                    f"the backbone's own state dict."
-                )
-            state[name] = value
+        state, dropped = backbone_weights(read_state_dict(file), DROPPED_PREFIXES, file)
     else:
         raise LongtailError(
             f"{file}: ViT weights are read from {', '.join(SUFFIXES)} or .npz files; rename it "
@@ -520,27 +509,15 @@ def load_vit_pretrained(model: VisionTransformer, path: Union[str, os.PathLike])
     for name in own:
         if "prompt" in name and name not in state:
             state[name] = own[name]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:4])})")
-        if shapes:
-            shown = ", ".join(
-                f"{k}: file {list(state[k].shape)}, {model.arch} {list(own[k].shape)}"
-                for k in shapes[:2]
-            )
-            parts.append(f"{len(shapes)} of another shape ({shown})")
-        raise LongtailError(
-            f"The weights in {file} do not fit backbone {model.arch}: {'; '.join(parts)}. The "
-            f"file holds another ViT size or naming: choose the matching model.backbone (timm's "
-            f"vit_base_patch16_224 weights go with model.backbone=vit_base_patch16_224); only "
-            f"the classifier (head.*, pre_logits.*) is ignored."
-        )
+    check_fit(
+        own,
+        state,
+        file,
+        model.arch,
+        "choose the matching model.backbone (timm's vit_base_patch16_224 weights go with "
+        "model.backbone=vit_base_patch16_224); only the classifier (head.*, pre_logits.*) is "
+        "ignored.",
+    )
     model.load_state_dict(state)
     return dropped
 
