@@ -189,13 +189,16 @@ class EfficientNetLite(nn.Module):
         ones with a shortcut), in order: 9 of the 16."""
         return [b for b in self._blocks if isinstance(b, MBConvBlock) and b.has_skip]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] -> pooled features [B, num_features]."""
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> the last feature map before pooling [B, 1280, H/32, W/32]."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> pooled features [B, num_features]."""
+        return F.adaptive_avg_pool2d(self.forward_map(x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)

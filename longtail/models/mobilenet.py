@@ -145,9 +145,13 @@ class MobileNetV2(nn.Module):
         in == out: the ones with a shortcut), in order: 10 at width 1.0."""
         return [m for m in self.features if isinstance(m, InvertedResidual) and m.use_res_connect]
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> the last feature map before pooling [B, num_features, H/32, W/32]."""
+        return self.features(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> pooled features [B, num_features]."""
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.forward_map(x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)

@@ -77,12 +77,24 @@ class ResNetCifar(nn.Module):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv1(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] -> pooled features [B, num_features]."""
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> the last feature map before pooling [B, num_features, H', W']."""
         x = self.forward_stem(x)
         for stage in self.stages:
             x = stage(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> pooled features [B, num_features]."""
+        return F.adaptive_avg_pool2d(self.forward_map(x), 1).flatten(1)
+
+    def pop_last_stage(self) -> nn.Module:
+        """Detach the last stage and return it (multi-expert models copy it per expert):
+        afterwards ``forward_map`` ends one stage earlier, at ``stage_channels[-2]`` channels."""
+        last = self.stages[-1]
+        self.stages[-1] = nn.Identity()
+        self.num_features = self.stage_channels[-2]
+        return last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)

@@ -194,11 +194,22 @@ class ResNet(nn.Module):
         """[B, C_in, H, W] -> [B, 64, H/4, W/4]."""
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> the last feature map before pooling [B, num_features, H/32, W/32]."""
+        x = self.forward_stem(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> pooled features [B, num_features]."""
-        x = self.forward_stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.forward_map(x), 1).flatten(1)
+
+    def pop_last_stage(self) -> nn.Module:
+        """Detach ``layer4`` and return it (multi-expert models copy it per expert): afterwards
+        ``forward_map`` ends at ``layer3`` (``stage_channels[-2]`` channels)."""
+        last = self.layer4
+        self.layer4 = nn.Identity()
+        self.num_features = self.stage_channels[-2]
+        return last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
