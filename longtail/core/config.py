@@ -82,6 +82,10 @@ class ModelConfig(_Strict):
     # inputs resized (bilinear, on the device) to this side before the backbone, e.g. a
     # pretrained backbone on 32-px images; None: as the data gives them
     input_size: Optional[Annotated[int, Field(ge=8, le=1024)]] = None
+    # multi-expert model (longtail/models/experts.py): E > 1 splits the backbone's last stage and
+    # the head into E routed experts; expert_params: router_hidden (the router MLP's width, 32)
+    experts: Annotated[int, Field(ge=1)] = 1
+    expert_params: Dict[str, Any] = Field(default_factory=dict)
 
 
 class LossConfig(_Open):

@@ -207,7 +207,7 @@ class ResNet(nn.Module):
         """Detach ``layer4`` and return it (multi-expert models copy it per expert): afterwards
         ``forward_map`` ends at ``layer3`` (``stage_channels[-2]`` channels)."""
         last = self.layer4
-        self.layer4 = nn.Identity()
+        self.layer4 = nn.Identity()  # type: ignore[assignment]  # a stage no more
         self.num_features = self.stage_channels[-2]
         return last
 
