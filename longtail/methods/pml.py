@@ -49,11 +49,11 @@ def cosine_distance_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((na == 0) | (nb == 0), torch.ones_like(dist), dist)
 
 
-def cosine_distance_matrix(c: torch.Tensor, mode: str = "cosine") -> torch.Tensor:
+def cosine_distance_matrix(c: torch.Tensor, mode: str = "exact") -> torch.Tensor:
     """ψ_jk = 1 - c_j·c_k / (|c_j| |c_k|) [C, C] (``mode="code"``: / |c_j|², the reference
     code's row normalisation), clipped to [0, 2]; 1 where a row is zero, 0 on the diagonal."""
     norms = c.norm(dim=1)
-    denom = norms[:, None] * (norms[None, :] if mode == "cosine" else norms[:, None])
+    denom = norms[:, None] * (norms[None, :] if mode == "exact" else norms[:, None])
     dist = (1.0 - (c @ c.T) / denom.clamp_min(1e-300)).clamp(0.0, 2.0)
     zero = (norms == 0)[:, None] | (norms == 0)[None, :]
     dist = torch.where(zero, torch.ones_like(dist), dist)
@@ -65,7 +65,7 @@ class ClassStatistics:
     intra-class φ [C], inter-class ψ [C, C]. :meth:`observe` adds a batch, sample by sample in
     batch order (the reference's loop, vectorised), and returns the margin network's inputs."""
 
-    def __init__(self, num_classes: int, device: torch.device, inter_distance: str = "cosine"):
+    def __init__(self, num_classes: int, device: torch.device, inter_distance: str = "exact"):
         self.num_classes, self.device = int(num_classes), device
         self.inter_distance = inter_distance
         self.proto: Optional[torch.Tensor] = None  # allocated on the first batch (D known then)
@@ -221,7 +221,7 @@ class PML(Method):
         l1_weight: NonNegative = 1.0,
         margin_warmup_epochs: NonNegative = 0.0,
         reset_stats_each_epoch: bool = True,
-        inter_distance: Literal["cosine", "code"] = "cosine",
+        inter_distance: Literal["exact", "code"] = "exact",
     ):
         self.margin_scale = check_number(margin_scale, "method.margin_scale", minimum=0.0)
         self.mix = check_number(mix, "method.mix", minimum=0.0)
@@ -233,9 +233,9 @@ class PML(Method):
                 f"method.sigma_mode={sigma_mode!r}: use softplus (σ = softplus(g) + 1e-3, always "
                 f"> 0) or raw (the reference code's unconstrained g output)."
             )
-        if inter_distance not in ("cosine", "code"):
+        if inter_distance not in ("exact", "code"):
             raise ConfigError(
-                f"method.inter_distance={inter_distance!r}: use cosine (1 - cos) or code (the "
+                f"method.inter_distance={inter_distance!r}: use exact (1 - cos) or code (the "
                 f"reference code's 1 - c_j.c_k / |c_j|^2)."
             )
         if isinstance(margin_width, bool) or not isinstance(margin_width, int) or margin_width < 1:
