@@ -13,7 +13,6 @@ its model is rebuilt from its own saved config. Options and readings: docs/metho
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Optional
@@ -31,7 +30,7 @@ from longtail.core.run_folder import RunFolder
 from longtail.data.loader import Batch, eval_batches
 from longtail.losses.base import class_balanced_weights
 from longtail.methods.base import METHODS, Method, MethodContext
-from longtail.methods.decoupled import DATA_KEYS
+from longtail.methods.decoupled import data_diffs
 from longtail.models.build import build_model
 
 Variant = Literal["renorm", "weighted_kl"]
@@ -99,22 +98,10 @@ def _usage(cfg) -> str:
     )
 
 
-def _same(a: Any, b: Any) -> bool:
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-    return bool(a == b)
-
-
 def check_teacher_data(cfg, saved: Dict[str, Any], teacher: str) -> None:
     """LongtailError unless the teacher run (its saved config tree) trained on this training set
     (the data options of decoupled.DATA_KEYS, as a stage-1 run is checked)."""
-    theirs = saved.get("data") or {}
-    defaults = type(cfg.data)()
-    diffs = []
-    for key in DATA_KEYS:
-        mine, other = getattr(cfg.data, key), theirs.get(key, getattr(defaults, key))
-        if not _same(mine, other):
-            diffs.append((key, other, mine))
+    diffs = data_diffs(cfg, saved)
     if diffs:
         listed = "; ".join(f"data.{k}: teacher {o!r}, this run {m!r}" for k, o, m in diffs)
         fix = " ".join(f"data.{k}={m}" for k, _, m in diffs)

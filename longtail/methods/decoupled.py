@@ -128,8 +128,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def check_same_data(cfg, saved: Dict[str, Any], method: str) -> None:
-    """LongtailError unless stage 1 (its saved config tree) trained on this run's training set."""
+def data_diffs(cfg, saved: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(key, saved value, this run's value) for each option of DATA_KEYS on which an earlier
+    run (its saved config tree) trained on another training set than this run."""
     theirs = saved.get("data") or {}
     defaults = type(cfg.data)()
     diffs = []
@@ -138,6 +139,12 @@ def check_same_data(cfg, saved: Dict[str, Any], method: str) -> None:
         other = theirs.get(key, getattr(defaults, key))
         if not _same(mine, other):
             diffs.append((key, other, mine))
+    return diffs
+
+
+def check_same_data(cfg, saved: Dict[str, Any], method: str) -> None:
+    """LongtailError unless stage 1 (its saved config tree) trained on this run's training set."""
+    diffs = data_diffs(cfg, saved)
     if diffs:
         listed = "; ".join(f"data.{k}: stage 1 {o!r}, this run {m!r}" for k, o, m in diffs)
         fix = " ".join(f"data.{k}={m}" for k, _, m in diffs)
