@@ -270,7 +270,9 @@ def test_every_recipe_builds_and_takes_a_step_on_every_dataset(name, tiny_root, 
         try:
             run = build_run(cfg, tmp_path / recipe.stem, tiny_root)
         except LongtailError as err:
-            assert any(k in str(err) for k in ("stage1", "checkpoint", "modulator", "teacher")), str(err)
+            assert any(k in str(err) for k in ("stage1", "checkpoint", "modulator", "teacher")), (
+                str(err)
+            )
             refused.append(recipe.stem)
             continue
         run.method.train_model.train()
