@@ -1,4 +1,5 @@
-"""The ``longtail`` command line: data stats | data split | data check | train | eval | bench.
+"""The ``longtail`` command line: data stats | data split | data check | train | eval | compare |
+bench.
 
 A user mistake (bad config key, missing data, unwritable folder) prints one paragraph saying what
 is wrong and how to fix it, and exits with status 2; never a traceback.
@@ -117,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data-root", default=None)
     ev.add_argument("--json", action="store_true")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="finished runs side by side: a Markdown table and one self-contained HTML report",
+    )
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    cmp.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where compare.md and compare.html go (default runs/compare-<time>)",
+    )
+    cmp.add_argument(
+        "--names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="a name per run folder, in their order (after the folders; default: folder names)",
+    )
+    cmp.add_argument("--title", default="", help="the report's title")
 
     ls = sub.add_parser("list", help="the registered components a config can name, with options")
     ls.add_argument(
@@ -471,6 +492,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from longtail.engine.compare import load_runs, metrics_table, write_compare
+
+    names = None
+    if args.names is not None:  # --names a,b,c as well as --names a b c
+        names = [n for part in args.names for n in part.split(",") if n]
+    runs = load_runs([Path(p) for p in args.run_dirs], names)
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    md, page = write_compare(runs, out, args.title)
+    print(metrics_table(runs).markdown())
+    print(f"\nreport: {page}   table: {md}")
+    return 0
+
+
 def _bench_command(args) -> str:
     """The bench invocation as a re-runnable command line (options at their defaults left out)."""
     import shlex
@@ -574,7 +609,13 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "list": cmd_list}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "bench": cmd_bench,
+    "list": cmd_list,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

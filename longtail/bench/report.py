@@ -3,7 +3,8 @@
 
 ``collect_rows`` reads each planned run's ``metrics.json`` (written by the trainer) and
 ``bench.json`` (written by the suite runner: wall time, commit, command); ``write_results`` writes
-the suite's Markdown + JSON; ``write_results_doc`` regenerates ``docs/results.md`` from the suite
+the suite's Markdown + JSON and a self-contained HTML report (``engine/compare.py``'s renderer:
+the suite's tables, then its finished run folders compared); ``write_results_doc`` regenerates ``docs/results.md`` from the suite
 files and their results JSON (``longtail bench SUITE --report-only``).
 """
 
@@ -19,10 +20,28 @@ from longtail.bench.machine import short_machine
 from longtail.bench.references import missing_reason, references
 from longtail.bench.suite import PlannedRun, Suite, load_suite, plan_suite
 from longtail.core.config import split_selectors
+from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_write_text
 from longtail.core.run_folder import RunFolder
+from longtail.engine.compare import (
+    Block,
+    Bullets,
+    Heading,
+    Paragraph,
+    RunRecord,
+    Table,
+    blocks_markdown,
+    compare_blocks,
+    duration,
+    html_report,
+    load_runs,
+    pct,
+)
+from longtail.engine.report import shows_top5
 
 BENCH_FILE = "bench.json"  # per run folder: wall time, commit, command of the bench run
+# a row's test numbers (metrics.json keys): top-1, top-5, the shot groups, balanced, ECE
+TEST_KEYS = ("top1", "top5", "many", "medium", "few", "mean_class_acc", "ece")
 # configs/datasets/<name>.yaml -> its data.dataset (for a run whose config could not be loaded)
 _FOLDER_DATASET = {
     "cifar10_lt": "cifar10-lt",
@@ -119,10 +138,11 @@ def collect_rows(
             row.update(
                 {
                     "epochs": metrics.get("epochs", row["epochs"]),
-                    "test": {
-                        k: metrics.get(k)
-                        for k in ("top1", "many", "medium", "few", "mean_class_acc", "ece")
-                    },
+                    "test": {k: metrics.get(k) for k in TEST_KEYS},
+                    "num_classes": len(
+                        metrics.get("class_counts") or metrics.get("per_class") or []
+                    )
+                    or None,
                     "val": {k: val.get(k) for k in ("top1", "mean_class_acc", "ece")},
                     "train_seconds": metrics.get("train_seconds"),
                     "images_per_s": metrics.get("images_per_s"),
@@ -268,8 +288,9 @@ def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         )
         if done:
             g["epochs"] = done[0].get("epochs", g["epochs"])
+            g["num_classes"] = done[0].get("num_classes")
         for split, keys in (
-            ("test", ("top1", "many", "medium", "few", "mean_class_acc", "ece")),
+            ("test", TEST_KEYS),
             ("val", ("top1", "mean_class_acc", "ece")),
         ):
             means, sds = {}, {}
@@ -354,32 +375,31 @@ def spread(mean: Any, sd: Any, n: Any = None, planned: Any = None) -> str:
 
 
 def checks_table(results: Sequence[Dict[str, Any]]) -> str:
-    lines = [
-        "| claim | run | beats | on | run | other | difference | needed | result |",
-        "|---|---|---|---|--:|--:|--:|--:|---|",
-    ]
+    return checks_cells(results).markdown()
+
+
+def checks_cells(results: Sequence[Dict[str, Any]]) -> Table:
+    """The checks as a table (Markdown or HTML)."""
+    cells = []
     for r in results:
         diff = "–" if r["diff"] is None else f"{r['diff']:+.2f}"
         if r["diff"] is not None and r.get("se") is not None:
             diff += f" ± {r['se']:.2f}"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r.get("claim") or "–",
-                    f"`{r['run']}`",
-                    f"`{r['beats']}`",
-                    r["metric"],
-                    spread(r["value"], r.get("value_sd"), r.get("n"), r.get("planned")),
-                    spread(r["other"], r.get("other_sd"), r.get("other_n"), r.get("other_planned")),
-                    diff,
-                    f">= {r['by']:+.1f}" if r["by"] else ">= 0",
-                    CHECK_LABEL[r["status"]],
-                ]
-            )
-            + " |"
+        cells.append(
+            [
+                r.get("claim") or "–",
+                f"`{r['run']}`",
+                f"`{r['beats']}`",
+                r["metric"],
+                spread(r["value"], r.get("value_sd"), r.get("n"), r.get("planned")),
+                spread(r["other"], r.get("other_sd"), r.get("other_n"), r.get("other_planned")),
+                diff,
+                f">= {r['by']:+.1f}" if r["by"] else ">= 0",
+                CHECK_LABEL[r["status"]],
+            ]
         )
-    return "\n".join(lines)
+    headers = ["claim", "run", "beats", "on", "run", "other", "difference", "needed", "result"]
+    return Table(headers, cells, ["l"] * 4 + ["r"] * 4 + ["l"], id="checks")
 
 
 def checks_summary(results: Sequence[Dict[str, Any]]) -> str:
@@ -397,57 +417,23 @@ def checks_summary(results: Sequence[Dict[str, Any]]) -> str:
 # formatting
 
 
-def pct(x: Any) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def duration(seconds: Any) -> str:
-    if seconds is None:
-        return "–"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
 def factor_text(x: Any) -> str:
     if x is None:
         return "?"
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-TABLE_HEADER = (
-    "run",
-    "method",
-    "dataset",
-    "IF",
-    "epochs",
-    "seeds",
-    "test all",
-    "many",
-    "medium",
-    "few",
-    "val all",
-    "val mean-class",
-    "ECE",
-    "wall",
-    "img/s",
-    "time vs baseline",
-)
-
-
-def results_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The Markdown table of the suite's runs with a finished seed: one line per run, means ±
-    standard deviations over its finished seeds (the count in ``seeds``)."""
-    lines = [
-        "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "|".join(["---"] * 4 + ["--:"] * (len(TABLE_HEADER) - 4)) + "|",
-    ]
-    for g in group_rows(rows):
-        if not g["n"]:
-            continue
+def results_cells(rows: Sequence[Dict[str, Any]]) -> Table:
+    """The suite's runs with a finished seed as a table: one line per run, means ± standard
+    deviations over its finished seeds (the count in ``seeds``). top-5 is a column when a run
+    has more than 10 classes; balanced: the mean of the test per-class accuracies."""
+    groups = [g for g in group_rows(rows) if g["n"]]
+    top5 = any(shows_top5(g.get("num_classes") or 0) for g in groups)
+    headers = ["run", "method", "dataset", "IF", "epochs", "seeds", "test all"]
+    headers += (["top-5"] if top5 else []) + ["balanced", "many", "medium", "few"]
+    headers += ["val all", "val mean-class", "ECE", "wall", "img/s", "time vs baseline"]
+    cells, data = [], []
+    for g in groups:
         t, v = g.get("test") or {}, g.get("val") or {}
         ts, vs = g.get("test_sd") or {}, g.get("val_sd") or {}
         wall = (
@@ -458,116 +444,149 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
         ips = g.get("images_per_s")
         cost = g.get("time_vs_baseline")
         seeds = str(g["n"]) if g["n"] == g["planned"] else f"{g['n']} of {g['planned']}"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    g["name"] + (" \\*" if g.get("carried") else ""),
-                    g["method"],
-                    DATASET_LABEL.get(g["dataset"], g["dataset"]),
-                    factor_text(g["imbalance_factor"]),
-                    str(g.get("epochs", "–")),
-                    seeds,
-                    *(spread(t.get(k), ts.get(k)) for k in ("top1", "many", "medium", "few")),
-                    spread(v.get("top1"), vs.get("top1")),
-                    spread(v.get("mean_class_acc"), vs.get("mean_class_acc")),
-                    spread(t.get("ece"), ts.get("ece")),
-                    wall,
-                    "–" if ips is None else f"{ips:.0f}",
-                    "–" if cost is None else f"{cost:.2f}x",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+        row = [
+            g["name"] + (" \\*" if g.get("carried") else ""),
+            g["method"],
+            DATASET_LABEL.get(g["dataset"], g["dataset"]),
+            factor_text(g["imbalance_factor"]),
+            str(g.get("epochs", "–")),
+            seeds,
+            spread(t.get("top1"), ts.get("top1")),
+        ]
+        if top5:
+            shown = shows_top5(g.get("num_classes") or 0)
+            row.append(spread(t.get("top5"), ts.get("top5")) if shown else "–")
+        row += [spread(t.get(k), ts.get(k)) for k in ("mean_class_acc", "many", "medium", "few")]
+        row += [
+            spread(v.get("top1"), vs.get("top1")),
+            spread(v.get("mean_class_acc"), vs.get("mean_class_acc")),
+            spread(t.get("ece"), ts.get("ece")),
+            wall,
+            "–" if ips is None else f"{ips:.0f}",
+            "–" if cost is None else f"{cost:.2f}x",
+        ]
+        cells.append(row)
+        data.append({"run": g["name"], "seeds": ",".join(str(x) for x in g.get("seeds") or [])})
+    return Table(headers, cells, ["l"] * 4 + ["r"] * (len(headers) - 4), "suite", "", data)
 
 
-def seeds_table(rows: Sequence[Dict[str, Any]]) -> str:
+def results_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The Markdown table of the suite's runs with a finished seed (:func:`results_cells`)."""
+    return results_cells(rows).markdown()
+
+
+def seeds_cells(rows: Sequence[Dict[str, Any]]) -> Table:
     """Each seed of the runs with several: test / val top-1, ECE and wall time."""
-    lines = [
-        "| run | seed | instance | test all | medium | val all | ECE | wall |",
-        "|---|--:|---|--:|--:|--:|--:|--:|",
-    ]
     several = {g["name"] for g in group_rows(rows) if g["planned"] > 1}
+    cells, data = [], []
     for r in rows:
         if (r.get("group") or r["name"]) not in several or r.get("status") != "done":
             continue
         t, v = r.get("test") or {}, r.get("val") or {}
-        lines.append(
-            f"| {r.get('group')} | {r.get('seed')} | {r['name']}"
-            + (" \\*" if r.get("carried") else "")
-            + f" | {pct(t.get('top1'))} | {pct(t.get('medium'))} | {pct(v.get('top1'))} | "
-            f"{pct(t.get('ece'))} | {duration(r.get('wall_seconds') or r.get('train_seconds'))} |"
+        cells.append(
+            [
+                str(r.get("group")),
+                str(r.get("seed")),
+                r["name"] + (" \\*" if r.get("carried") else ""),
+                pct(t.get("top1")),
+                pct(t.get("medium")),
+                pct(v.get("top1")),
+                pct(t.get("ece")),
+                duration(r.get("wall_seconds") or r.get("train_seconds")),
+            ]
         )
-    return "\n".join(lines) if len(lines) > 2 else ""
+        data.append({"run": r["name"], "seed": str(r.get("seed"))})
+    headers = ["run", "seed", "instance", "test all", "medium", "val all", "ECE", "wall"]
+    return Table(headers, cells, ["l", "r", "l"] + ["r"] * 5, "seeds", "", data)
 
 
-def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+def seeds_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Each seed of the runs with several (Markdown; empty when there is none)."""
+    table = seeds_cells(rows)
+    return table.markdown() if table.rows else ""
+
+
+def suite_title(header: Dict[str, Any]) -> str:
+    return f"Benchmark suite `{header['suite']}`"
+
+
+def suite_blocks(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> List[Block]:
+    """The suite's report (its Markdown and the top of its HTML page) as blocks."""
     git = header.get("git") or {}
     machine = header.get("machine") or {}
 
-    out = [f"# Benchmark suite `{header['suite']}`", ""]
+    out: List[Block] = []
     if header.get("description"):
-        out += [header["description"], ""]
+        out.append(Paragraph(header["description"]))
     sched = (
         f"every run shortened to {header['epochs']} epochs (epoch-valued settings scaled)"
         if header.get("epochs")
         else "each config's own schedule"
     )
-    out += [
-        f"Suite file `{header.get('suite_file')}`; {sched}; run folders under "
-        f"`{header.get('out_dir')}`.",
-        "",
-    ]
+    out.append(
+        Paragraph(
+            f"Suite file `{header.get('suite_file')}`; {sched}; run folders under "
+            f"`{header.get('out_dir')}`."
+        )
+    )
     done = [r for r in rows if r.get("status") == "done"]
-    out += [results_table(rows) if done else "_No run has finished yet._", ""]
+    out.append(results_cells(rows) if done else Paragraph("_No run has finished yet._"))
     if header.get("checks"):
         results = evaluate_checks(header["checks"], rows)
         out += [
-            "## Checks",
-            "",
-            f"The orderings the suite file claims (`checks:`): {checks_summary(results)}",
-            "",
-            checks_table(results),
-            "",
+            Heading("Checks"),
+            Paragraph(
+                f"The orderings the suite file claims (`checks:`): {checks_summary(results)}"
+            ),
+            checks_cells(results),
         ]
-    per_seed = seeds_table(rows)
-    if per_seed:
-        out += ["## Seeds", "", "The runs with several seeds, each seed:", "", per_seed, ""]
+    per_seed = seeds_cells(rows)
+    if per_seed.rows:
+        out += [Heading("Seeds"), Paragraph("The runs with several seeds, each seed:"), per_seed]
     pending = [r for r in rows if r.get("status") != "done"]
     if pending:
         out.append(
-            "Not finished: "
-            + "; ".join(
-                f"`{r['name']}` ({r['status']}"
-                + (f", {r['epochs_done']}/{r['epochs']} epochs" if r["status"] == "partial" else "")
-                + (
-                    f": {r['message']}"
-                    if r.get("message") and r["status"] in ("failed", "blocked")
-                    else ""
+            Paragraph(
+                "Not finished: "
+                + "; ".join(
+                    f"`{r['name']}` ({r['status']}"
+                    + (
+                        f", {r['epochs_done']}/{r['epochs']} epochs"
+                        if r["status"] == "partial"
+                        else ""
+                    )
+                    + (
+                        f": {r['message']}"
+                        if r.get("message") and r["status"] in ("failed", "blocked")
+                        else ""
+                    )
+                    + ")"
+                    for r in pending
                 )
-                + ")"
-                for r in pending
+                + "."
             )
-            + "."
         )
-        out.append("")
-    out += [
-        "Columns: top-1 accuracy (%) on the test split (all classes, then the many- / medium- / "
-        "few-shot groups: > 100, 20-100, < 20 training images); on the balanced held-out val split "
-        "(overall and mean of per-class accuracies); ECE (%) on test; the epochs trained; wall: "
-        "the run's wall-clock time (data, training, final evaluation; `~` = training time only); "
-        "seeds: the finished seeds of the run; with more than one, each number is the mean ± "
-        "sample standard deviation over them (each seed: ## Seeds); "
-        "img/s: training images per second; time vs baseline: wall time of the run plus its "
-        "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's baseline run "
-        f"(`{header.get('baseline')}`) of the same dataset, IF and schedule; with equal epochs, the "
-        "per-epoch cost relative to it (compared only between rows timed in the same invocation). "
-        "Rows marked \\* are carried from an earlier invocation whose run folders are not on this "
-        "machine (each keeps its own commit in the JSON).",
-        "",
-        f"- Machine: {short_machine(machine)}",
-        f"- Git commit: `{git.get('commit') or 'unknown'}`"
+    out.append(
+        Paragraph(
+            "Columns: top-1 accuracy (%) on the test split (all classes; top-5 where a run has "
+            "more than 10 classes; balanced: the mean of the per-class accuracies; then the many- "
+            "/ medium- / few-shot groups: > 100, 20-100, < 20 training images); on the balanced "
+            "held-out val split (overall and mean of per-class accuracies); ECE (%) on test; the "
+            "epochs trained; wall: the run's wall-clock time (data, training, final evaluation; "
+            "`~` = training time only); seeds: the finished seeds of the run; with more than one, "
+            "each number is the mean ± sample standard deviation over them (each seed: ## Seeds); "
+            "img/s: training images per second; time vs baseline: wall time of the run plus its "
+            "stage-1 runs (a multi-stage recipe: all its stages) over that of the suite's "
+            f"baseline run (`{header.get('baseline')}`) of the same dataset, IF and schedule; "
+            "with equal epochs, the per-epoch cost relative to it (compared only between rows "
+            "timed in the same invocation). Rows marked \\* are carried from an earlier "
+            "invocation whose run folders are not on this machine (each keeps its own commit in "
+            "the JSON)."
+        )
+    )
+    facts = [
+        f"Machine: {short_machine(machine)}",
+        f"Git commit: `{git.get('commit') or 'unknown'}`"
         + (
             f" (dirty: {len(git.get('changed_files') or [])} changed files)"
             if git.get("dirty")
@@ -575,14 +594,14 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
             if git.get("dirty") is False
             else ""
         ),
-        f"- Command: `{header.get('command')}` (in `{header.get('cwd')}`"
+        f"Command: `{header.get('command')}` (in `{header.get('cwd')}`"
         + (
             ", " + ", ".join(f"{k}={v}" for k, v in (header.get("env") or {}).items())
             if header.get("env")
             else ""
         )
         + ")",
-        f"- Written: {header.get('date_utc')}",
+        f"Written: {header.get('date_utc')}",
     ]
     other = sorted(
         {
@@ -592,16 +611,49 @@ def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> 
         }
     )
     if other:
-        out.append(
-            "- Rows finished at another commit: " + ", ".join(f"`{n}` @ `{c}`" for n, c in other)
+        facts.append(
+            "Rows finished at another commit: " + ", ".join(f"`{n}` @ `{c}`" for n, c in other)
         )
-    return "\n".join(out) + "\n"
+    out.append(Bullets(facts))
+    return out
+
+
+def results_markdown(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+    return f"# {suite_title(header)}\n\n" + blocks_markdown(suite_blocks(header, rows))
+
+
+def suite_runs(rows: Sequence[Dict[str, Any]]) -> Tuple[List[RunRecord], List[str]]:
+    """The finished run folders of the suite's rows (carried rows have none here), and the
+    names of those that could not be read."""
+    runs, unread = [], []
+    for r in rows:
+        if r.get("status") != "done" or r.get("carried") or not r.get("run_dir"):
+            continue
+        try:
+            runs += load_runs([Path(r["run_dir"])], [r["name"]])
+        except LongtailError:
+            unread.append(r["name"])
+    return runs, unread
+
+
+def results_html(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+    """The suite's self-contained HTML report: its tables, then its finished run folders
+    compared (``longtail compare``'s sections: per run and seed, config differences, per-class
+    accuracy and training curves)."""
+    blocks = suite_blocks(header, rows)
+    runs, unread = suite_runs(rows)
+    if runs:
+        blocks += compare_blocks(runs)
+    if unread:
+        blocks.append(Paragraph("Run folders that could not be read: " + ", ".join(unread) + "."))
+    return html_report(suite_title(header), blocks)
 
 
 def write_results(
     results_dir: Path, header: Dict[str, Any], rows: Sequence[Dict[str, Any]]
 ) -> Tuple[Path, Path]:
-    """``<results_dir>/<suite>.md`` and ``.json`` (atomically); returns both paths."""
+    """``<results_dir>/<suite>.md`` and ``.json`` (atomically), and the HTML report
+    ``<suite>.html`` beside them; returns the first two paths."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, js = results_dir / f"{header['suite']}.md", results_dir / f"{header['suite']}.json"
@@ -610,7 +662,13 @@ def write_results(
         record["check_results"] = evaluate_checks(header["checks"], rows)
     atomic_write_text(js, json.dumps(record, indent=2) + "\n")
     atomic_write_text(md, results_markdown(header, rows))
+    atomic_write_text(html_path(results_dir, header["suite"]), results_html(header, rows))
     return md, js
+
+
+def html_path(results_dir: Path, suite_name: str) -> Path:
+    """Where the suite's HTML report goes: ``<results_dir>/<suite>.html``."""
+    return Path(results_dir) / f"{suite_name}.html"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,16 @@ class TrainConfig(_Strict):
     num_threads: Optional[Annotated[int, Field(ge=1)]] = None  # torch threads (None: default)
     progress: bool = True
     checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints
+    # experiment loggers (longtail/engine/loggers.py, docs/logging.md): none, one name or a list
+    # of csv | tensorboard | wandb | mlflow; their settings (project, name, tracking_uri, mode, ...)
+    logger: Union[str, List[str]] = "none"
+    logger_params: Dict[str, Any] = Field(default_factory=dict)
+    # a shortened run: scale every epoch-valued setting (warm-up, milestones, *_epoch options)
+    # from nominal_epochs (the epochs the recipe is written for) to train.epochs, as `longtail
+    # bench` does (longtail/core/scale.py); applied once, then recorded as false with the scaled
+    # values (longtail/engine/config_check.py)
+    rescale_schedule: bool = False
+    nominal_epochs: Optional[Annotated[int, Field(ge=1)]] = None
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -1,23 +1,27 @@
 """Data-root resolution (--data-root > $LONGTAIL_DATA > user cache), the local mirror, md5-checked downloads.
 
 Missing files: the local mirror the user names with $LONGTAIL_MIRROR (a folder holding
-``materialize.py``; never searched for), else the official URL (temp file + rename), else DataError.
+``materialize.py``; never searched for), else the official URL, fetched with pooch (a temp file
+in the destination folder, its md5 checked, then renamed), else DataError. Processes that fetch
+into one root at once take turns through a filelock lock file (fcntl on POSIX, msvcrt on Windows).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import pooch  # type: ignore[import-untyped]
+from filelock import FileLock
 
 from longtail.core.errors import DataError
 
@@ -28,7 +32,6 @@ MIRROR_KEYS = (
     "fashion-mnist",
 )  # what materialize.py can write (no full cifar100)
 DOWNLOAD_TIMEOUT_S = 60.0
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,8 @@ def resolve_data_root(cli_root: str | Path | None = None) -> Path:
 
 
 def md5_file(path: Path) -> str:
-    """Hex md5 of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex md5 of a file (``pooch.file_hash``, read in chunks)."""
+    return str(pooch.file_hash(str(path), alg="md5"))
 
 
 def check_md5(path: Path, expected: str, fix: str) -> None:
@@ -116,46 +115,63 @@ def materialize_from_mirror(root: Path, key: str) -> str | None:
 
 
 # -------------------------------------------------------------------------------------- download
-def _progress(total: int | None, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a declared dependency; stay usable without it
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+class _Fetch:
+    """A pooch downloader: HTTP(S) with a timeout, ``file://`` as a local copy (a mirror on disk,
+    the tests' "server"), anything else as pooch chooses (FTP, SFTP, DOI). ``done`` is set once
+    the bytes are in the temp file, so a ValueError after it is pooch's hash check."""
+
+    def __init__(self, url: str, timeout: float, progress: bool):
+        scheme = urllib.parse.urlparse(url).scheme.lower()
+        self.inner: Any
+        if scheme in ("http", "https"):
+            self.inner = pooch.HTTPDownloader(progressbar=progress, timeout=timeout)
+        elif scheme == "file":
+            self.inner = None
+        else:
+            self.inner = pooch.choose_downloader(url, progressbar=progress)
+        self.done = False
+
+    def __call__(self, url: str, output_file: Any, pooch_instance: Any) -> None:
+        if self.inner is None:
+            source = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+            shutil.copyfile(source, output_file)
+        else:
+            self.inner(url, output_file, pooch_instance)
+        self.done = True
 
 
-def download_file(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch ``url`` to ``dest`` via a temp file in the same folder, check its md5, then rename.
+def download_file(
+    url: str,
+    dest: Path,
+    md5: str,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    progress: bool = True,
+) -> None:
+    """Fetch ``url`` to ``dest`` with pooch: a temp file in ``dest``'s folder, its md5 checked,
+    then renamed to ``dest`` (``progress``: a tqdm bar on stderr).
 
-    Network errors propagate as ``OSError``/``urllib.error.URLError``; an md5 mismatch deletes the
-    file and raises DataError. No partial file is ever left at ``dest`` or beside it.
+    Network errors propagate as ``OSError`` (requests' errors are OSErrors); an md5 mismatch
+    deletes the file and raises DataError. No partial file is ever left at ``dest`` or beside it.
     """
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    fetch = _Fetch(url, timeout, progress)
     try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            bar = _progress(int(length) if length and length.isdigit() else None, dest.name)
-            try:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
-        if digest.hexdigest() != md5:
-            raise DataError(
-                f"Downloaded {url} but its md5 is {digest.hexdigest()}, expected {md5}; the file was "
-                f"deleted and not saved as {dest}. The download was corrupted or the server sent "
-                f"something else: re-run to try again, or place the official file at {dest} yourself."
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        pooch.retrieve(
+            url,
+            known_hash=f"md5:{md5}",
+            fname=dest.name,
+            path=dest.parent,
+            downloader=fetch,
+        )
+    except ValueError as err:
+        if not fetch.done:  # not the hash: an unknown protocol, a bad URL
+            raise
+        raise DataError(
+            f"Downloaded {url} but it is not the official file ({err}); the file was deleted "
+            f"and not saved as {dest}. The download was corrupted or the server sent something "
+            f"else: re-run to try again, or place the official file at {dest} yourself."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- orchestration
@@ -187,19 +203,19 @@ def obtain(
 
 @contextlib.contextmanager
 def _root_lock(root: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``root/.longtail.lock`` (no-op where the root is read-only)."""
+    """An exclusive lock on ``root/.longtail.lock`` (filelock: cross-platform; no-op where the
+    root is read-only)."""
+    lock = FileLock(str(root / ".longtail.lock"))
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / ".longtail.lock", "a")
+        lock.acquire()
     except OSError:
         yield
         return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _obtain_locked(

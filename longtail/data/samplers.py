@@ -5,6 +5,10 @@ cuts it into global batches and gives each rank its share, so DDP and single-pro
 the same samples and the same class proportions. Nothing is carried from one epoch to the next,
 so resuming at epoch ``e`` reproduces the uninterrupted run exactly.
 
+Every sampler is a ``torch.utils.data.Sampler`` too: ``DataLoader(dataset, sampler=s,
+batch_size=B)`` iterates one epoch's global order per pass (epochs 0, 1, 2, ... in turn;
+``s.set_epoch(e)`` fixes the epoch of the next pass, as ``DistributedSampler.set_epoch``).
+
 Registered samplers (``sampler.name`` in a config, their options as keys of ``sampler``):
 
 ========================  ============================================================  ============
@@ -24,10 +28,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Annotated, Dict, List, Literal, Optional, Sequence, Type, Union, cast
+from typing import Annotated, Dict, Iterator, List, Literal, Optional, Sequence, Type, Union, cast
 
 import numpy as np
 from pydantic import Field
+from torch.utils.data import Sampler
 
 from longtail.core.errors import ConfigError
 from longtail.core.facts import RunFacts
@@ -97,8 +102,11 @@ def _require_float(value, key: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
-class BaseSampler:
+class BaseSampler(Sampler[int]):
     """Base class. Subclasses implement :meth:`global_order`.
+
+    A ``torch.utils.data.Sampler`` of dataset positions: each ``iter()`` yields the global order
+    of the next epoch (0 first; :meth:`set_epoch` chooses it), ``len()`` is the items per epoch.
 
     Args:
         labels: int array [N], the class of every training item (positions 0..N-1).
@@ -145,6 +153,20 @@ class BaseSampler:
     def global_order(self, epoch: int) -> np.ndarray:
         """int64 [len(self)]: positions into the training set for this epoch, all ranks."""
         raise NotImplementedError
+
+    # -- torch.utils.data.Sampler ----------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch whose order the next ``iter()`` yields (later passes count on)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self._next_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        """One epoch's global order (single process): epoch 0, then 1, 2, ... unless
+        :meth:`set_epoch` says which."""
+        epoch = getattr(self, "_next_epoch", 0)
+        self._next_epoch = epoch + 1
+        return iter(self.global_order(epoch).tolist())
 
     def class_distribution(self, epoch: int = 0) -> np.ndarray:
         """float64 [C]: the expected share of each class among the items of ``epoch``."""

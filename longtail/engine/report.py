@@ -1,4 +1,5 @@
-"""Human-readable results: the many/medium/few table and the accuracy-vs-frequency plot."""
+"""Human-readable results: the results table (top-1, top-5, balanced, many / medium / few, ECE)
+and the accuracy-vs-frequency plot (the run's other plots: engine/plots.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,27 @@ import numpy as np
 
 from longtail.engine.evaluate import fmt_pct
 
+TOP5_ABOVE = 10  # top-5 accuracy is reported for more classes than this (else top-5 is ~100 %)
+
+
+def shows_top5(num_classes: int) -> bool:
+    """Whether top-5 accuracy is worth a column: more than TOP5_ABOVE classes."""
+    return num_classes > TOP5_ABOVE
+
 
 def results_table(results: Dict[str, Dict[str, Any]]) -> str:
-    """A fixed-width table, one row per split: top-1 / many / medium / few / ECE (percent)."""
-    header = f"{'split':<8} {'all':>7} {'many':>7} {'medium':>7} {'few':>7} {'ECE':>6} {'n':>7}"
+    """A fixed-width table, one row per split (percent): top-1, top-5 (with more than 10
+    classes), balanced accuracy (the mean of the per-class accuracies), many / medium / few,
+    ECE and the number of images."""
+    top5 = any(shows_top5(len(m.get("per_class") or ())) for m in results.values())
+    cols = [("all", "top1", 7)] + ([("top-5", "top5", 7)] if top5 else [])
+    cols += [("balanced", "mean_class_acc", 8), ("many", "many", 7), ("medium", "medium", 7)]
+    cols += [("few", "few", 7), ("ECE", "ece", 6)]
+    header = f"{'split':<8} " + " ".join(f"{t:>{w}}" for t, _, w in cols) + f" {'n':>7}"
     lines = [header, "-" * len(header)]
     for split, m in results.items():
-        lines.append(
-            f"{split:<8} {fmt_pct(m['top1']):>7} {fmt_pct(m['many']):>7} "
-            f"{fmt_pct(m['medium']):>7} {fmt_pct(m['few']):>7} {fmt_pct(m['ece']):>6} "
-            f"{m['num_samples']:>7}"
-        )
+        cells = " ".join(f"{fmt_pct(m.get(k)):>{w}}" for _, k, w in cols)
+        lines.append(f"{split:<8} {cells} {m.get('num_samples', ''):>7}")
     return "\n".join(lines)
 
 

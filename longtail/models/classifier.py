@@ -40,10 +40,15 @@ class Classifier(nn.Module):
         self.head = head
         self.input_size = input_size  # model.input_size: inputs resized to it (bilinear)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] -> [B, D] classifier input."""
+    def resize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images resized (bilinear) to ``input_size`` when it is set and they differ."""
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size,) * 2:
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] -> [B, D] classifier input."""
+        x = self.resize_input(x)
         # torch types Module.__getattr__ as Tensor | Module, but forward_features is a method of
         # every backbone (the backbone contract), never a parameter or buffer
         return self.neck(self.backbone.forward_features(x))  # type: ignore[operator]

@@ -114,9 +114,7 @@ class MultiExpertClassifier(Classifier):
     # -- parts -----------------------------------------------------------------------------------
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] -> the shared trunk's feature map [B, C', H', W']."""
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size,) * 2:
-            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
-        return self.backbone.forward_map(x)  # type: ignore[operator]
+        return self.backbone.forward_map(self.resize_input(x))  # type: ignore[operator]
 
     def expert_features(self, shared: torch.Tensor, e: int) -> torch.Tensor:
         """Shared map -> expert ``e``'s classifier input [B, D]."""
