@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import pooch  # type: ignore[import-untyped]
+import pooch
 from filelock import FileLock
 
 from longtail.core.errors import DataError
