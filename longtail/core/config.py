@@ -635,7 +635,18 @@ def load_config_tree(
     """The unvalidated tree of :func:`load_config`: :func:`compose` with the selectors of
     ``overrides`` (``data=NAME``, ``model=NAME``), then the other overrides applied."""
     selectors, rest = split_selectors(overrides)
-    return apply_overrides(compose(path, selectors, require_dataset), rest)
+    composed = compose(path, selectors, require_dataset)
+    tree = apply_overrides(composed, rest)
+    # train.rescale_schedule: the recipe's own train.epochs is the length its settings were
+    # written for (unless train.nominal_epochs says otherwise)
+    written = get_dotted(composed, "train.epochs")
+    if (
+        get_dotted(tree, "train.rescale_schedule") is True
+        and get_dotted(tree, "train.nominal_epochs") is None
+        and written is not None
+    ):
+        tree = deep_merge(tree, {"train": {"nominal_epochs": written}})
+    return tree
 
 
 def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:

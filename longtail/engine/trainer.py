@@ -1,7 +1,8 @@
 """The training loop: builds the parts of a run from its config and drives a Method through epochs.
 
 It knows no method by name: it sets the learning rate, calls ``method.train_step`` on each batch,
-evaluates, writes ``history.jsonl`` / checkpoints / ``metrics.json`` atomically, and resumes exactly.
+evaluates, writes ``history.jsonl`` / checkpoints / ``metrics.json`` atomically (and sends the
+same numbers to the loggers of ``train.logger``), and resumes exactly.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.facts import RunFacts
 from longtail.core.metrics import shot_groups
 from longtail.core.modules import load_fitting_state
+from longtail.core.provenance import provenance
 from longtail.core.run_folder import RunFolder
 from longtail.data import DataBundle
 from longtail.data.loader import TrainLoader
 from longtail.data.samplers import build_sampler
 from longtail.data.sources import build_bundle
-from longtail.engine.config_check import check_config
+from longtail.engine.config_check import data_warnings, prepare_config
 from longtail.engine.evaluate import evaluate
+from longtail.engine.loggers import Loggers, open_loggers
 from longtail.engine.report import group_sizes_line, plot_per_class, results_table
 from longtail.hooks import Hook, build_hooks
 from longtail.losses import create as create_loss
@@ -143,7 +146,13 @@ RESUME_MAY_CHANGE = (
     "train.eval_every",
     "train.checkpoint_every",
     "train.num_threads",
+    "train.logger",
+    "train.logger_params",
 )
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
 
 
 def check_resume_config(folder: RunFolder, cfg: Config, info: DistInfo = DistInfo()) -> Config:
@@ -152,7 +161,7 @@ def check_resume_config(folder: RunFolder, cfg: Config, info: DistInfo = DistInf
     config.yaml, a line in resumes.jsonl). Returns the config to continue with."""
     saved = folder.load_config()
     changes = diff_trees(saved.to_dict(), cfg.to_dict())
-    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    refused = {k: v for k, v in changes.items() if not _may_change(k)}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise LongtailError(
@@ -418,7 +427,7 @@ def check_finite(run: Run, epoch: int, steps: int, first_bad: torch.Tensor) -> N
     )
 
 
-def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, float]:
+def train_one_epoch(run: Run, epoch: int, bar: Optional[tqdm]) -> Dict[str, Any]:
     method, loader, optim = run.method, run.loader, run.optim
     method.train_model.train()
     method.on_epoch_start(epoch)
@@ -503,8 +512,12 @@ def evaluate_splits(run: Run, splits=("test", "val")) -> Dict[str, Dict[str, Any
     return out
 
 
+SUMMARY_KEYS = ("top1", "top5", "mean_class_acc", "many", "medium", "few", "ece")
+
+
 def summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: metrics[k] for k in ("top1", "many", "medium", "few", "ece")}
+    """The evaluation numbers a history row keeps (those the metrics have)."""
+    return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
 
 
 def announce(run: Run, start_epoch: int) -> None:
@@ -558,13 +571,13 @@ def fit(
     ``stop_after_epoch`` ends the process after that many epochs, as a crash would (for tests).
     """
     run_dir = Path(run_dir)
-    check_config(cfg)
+    cfg, notes = prepare_config(cfg)  # checked, train.rescale_schedule applied, warnings
     _, info = setup_process(cfg)
     created = prepare_run_dir(run_dir, resume, info)
     folder = RunFolder(run_dir)
     try:
         with hold_run_folder(folder, info):
-            return _fit(cfg, folder, data_root, resume, stop_after_epoch, info)
+            return _fit(cfg, folder, data_root, resume, stop_after_epoch, info, notes)
     finally:
         if created and info.is_main:
             folder.remove_if_unused()  # a run that never started leaves no folder behind
@@ -577,6 +590,7 @@ def _fit(
     resume: bool,
     stop_after_epoch: Optional[int],
     info: DistInfo,
+    notes: List[str],
 ) -> Optional[Dict[str, Any]]:
     run_dir = folder.path
     if resume and cfg.train.amp == "auto":  # auto on resume: the precision the run recorded
@@ -605,7 +619,23 @@ def _fit(
         folder.write_config(cfg, exclusive=True)
     if info.is_main:
         announce(run, start_epoch)
+        for line in [] if resume else notes + data_warnings(cfg, run.data):
+            print(line, file=sys.stderr, flush=True)
+    loggers = open_loggers(cfg.train.logger, cfg.train.logger_params, run_dir, info)
+    with contextlib.closing(loggers):
+        loggers.log_params(cfg.to_dict())
+        return train_epochs(run, history, start_epoch, stop_after_epoch, loggers)
 
+
+def train_epochs(
+    run: Run,
+    history: List[Dict[str, Any]],
+    start_epoch: int,
+    stop_after_epoch: Optional[int],
+    loggers: Loggers,
+) -> Optional[Dict[str, Any]]:
+    """The epochs from ``start_epoch`` on, then the final evaluation and the results."""
+    cfg, info, folder = run.cfg, run.dist, run.folder
     show_bar = cfg.train.progress and info.is_main
     for epoch in range(start_epoch, cfg.train.epochs):
         bar = tqdm(
@@ -631,6 +661,7 @@ def _fit(
                 flush=True,
             )
             folder.write_history(history)
+            loggers.log_epoch(row)
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
                 folder.save_checkpoint(training_state(run, epoch + 1))
         barrier(info)
@@ -643,9 +674,23 @@ def _fit(
     results = evaluate_splits(run)
     metrics = final_metrics(run, results, history)
     if info.is_main:
+        record_final_evaluation(run, history, results, loggers)
         write_results(run, results, metrics)
+        loggers.log_final(metrics, cfg.train.epochs)
     barrier(info)
     return metrics
+
+
+def record_final_evaluation(
+    run: Run, history: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]], loggers: Loggers
+) -> None:
+    """The final evaluation (after ``on_train_end``) into the last epoch's history row."""
+    if not history or history[-1]["epoch"] != run.cfg.train.epochs:
+        return
+    evals = {split: summary(m) for split, m in results.items()}
+    history[-1].update(evals)
+    run.folder.write_history(history)
+    loggers.log_epoch({"epoch": history[-1]["epoch"], **evals})
 
 
 def final_metrics(
@@ -674,6 +719,7 @@ def final_metrics(
             "machine": platform.machine(),
         }
     )
+    metrics["provenance"] = provenance(run.data, run.cfg.data, run.device)
     metrics["logit_scale"] = run.method.logit_scale()  # ECE / NLL are of outputs x this
     metrics.update(run.method.extra_metrics())
     for hook in run.hooks.values():
