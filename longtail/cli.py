@@ -1,5 +1,4 @@
-"""The ``longtail`` command line: data stats | data split | data check | train | eval | compare |
-bench.
+"""The ``longtail`` command line: data (stats | split | check) | train | eval | compare | bench.
 
 A user mistake (bad config key, missing data, unwritable folder) prints one paragraph saying what
 is wrong and how to fix it, and exits with status 2; never a traceback.
@@ -423,12 +422,9 @@ def cmd_train(args) -> int:
                 "data=cifar10_lt train.epochs=2."
             )
         cfg = load_config(config, overrides)
-        prefix = Path(selectors["data"]).stem if "data" in selectors else Path(config).parent.name
-        run_dir = (
-            Path(args.out)
-            if args.out
-            else Path("runs") / (f"{prefix}-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
+        from longtail.api import default_run_dir
+
+        run_dir = Path(args.out) if args.out else default_run_dir(Path(config), selectors)
     args.run_dir = run_dir  # for the Ctrl-C message
     if args.print_config:
         from longtail.engine.config_check import check_config

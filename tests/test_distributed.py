@@ -237,6 +237,8 @@ RUN_FILES = {
     "metrics.json",
     "model.safetensors",
     "per_class_accuracy.png",
+    "training_curves.png",
+    "confusion_matrix.png",
     ".lock",  # the folder's lock (released: its pid file is gone)
 }
 

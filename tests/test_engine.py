@@ -39,6 +39,8 @@ def test_run_folder_is_complete(finished_run):
         "model.safetensors",
         "metrics.json",
         "per_class_accuracy.png",
+        "training_curves.png",
+        "confusion_matrix.png",
     ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".*tmp*"))  # no temp files left behind

@@ -196,7 +196,8 @@ def _add_time_cost(rows: List[Dict[str, Any]], baseline: Optional[str]) -> None:
         if r.get("stage1"):
             parent = by_name.get(r["stage1"])
             before = cost(parent, depth + 1) if parent else None
-            return None if before is None else before + own(r)
+            mine = own(r)
+            return None if before is None or mine is None else before + mine
         return own(r)
 
     for r in rows:
@@ -295,13 +296,17 @@ def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         ):
             means, sds = {}, {}
             for k in keys:
-                vals = [(r.get(split) or {}).get(k) for r in done]
-                vals = [v for v in vals if v is not None]
+                given = [(r.get(split) or {}).get(k) for r in done]
+                vals = [float(v) for v in given if v is not None]
                 means[k], sds[k] = _mean_sd(vals) if len(vals) == len(done) else (None, None)
             g[split], g[f"{split}_sd"] = means, sds
         for k in ("wall_seconds", "train_seconds", "images_per_s", "time_vs_baseline"):
-            vals = [r.get(k) for r in done]
-            g[k] = _mean_sd(vals)[0] if done and None not in vals else None
+            known = [r.get(k) for r in done]
+            g[k] = (
+                _mean_sd([float(v) for v in known if v is not None])[0]
+                if done and None not in known
+                else None
+            )
         out.append(g)
     return out
 
@@ -650,10 +655,13 @@ def results_html(header: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def write_results(
-    results_dir: Path, header: Dict[str, Any], rows: Sequence[Dict[str, Any]]
+    results_dir: Path,
+    header: Dict[str, Any],
+    rows: Sequence[Dict[str, Any]],
+    html: bool = True,
 ) -> Tuple[Path, Path]:
-    """``<results_dir>/<suite>.md`` and ``.json`` (atomically), and the HTML report
-    ``<suite>.html`` beside them; returns the first two paths."""
+    """``<results_dir>/<suite>.md`` and ``.json`` (atomically), and (``html``) the HTML report
+    ``<suite>.html`` beside them (its plots cost a second or two); returns the first two."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     md, js = results_dir / f"{header['suite']}.md", results_dir / f"{header['suite']}.json"
@@ -662,7 +670,8 @@ def write_results(
         record["check_results"] = evaluate_checks(header["checks"], rows)
     atomic_write_text(js, json.dumps(record, indent=2) + "\n")
     atomic_write_text(md, results_markdown(header, rows))
-    atomic_write_text(html_path(results_dir, header["suite"]), results_html(header, rows))
+    if html:
+        atomic_write_text(html_path(results_dir, header["suite"]), results_html(header, rows))
     return md, js
 
 

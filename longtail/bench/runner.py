@@ -305,11 +305,10 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     # rows finished elsewhere (folders not on this machine) stay in the results file
     previous = (report.load_results(opts.results_dir, suite.name) or {}).get("rows")
 
-    def flush() -> Tuple[Path, Path]:
+    def flush(html: bool = False) -> Tuple[Path, Path]:
         head["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return report.write_results(
-            opts.results_dir, head, report.collect_rows(plan, statuses, suite.baseline, previous)
-        )
+        rows = report.collect_rows(plan, statuses, suite.baseline, previous)
+        return report.write_results(opts.results_dir, head, rows, html=html)
 
     mode = launcher.mode
     threads_note = f", {threads} torch thread(s) each" if threads else ""
@@ -411,11 +410,11 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
         interrupted = True
     finally:
         launcher.close()
-    md, js = flush()
+    md, js = flush(html=True)
     rows = report.collect_rows(plan, statuses, suite.baseline, previous)
     echo("")
     echo(report.results_table(rows))
-    echo(f"\nresults: {md}  {js}")
+    echo(f"\nresults: {md}  {js}  {report.html_path(opts.results_dir, suite.name)}")
     if interrupted:
         echo(
             "interrupted: run the same command again to continue (finished runs are skipped, "
@@ -452,7 +451,7 @@ def _report_only(
         head["report_command"] = opts.command
         md, js = report.write_results(opts.results_dir, head, rows)
         echo(report.results_table(rows))
-        echo(f"\nresults: {md}  {js}")
+        echo(f"\nresults: {md}  {js}  {report.html_path(opts.results_dir, suite.name)}")
     else:
         echo(
             f"no finished run under {out_dir}/: kept {Path(opts.results_dir) / suite.name}.json "

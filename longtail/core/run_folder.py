@@ -7,6 +7,9 @@
 ``model.safetensors``      the final weights
 ``metrics.json``           the final metrics (written last; marks the run as finished)
 ``per_class_accuracy.png`` accuracy against class frequency
+``training_curves.png``    loss, lr and the evaluations per epoch
+``confusion_matrix.png``   the test confusion matrix (classes by frequency, binned above 30)
+``method_curves.png``      a method's / hook's own per-epoch numbers (when it records any)
 ``resumes.jsonl``          one line per resume that changed a setting (what, when)
 ``.lock``                  held (exclusively) by the process training into the folder
 anything else              artifacts of methods and hooks (``artifact(name)``)

@@ -53,7 +53,7 @@ def count_bins(points):
     a = np.array([p[1] for p in points], dtype=float)
     edges = np.geomspace(n.min(), n.max() * 1.0001, BINS + 1)
     which = np.clip(np.searchsorted(edges, n, side="right") - 1, 0, BINS - 1)
-    out = [[], [], [], []]
+    out: list[list[float]] = [[], [], [], []]
     for b in range(BINS):
         sel = a[which == b]
         if len(sel):

@@ -45,7 +45,8 @@ from longtail.data.sources import build_bundle
 from longtail.engine.config_check import data_warnings, prepare_config
 from longtail.engine.evaluate import evaluate
 from longtail.engine.loggers import Loggers, open_loggers
-from longtail.engine.report import group_sizes_line, plot_per_class, results_table
+from longtail.engine.plots import plot_run
+from longtail.engine.report import group_sizes_line, results_table
 from longtail.hooks import Hook, build_hooks
 from longtail.losses import create as create_loss
 from longtail.methods import Method, MethodContext, build_method
@@ -739,12 +740,13 @@ def write_results(run: Run, results: Dict[str, Dict[str, Any]], metrics: Dict[st
     for hook in run.hooks.values():
         hook.save_artifacts(run, folder)
     folder.write_metrics(metrics)  # last: marks the run finished
-    plot_per_class(
-        folder.plot_path,
-        run.data.class_counts,
+    plots = plot_run(
+        folder.path,
         results,
+        run.data.class_counts,
+        class_names=getattr(run.data.train, "classes", None),
         title=f"{run.data.name}: {run.cfg.method.name} / {run.cfg.loss.name}",
     )
     print()
     print(results_table(results))
-    print(f"\nmetrics: {folder.metrics_path}   plot: {folder.plot_path}")
+    print(f"\nmetrics: {folder.metrics_path}   plots: {', '.join(p.name for p in plots.values())}")
