@@ -101,8 +101,14 @@ def test_rescale_schedule_is_the_bench_scaling(tmp_path):
 
 
 def test_rescale_schedule_needs_the_nominal_epochs_and_a_single_run():
+    # loaded from a recipe, the nominal length is the recipe's own train.epochs (200)
+    cfg = ldam("train.epochs=8", "train.rescale_schedule=true")
+    assert cfg.train.nominal_epochs == 200
+    assert prepare_config(cfg)[0].loss.params()["drw_epoch"] == 6
+    # a config without it (built by hand) is refused with the key to set
+    bare = cfg.model_copy(update={"train": cfg.train.model_copy(update={"nominal_epochs": None})})
     with pytest.raises(ConfigError, match="train.nominal_epochs"):
-        prepare_config(ldam("train.epochs=8", "train.rescale_schedule=true"))
+        prepare_config(bare)
     pipeline = load_config(
         METHODS / "three_stage.yaml", ["data=cifar10_lt", "train.rescale_schedule=true"]
     )
