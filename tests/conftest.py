@@ -35,8 +35,8 @@ def repository_results_stay_untouched():
     assert not changed, f"tests rewrote repository files: {changed} (give the test a tmp path)"
 
 
-# the overrides of a tiny run on write_cifar10_folder's data (ResNet-8, IF 10, 3 epochs' schedule)
-TINY_RUN = [
+# the overrides of a tiny run on write_cifar10_folder's data (ResNet-8, IF 10), without a schedule
+TINY_DATA = [
     "data=cifar10_lt",
     "model.backbone=resnet8",
     "data.imbalance_factor=10",
@@ -44,6 +44,10 @@ TINY_RUN = [
     "train.batch_size=32",
     "train.eval_batch_size=64",
     "train.progress=false",
+]
+# ... and with a 3 epochs' schedule
+TINY_RUN = [
+    *TINY_DATA,
     "schedule.warmup_epochs=1",
     "schedule.milestones=[3]",
     "schedule.gamma=0.1",

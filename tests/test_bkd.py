@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DATA
 from safetensors.torch import load_file
 
 from longtail.core.config import load_config
@@ -25,13 +26,7 @@ from longtail.methods.bkd import BalancedKnowledgeDistillation, balanced_target,
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
+    *TINY_DATA,
     "schedule.warmup_epochs=0",
     "schedule.milestones=[1]",
     "schedule.gamma=0.1",

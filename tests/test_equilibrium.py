@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DATA
 from safetensors.torch import load_file
 
 from longtail.core.config import load_config
@@ -27,15 +28,7 @@ from longtail.methods.mfs import FeatureMemory, memory_seed
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ("ebl", "ebl_mfs", "ebl_mfs_e2e")
-TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
-]
+TINY = [*TINY_DATA]
 SHORT = ["schedule.warmup_epochs=1", "schedule.milestones=[1]"]  # the 200-epoch recipe, shortened
 
 Z = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_DATA
 from safetensors.torch import load_file
 
 from longtail.core.config import ModelConfig, load_config
@@ -26,13 +27,7 @@ from longtail.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 TINY = [
-    "data=cifar10_lt",
-    "model.backbone=resnet8",
-    "data.imbalance_factor=10",
-    "data.val_per_class=3",
-    "train.batch_size=32",
-    "train.eval_batch_size=64",
-    "train.progress=false",
+    *TINY_DATA,
     "train.epochs=1",
     "schedule.warmup_epochs=0",
 ]

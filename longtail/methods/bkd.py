@@ -27,10 +27,10 @@ from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.metrics import MetricAccumulator
 from longtail.core.modules import load_fitting_state
 from longtail.core.run_folder import RunFolder
-from longtail.data.loader import Batch, eval_batches
+from longtail.data.loader import Batch
 from longtail.losses.base import class_balanced_weights
 from longtail.methods.base import METHODS, Method, MethodContext
-from longtail.methods.decoupled import data_diffs
+from longtail.methods.decoupled import data_diffs, eval_outputs
 from longtail.models.build import build_model
 
 Variant = Literal["renorm", "weighted_kl"]
@@ -302,7 +302,7 @@ class BalancedKnowledgeDistillation(Method):
     def evaluate_teacher(self) -> Dict[str, Any]:
         """The teacher's test / val metrics on this run's splits (the evaluation's batches,
         autocast and numbers; DDP ranks evaluate shards and all-reduce the sums)."""
-        data, cfg, dist = self.ctx.data, self.cfg, self.ctx.dist
+        data, dist = self.ctx.data, self.ctx.dist
         out: Dict[str, Any] = {
             "run": str(self.teacher_dir),
             "logit_scale": self.teacher_scale,
@@ -313,18 +313,10 @@ class BalancedKnowledgeDistillation(Method):
             if subset is None or len(subset) == 0:
                 continue
             acc = MetricAccumulator(len(data.class_counts))
-            for b in eval_batches(
-                subset.images,
-                subset.labels,
-                cfg.train.eval_batch_size,
-                data.mean,
-                data.std,
-                self.device,
-                dist.rank,
-                dist.world_size,
-                cfg.train.channels_last,
+            for o, y in eval_outputs(
+                self, subset.images, subset.labels, model=self.teacher, sharded=True
             ):
-                acc.update(self.teacher_logits(b.images), b.labels)
+                acc.update(o.logits.float() * self.teacher_scale, y)
             metrics = acc.reduce(dist).compute(data.class_counts)
             out[split] = {k: metrics[k] for k in TEACHER_METRICS}
         return out

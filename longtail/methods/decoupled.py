@@ -25,6 +25,7 @@ from longtail.core.errors import ConfigError, LongtailError
 from longtail.core.run_folder import RunFolder
 from longtail.data.loader import eval_batches
 from longtail.methods.base import METHODS, Method, MethodContext
+from longtail.models.classifier import ModelOutput
 from longtail.models.heads import LinearHead, LWSHead, NCMHead
 from longtail.models.registry import HEADS
 
@@ -240,15 +241,23 @@ def fresh_head(cfg, model: nn.Module, num_classes: int) -> nn.Module:
 # evaluation-path helpers (same batching, autocast and memory format as engine.evaluate)
 
 
-def eval_forward(
-    method: Method, images: torch.Tensor, labels: torch.Tensor
-) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(features, logits, labels) per evaluation batch of the whole image set, on this process.
+def eval_outputs(
+    method: Method,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    model: Optional[nn.Module] = None,
+    sharded: bool = False,
+) -> Iterator[Tuple[ModelOutput, torch.Tensor]]:
+    """(model output, labels) per evaluation batch of the whole image set, ``model`` (default:
+    the method's) in eval mode, without gradients.
 
-    Batches, normalisation and autocast are those of :func:`longtail.engine.evaluate.evaluate`
-    on one process, so numbers computed from these equal the final evaluation's.
+    Batches, normalisation and autocast are those of :func:`longtail.engine.evaluate.evaluate`,
+    so numbers computed from these equal the final evaluation's; ``sharded``: this DDP rank's
+    share of the batches (reduce the sums over ranks), else the whole set on this process.
     """
-    model, cfg, data = method.model, method.cfg, method.ctx.data
+    model = method.model if model is None else model
+    cfg, data, dist = method.cfg, method.ctx.data, method.ctx.dist
     was_training = model.training
     model.eval()
     try:
@@ -259,13 +268,24 @@ def eval_forward(
             data.mean,
             data.std,
             method.device,
+            dist.rank if sharded else 0,
+            dist.world_size if sharded else 1,
             channels_last=cfg.train.channels_last,
         ):
             with torch.no_grad(), method.autocast():
-                o = model(b.images)
-            yield o.features, o.logits.float(), b.labels
+                out = model(b.images)
+            yield out, b.labels
     finally:
         model.train(was_training)
+
+
+def eval_forward(
+    method: Method, images: torch.Tensor, labels: torch.Tensor
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(features, float32 logits, labels) per evaluation batch of the whole image set, on this
+    process (:func:`eval_outputs`)."""
+    for out, y in eval_outputs(method, images, labels):
+        yield out.features, out.logits.float(), y
 
 
 def pct(correct: float, total: float) -> float:

@@ -20,8 +20,9 @@ from pydantic import Field
 from longtail.core.distributed import all_reduce_sum
 from longtail.core.errors import ConfigError
 from longtail.core.metrics import MetricAccumulator, shot_groups
-from longtail.data.loader import Batch, eval_batches
+from longtail.data.loader import Batch
 from longtail.methods.base import METHODS, Method, MethodContext
+from longtail.methods.decoupled import eval_outputs
 from longtail.models.experts import compute_cost
 
 Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -91,33 +92,16 @@ class ExpertsMethod(Method):
         # per class: sum of router weights [C, E] and images [C]
         weight_sums = torch.zeros(num_classes, num_experts, dtype=torch.float64)
         images = torch.zeros(num_classes, dtype=torch.float64)
-        was_training = model.training
-        model.eval()
-        try:
-            for b in eval_batches(
-                test.images,
-                test.labels,
-                self.cfg.train.eval_batch_size,
-                data.mean,
-                data.std,
-                self.device,
-                info.rank,
-                info.world_size,
-                channels_last=self.cfg.train.channels_last,
-            ):
-                with self.autocast():
-                    out = model(b.images)
-                logits, per_expert = out.logits.float(), out.extras["expert_logits"].float()
-                if fn is not None:
-                    logits, per_expert = fn(logits), fn(per_expert)
-                routed.update(logits, b.labels)
-                for e, acc in enumerate(experts):
-                    acc.update(per_expert[:, e], b.labels)
-                labels = b.labels.cpu()
-                weight_sums.index_add_(0, labels, out.extras["router_weights"].double().cpu())
-                images += torch.bincount(labels, minlength=num_classes).double()
-        finally:
-            model.train(was_training)
+        for out, y in eval_outputs(self, test.images, test.labels, sharded=True):
+            logits, per_expert = out.logits.float(), out.extras["expert_logits"].float()
+            if fn is not None:
+                logits, per_expert = fn(logits), fn(per_expert)
+            routed.update(logits, y)
+            for e, acc in enumerate(experts):
+                acc.update(per_expert[:, e], y)
+            labels = y.cpu()
+            weight_sums.index_add_(0, labels, out.extras["router_weights"].double().cpu())
+            images += torch.bincount(labels, minlength=num_classes).double()
         all_reduce_sum(weight_sums, info)
         all_reduce_sum(images, info)
 
