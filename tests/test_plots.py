@@ -100,6 +100,15 @@ def test_curves_figure_draws_the_history():
     assert curves_figure([]) is None
 
 
+def test_a_one_epoch_run_gets_whole_epoch_ticks():
+    history = [{"epoch": 1, "loss": 2.0, "lr": 0.1, "images_per_s": 1.0, "seconds": 1.0}]
+    fig = curves_figure(history, {"test": {"top1": 30.0}})
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1.0]  # not 0.5, 0.6, ... 1.5
+
+
 def test_method_curves_take_every_extra_numeric_key():
     history = [
         {

@@ -59,9 +59,10 @@ def save_png(fig, path: Path) -> Path:
 
 
 def integer_epochs(ax) -> None:
+    """Whole-epoch ticks, also for a one-epoch run (min_n_ticks=1: no 0.5 ... 1.5 fallback)."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _marker(n: int) -> Optional[str]:
