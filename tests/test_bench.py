@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longtail.bench.report import collect_rows, render_results_doc, write_results_doc
+from longtail.bench.report import (
+    collect_rows,
+    render_results_doc,
+    result_files,
+    write_results_doc,
+)
 from longtail.bench.runner import BenchOptions, run_bench
 from longtail.bench.suite import load_suite, plan_suite
 from longtail.cli import main
@@ -845,3 +850,29 @@ def test_checks_compare_the_finished_seeds_of_a_run_still_running():
     rows[0]["status"] = "partial"
     (got,) = evaluate_checks([{"run": "a", "beats": "b", "by": 0.0, "metrics": ["test"]}], rows)
     assert got["status"] == "pending"
+
+
+def test_the_suites_own_result_files_do_not_make_the_checkout_dirty(tmp_path):
+    """A suite rewrites its results after every batch; only other changes count as dirty."""
+    import subprocess
+
+    from longtail.bench.machine import git_info
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    own = result_files(repo / "benchmarks" / "results", "tiny")
+    for f in own:
+        f.write_text("old\n")
+    (repo / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    for f in own:
+        f.write_text("new\n")
+    assert git_info(repo)["dirty"] is True  # without the ignore list they count
+    clean = git_info(repo, ignore=own)
+    assert clean["dirty"] is False and clean["changed_files"] == []
+    (repo / "code.py").write_text("x = 2\n")
+    changed = git_info(repo, ignore=own)
+    assert changed["dirty"] is True and changed["changed_files"] == ["code.py"]

@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,8 +93,10 @@ def _cpu_capability() -> Optional[str]:
         return None
 
 
-def git_info(repo: Path = REPO_ROOT) -> Dict[str, Any]:
-    """``git rev-parse HEAD`` and whether the working tree differs from it (tracked or untracked)."""
+def git_info(repo: Path = REPO_ROOT, ignore: Sequence[Path] = ()) -> Dict[str, Any]:
+    """``git rev-parse HEAD`` and whether the working tree differs from it (tracked or untracked).
+    ``ignore``: files that do not count, such as a suite's own result files, which it rewrites after
+    every batch and which would otherwise mark every later run of the suite dirty."""
 
     def git(*args: str) -> Optional[str]:
         try:
@@ -107,12 +109,22 @@ def git_info(repo: Path = REPO_ROOT) -> Dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain")
+    skip = {_repo_relative(Path(p), repo) for p in ignore}
     changed = [line[3:] for line in (status or "").splitlines() if line.strip()]
+    changed = [f for f in changed if f not in skip]
     return {
         "commit": commit.strip() if commit else None,
         "dirty": bool(changed) if status is not None else None,
         "changed_files": changed,
     }
+
+
+def _repo_relative(path: Path, repo: Path) -> str:
+    """``path`` as ``git status --porcelain`` names it: relative to the repository, '/'-separated."""
+    try:
+        return Path(path).resolve().relative_to(Path(repo).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 def command_info() -> Dict[str, Any]:

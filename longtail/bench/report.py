@@ -664,20 +664,26 @@ def write_results(
     ``<suite>.html`` beside them (its plots cost a second or two); returns the first two."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    md, js = results_dir / f"{header['suite']}.md", results_dir / f"{header['suite']}.json"
+    md, js, html_file = result_files(results_dir, header["suite"])
     record = {**header, "rows": list(rows)}
     if header.get("checks"):
         record["check_results"] = evaluate_checks(header["checks"], rows)
     atomic_write_text(js, json.dumps(record, indent=2) + "\n")
     atomic_write_text(md, results_markdown(header, rows))
     if html:
-        atomic_write_text(html_path(results_dir, header["suite"]), results_html(header, rows))
+        atomic_write_text(html_file, results_html(header, rows))
     return md, js
+
+
+def result_files(results_dir: Path, suite_name: str) -> Tuple[Path, Path, Path]:
+    """The files ``write_results`` writes: ``<results_dir>/<suite>.md``, ``.json``, ``.html``."""
+    d = Path(results_dir)
+    return d / f"{suite_name}.md", d / f"{suite_name}.json", d / f"{suite_name}.html"
 
 
 def html_path(results_dir: Path, suite_name: str) -> Path:
     """Where the suite's HTML report goes: ``<results_dir>/<suite>.html``."""
-    return Path(results_dir) / f"{suite_name}.html"
+    return result_files(results_dir, suite_name)[2]
 
 
 # ---------------------------------------------------------------------------------------------

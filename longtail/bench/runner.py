@@ -265,6 +265,12 @@ def _write_bench_json(
     )
 
 
+def _own_outputs(suite_name: str, opts: BenchOptions) -> List[Path]:
+    """The files the bench itself rewrites (this suite's results and the docs page): their changes
+    do not make a run's checkout dirty."""
+    return [*report.result_files(opts.results_dir, suite_name), *([opts.docs] if opts.docs else [])]
+
+
 def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     """Run (or plan, or report) a suite; returns the exit status (0 ok, 1 a run failed, 130
     interrupted). Planning mistakes raise LongtailError before anything is trained."""
@@ -294,7 +300,7 @@ def run_bench(opts: BenchOptions, echo: Printer = print) -> int:
     )
     info = {
         "machine": machine_info(),
-        "git": git_info(),
+        "git": git_info(ignore=_own_outputs(suite.name, opts)),
         "env": environment(),
         "command": opts.command or f"longtail bench {opts.suite}",
     }
@@ -445,7 +451,7 @@ def _report_only(
             out_dir,
             existing.get("command") or opts.command,
             existing.get("machine") or machine_info(),
-            existing.get("git") or git_info(),
+            existing.get("git") or git_info(ignore=_own_outputs(suite.name, opts)),
             existing.get("env") or environment(),
         )
         head["report_command"] = opts.command
